@@ -1,0 +1,323 @@
+"""Bounds of a network over the l-inf ball intersected with the pixel box, via auto_LiRPA.
+
+This module and ``compat`` are the only places in ace-lightning that touch auto_LiRPA: everything
+else asks for "output bounds of this net on this ball" or "margin lower bounds". Why a wrapper:
+- the ball is always intersected with [0, 1] (eps lives in pixel space, ace-method.md section 1);
+- BoundedModules are expensive to build (a trace + ONNX pass), so they are cached per net, input
+  shape, mode and parameter identity;
+- auto_LiRPA copies buffers: BatchNorm running statistics would be updated in the wrapper's copy
+  only. We alias the wrapper's buffers to the user's tensors so there is one copy;
+- building a BoundedModule runs the net twice; in train mode that would move the running
+  statistics, so they are restored afterwards.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ace_lightning.bounds import compat
+
+compat.apply()
+
+from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
+from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
+
+METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
+_METHOD_ALIASES = {m.lower(): m for m in METHODS}
+_METHOD_ALIASES.update({"crown-optimized": "alpha-CROWN", "alpha_crown": "alpha-CROWN",
+                        "crown_ibp": "CROWN-IBP"})
+
+# auto_LiRPA operators the bound layer is tested on (tests/test_bounds_*.py). Anything else is
+# refused with a ValueError rather than trusted silently.
+SUPPORTED_OPS = frozenset({
+    "BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundLinear", "BoundMatMul",
+    "BoundConv", "BoundRelu", "BoundBatchNormalization", "BoundAveragePool", "BoundFlatten",
+    "BoundReshape", "BoundAdd", "BoundSub", "BoundMul", "BoundDiv", "BoundShape", "BoundGather",
+    "BoundUnsqueeze", "BoundSqueeze", "BoundConcat", "BoundIdentity", "BoundGlobalAveragePool",
+})
+# Extra operators of the loss-fusion wrapper (built by us, not by the user).
+_FUSION_OPS = frozenset({"BoundExp", "BoundReduceSum", "BoundGatherElements", "BoundNeg"})
+
+ALPHA_CROWN_ITERATIONS = 20
+ALPHA_CROWN_LR = 0.5
+
+
+def normalize_method(method: str) -> str:
+    """Canonical method name, or a one-line ValueError listing the known ones."""
+    canon = _METHOD_ALIASES.get(str(method).lower())
+    if canon is None:
+        raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    return canon
+
+
+def validate_ball(x: torch.Tensor, eps: float) -> float:
+    """Check eps in [0, 1] and x inside the pixel box; returns eps as a float."""
+    try:
+        eps_f = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number in [0, 1] (pixel space), got {eps!r}") from None
+    if not np.isfinite(eps_f) or eps_f < 0 or eps_f > 1:
+        raise ValueError(f"eps must be in [0, 1] (pixel space, e.g. 2/255), got {eps_f}")
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of images in [0, 1]")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"x must lie in the pixel box [0, 1] (got values in [{x.min().item():.4g}, "
+                         f"{x.max().item():.4g}]); normalisation belongs inside the net")
+    return eps_f
+
+
+def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """B(x) intersected with [0, 1], as elementwise lower/upper corners."""
+    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+
+
+def margin_spec(y: torch.Tensor, num_classes: int, dtype=None) -> torch.Tensor:
+    """C with rows e_y - e_j for j != y: shape [B, K-1, K]."""
+    batch = y.shape[0]
+    eye = torch.eye(num_classes, dtype=dtype, device=y.device)
+    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # [B, K, K]: row j is e_y - e_j
+    keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)  # [B, K]
+    return c[keep].view(batch, num_classes - 1, num_classes)
+
+
+class _MarginCE(nn.Module):
+    """Loss-fusion head: sum_j exp(z_j - z_y), whose log is the cross-entropy. Bounding it from
+    above bounds the CE directly with one bound row instead of K-1 margin rows."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        z = z - torch.gather(z, dim=-1, index=y.unsqueeze(-1))
+        return torch.exp(z).sum(dim=-1, keepdim=True)
+
+
+@dataclass
+class _Entry:
+    bounded: BoundedModule
+    buffer_links: list = field(default_factory=list)  # (bound node, user module, buffer name)
+
+    def sync_buffers(self) -> None:
+        """Point the wrapper's buffer nodes at the user's current tensors (``.to()``, ``load_state_dict``
+        with assign, or a checkpoint restore may have replaced them)."""
+        for node, module, name in self.buffer_links:
+            tensor = module._buffers[name]
+            if node._buffers.get("buffer") is not tensor:
+                node._buffers["buffer"] = tensor
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _resolve_buffer(root: nn.Module, dotted: str):
+    module_name, _, buf_name = dotted.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    if buf_name not in module._buffers:
+        return None
+    return module, buf_name
+
+
+def _check_ops(bounded: BoundedModule, net: nn.Module, extra: frozenset = frozenset()) -> None:
+    allowed = SUPPORTED_OPS | extra
+    for node in bounded._modules.values():
+        kind = type(node).__name__
+        if kind not in allowed:
+            where = getattr(node, "ori_name", "") or node.name
+            raise ValueError(f"bound layer cannot handle operation {kind[5:] or kind} (at {where!r}) in "
+                             f"{type(net).__name__}; supported: Linear, Conv2d, ReLU, BatchNorm, "
+                             f"AvgPool2d, Flatten, residual add, Normalize")
+
+
+def _build(net: nn.Module, x: torch.Tensor, kind: str) -> _Entry:
+    fusion = kind == "fusion"
+    model = _MarginCE(net) if fusion else net
+    dummy = (x[:1].detach(), torch.zeros(1, dtype=torch.long, device=x.device)) if fusion else (x[:1].detach(),)
+    # Building traces and runs the net: in train mode that would move BN running statistics.
+    saved = {k: v.detach().clone() for k, v in net.state_dict().items() if not isinstance(v, nn.Parameter)}
+    named_buffers = dict(net.named_buffers())
+    try:
+        with warnings.catch_warnings():  # ONNX-export chatter from the trace, not the user's concern
+            warnings.simplefilter("ignore")
+            bounded = BoundedModule(model, dummy, bound_opts=dict(compat.DEFAULT_BOUND_OPTS),
+                                    device=x.device)
+    except NotImplementedError as err:
+        raise ValueError(f"bound layer cannot handle {type(net).__name__}: auto_LiRPA reports "
+                         f"{str(err).splitlines()[0] if str(err) else 'an unsupported operation'}") from None
+    except Exception as err:  # tracing failures: name the module, keep it one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"bound layer cannot handle {type(net).__name__}: {first}") from None
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                if name in named_buffers:
+                    named_buffers[name].copy_(value)
+    _check_ops(bounded, net, _FUSION_OPS if fusion else frozenset())
+    # final_shape is overwritten by later calls with a spec C: remember the net's own width.
+    bounded.ace_num_outputs = int(bounded.final_shape[-1])
+    entry = _Entry(bounded)
+    prefix = "net." if fusion else ""
+    for node in bounded._modules.values():
+        if type(node).__name__ != "BoundBuffers":
+            continue
+        ori = getattr(node, "ori_name", "")
+        if ori.startswith(prefix):
+            found = _resolve_buffer(net, ori[len(prefix):])
+            if found is not None:
+                entry.buffer_links.append((node, *found))
+    entry.sync_buffers()
+    return entry
+
+
+def bounded_module(net: nn.Module, x: torch.Tensor, kind: str = "plain") -> BoundedModule:
+    """The cached BoundedModule for ``net`` at this input shape (built on first use). ``kind``:
+    "plain"; "fusion" (the loss-fusion head); "alpha" (alpha-CROWN keeps optimised slopes in the
+    module and reuses them in later backward passes, so it never shares a module with CROWN)."""
+    if kind not in ("plain", "fusion", "alpha"):
+        raise ValueError(f"unknown BoundedModule kind {kind!r}")
+    key = (kind, tuple(x.shape), x.device, x.dtype, net.training,
+           tuple(id(p) for p in net.parameters()))
+    per_net = _CACHE.setdefault(net, {})
+    entry = per_net.get(key)
+    if entry is None:
+        entry = per_net[key] = _build(net, x, kind)
+    entry.sync_buffers()
+    entry.bounded.train(net.training)
+    return entry.bounded
+
+
+def clear_cache(net: Optional[nn.Module] = None) -> None:
+    """Drop cached BoundedModules (of one net, or all)."""
+    if net is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(net, None)
+
+
+def _bounded_input(x: torch.Tensor, eps: float) -> BoundedTensor:
+    x_l, x_u = input_box(x, eps)
+    return BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_l, x_U=x_u))
+
+
+def _check_beta(method: str, beta: Optional[float]) -> Optional[float]:
+    if beta is None:
+        return None
+    if method != "CROWN-IBP":
+        raise ValueError(f"beta mixes CROWN-IBP with IBP; it is meaningless for method {method!r}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    return beta
+
+
+def _compute(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor], method: str,
+             beta: Optional[float], lower: bool, upper: bool):
+    """One forward at x (returned: the clean output) and the bounds of ``C @ net`` over the ball."""
+    logits = bounded(bx)
+    if method == "IBP":
+        lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+    elif method == "CROWN-IBP":
+        if beta is not None and beta < 1e-8:
+            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+        else:
+            # IBP first: it stores the intermediate intervals that the CROWN pass reuses.
+            ilb, iub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+            clb, cub = bounded.compute_bounds(C=C, method="backward", IBP=False,
+                                              bound_lower=lower, bound_upper=upper)
+            b = 1.0 if beta is None else beta
+            lb = b * clb + (1 - b) * ilb if lower else ilb
+            ub = b * cub + (1 - b) * iub if upper else iub
+    elif method == "CROWN":
+        lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="backward",
+                                        bound_lower=lower, bound_upper=upper)
+    else:  # alpha-CROWN
+        bounded.set_bound_opts({"optimize_bound_args": {
+            "iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}})
+        with torch.enable_grad():
+            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized",
+                                            bound_lower=lower, bound_upper=upper)
+        lb = lb.detach() if lb is not None else None
+        ub = ub.detach() if ub is not None else None
+    return logits, lb, ub
+
+
+def output_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IBP", *,
+                  beta: Optional[float] = None, C: Optional[torch.Tensor] = None,
+                  return_logits: bool = False):
+    """Elementwise bounds ``(lb, ub)`` of ``net(x')`` (or of ``C @ net(x')``, C: [B, S, K]) over
+    x' in B(x) intersected with [0, 1]. Differentiable w.r.t. the net's parameters (except
+    alpha-CROWN). With ``return_logits`` also returns net(x), from the same forward pass (so BN
+    statistics in train mode move exactly once)."""
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    eps = validate_ball(x, eps)
+    if C is not None and (C.dim() != 3 or C.shape[0] != x.shape[0]):
+        raise ValueError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
+    bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
+    logits, lb, ub = _compute(bounded, _bounded_input(x, eps), C, method, beta, True, True)
+    return (lb, ub, logits) if return_logits else (lb, ub)
+
+
+def margin_lower_bounds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                        method: str = "IBP", *, beta: Optional[float] = None,
+                        return_logits: bool = False):
+    """Lower bounds of z_y - z_j for every j != y over the ball: Tensor[B, K-1]. All positive
+    means certified. The specification is folded into the last linear layer by auto_LiRPA
+    (exact for IBP too, which would otherwise lose the correlation between z_y and z_j)."""
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    eps = validate_ball(x, eps)
+    bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
+    num_classes = bounded.ace_num_outputs
+    y = torch.as_tensor(y, device=x.device).long().view(-1)
+    if y.shape[0] != x.shape[0] or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
+        raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {num_classes})")
+    C = margin_spec(y, num_classes, dtype=x.dtype)
+    logits, lb, _ = _compute(bounded, _bounded_input(x, eps), C, method, beta, True, False)
+    return (lb, logits) if return_logits else lb
+
+
+def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                   method: str = "IBP", *, beta: Optional[float] = None, loss_fusion: bool = False,
+                   return_logits: bool = False):
+    """Upper bound of the worst-case cross-entropy over the ball (mean over the batch): the CE of
+    the negated margin lower bounds (true-class entry 0), ace-method.md section 6. With
+    ``loss_fusion`` the CE itself is bounded (sum_j exp(z_j - z_y) from above), which costs one
+    bound row instead of K-1 (much cheaper with CROWN-IBP and many classes). In fusion mode
+    ``return_logits`` runs the plain net once more for the clean logits."""
+    if not loss_fusion:
+        out = margin_lower_bounds(net, x, y, eps, method, beta=beta, return_logits=return_logits)
+        lb, logits = out if return_logits else (out, None)
+        worst = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
+        loss = nn.functional.cross_entropy(worst, torch.zeros_like(y.view(-1)).long())
+        return (loss, logits) if return_logits else loss
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    if method not in ("IBP", "CROWN-IBP"):
+        raise ValueError(f"loss fusion is a training method: use IBP or CROWN-IBP, not {method}")
+    eps = validate_ball(x, eps)
+    y = torch.as_tensor(y, device=x.device).long().view(-1)
+    bounded = bounded_module(net, x, "fusion")
+    x_l, x_u = input_box(x, eps)
+    bx = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_l, x_U=x_u))
+    bounded(bx, y)
+    if method == "IBP" or (beta is not None and beta < 1e-8):
+        _, ub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
+    else:
+        _, iub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
+        _, cub = bounded.compute_bounds(method="backward", IBP=False, bound_lower=False)
+        b = 1.0 if beta is None else beta
+        # Any valid upper bound is >= 1 (the j = y term is exp(0)); the clamp below only guards
+        # the log against rounding.
+        ub = b * cub + (1 - b) * iub
+    loss = torch.log(ub.clamp(min=1.0)).mean()
+    if return_logits:
+        return loss, net(x)
+    return loss
