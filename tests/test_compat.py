@@ -58,6 +58,13 @@ FEATURES = {
         la, ua = output_bounds(net, x, 0.3, "alpha-CROWN")
         assert (la - lc).max() > 1e-3 and (uc - ua).max() > 1e-3, "alpha-CROWN did not tighten CROWN"
     """),
+    "avgpool_first": textwrap.dedent("""
+        from ace_lightning.bounds import output_bounds
+        from ace_lightning.nets.layers import Normalize
+        net = torch.nn.Sequential(torch.nn.AvgPool2d(2), Normalize([0.5], [0.2]), torch.nn.Conv2d(1, 2, 3, 1, 1),
+                                  torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        output_bounds(net, torch.rand(2, 1, 4, 4), 0.05, "CROWN")
+    """),
     "eval_grad": textwrap.dedent("""
         from ace_lightning.bounds import margin_lower_bounds
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
@@ -77,6 +84,7 @@ NEEDED_FOR = {
     "patches_channel_const": "patches_normalize",
     "relu_alpha_clamp": "alpha_tighter",
     "params_requires_grad": "eval_grad",
+    "avgpool_noncontiguous": "avgpool_first",
 }
 
 

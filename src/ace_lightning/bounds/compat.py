@@ -274,6 +274,26 @@ def patch_params_requires_grad() -> bool:
     return True
 
 
+def patch_avgpool_noncontiguous() -> bool:
+    """11. (0.3 bug) ``BoundAveragePool.bound_backward`` calls ``.view`` on the incoming A matrix,
+    which fails when A is non-contiguous (an average-pooling first layer under a Normalize layer,
+    the downsampled cert-net view of the paper's ImageNet200 setting)."""
+    from auto_LiRPA.operators.pooling import BoundAveragePool
+
+    original = BoundAveragePool.bound_backward
+    if "last_A.view(" not in inspect.getsource(original):
+        return False
+
+    def bound_backward(self, last_lA, last_uA, x, _original=original):
+        def fix(a):
+            return a.contiguous() if isinstance(a, torch.Tensor) else a
+
+        return _original(self, fix(last_lA), fix(last_uA), x)
+
+    BoundAveragePool.bound_backward = bound_backward
+    return True
+
+
 PRE_IMPORT = {
     "numpy_arraysetops": patch_numpy_arraysetops,
     "torch_six": patch_torch_six,
@@ -286,6 +306,7 @@ POST_IMPORT = {
     "patches_channel_const": patch_patches_channel_const,
     "relu_alpha_clamp": patch_relu_alpha_clamp,
     "params_requires_grad": patch_params_requires_grad,
+    "avgpool_noncontiguous": patch_avgpool_noncontiguous,
 }
 
 

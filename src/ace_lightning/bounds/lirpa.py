@@ -12,6 +12,7 @@ else asks for "output bounds of this net on this ball" or "margin lower bounds".
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -129,6 +130,12 @@ def _check_ops(bounded: BoundedModule, net: nn.Module, extra: frozenset = frozen
     allowed = SUPPORTED_OPS | extra
     for node in bounded._modules.values():
         kind = type(node).__name__
+        if kind == "BoundAveragePool" and (list(node.kernel_size) != list(node.stride)
+                                           or any(node.padding)):
+            # 0.3's backward pass for average pooling is exact only for non-overlapping windows.
+            raise ValueError(f"bound layer handles AvgPool2d only with stride == kernel_size and no "
+                             f"padding (got kernel {list(node.kernel_size)}, stride "
+                             f"{list(node.stride)}, padding {list(node.padding)})")
         if kind not in allowed:
             where = getattr(node, "ori_name", "") or node.name
             raise ValueError(f"bound layer cannot handle operation {kind[5:] or kind} (at {where!r}) in "
@@ -217,9 +224,53 @@ def _check_beta(method: str, beta: Optional[float]) -> Optional[float]:
     return beta
 
 
+def _alpha_crown(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor],
+                 lower: bool, upper: bool):
+    """alpha-CROWN is an evaluation method: only the ReLU slopes are optimised, the parameters are
+    held fixed (with them requiring grad, train-mode BN statistics carry a graph that every
+    optimisation step back-propagates through, and 0.3 fails on the second step)."""
+    bounded.set_bound_opts({"optimize_bound_args": {
+        "iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}})
+    params = [p for p in bounded.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            logits = bounded(bx)
+        with torch.enable_grad():
+            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized",
+                                            bound_lower=lower, bound_upper=upper)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return logits, (lb.detach() if lb is not None else None), (ub.detach() if ub is not None else None)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """0.3 allocates some tensors in the default dtype (alpha-CROWN's best-so-far buffers, the
+    exp relaxation of loss fusion): match the input's so float64 bounds work."""
+    previous = torch.get_default_dtype()
+    switch = dtype in (torch.float32, torch.float64) and dtype != previous
+    if switch:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        if switch:
+            torch.set_default_dtype(previous)
+
+
 def _compute(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor], method: str,
              beta: Optional[float], lower: bool, upper: bool):
     """One forward at x (returned: the clean output) and the bounds of ``C @ net`` over the ball."""
+    with _default_dtype(bx.dtype):
+        return _compute_bounds(bounded, bx, C, method, beta, lower, upper)
+
+
+def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
+    if method == "alpha-CROWN":
+        return _alpha_crown(bounded, bx, C, lower, upper)
     logits = bounded(bx)
     if method == "IBP":
         lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
@@ -234,17 +285,9 @@ def _compute(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor
             b = 1.0 if beta is None else beta
             lb = b * clb + (1 - b) * ilb if lower else ilb
             ub = b * cub + (1 - b) * iub if upper else iub
-    elif method == "CROWN":
+    else:  # CROWN
         lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="backward",
                                         bound_lower=lower, bound_upper=upper)
-    else:  # alpha-CROWN
-        bounded.set_bound_opts({"optimize_bound_args": {
-            "iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}})
-        with torch.enable_grad():
-            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized",
-                                            bound_lower=lower, bound_upper=upper)
-        lb = lb.detach() if lb is not None else None
-        ub = ub.detach() if ub is not None else None
     return logits, lb, ub
 
 
@@ -307,16 +350,17 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     bounded = bounded_module(net, x, "fusion")
     x_l, x_u = input_box(x, eps)
     bx = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_l, x_U=x_u))
-    bounded(bx, y)
-    if method == "IBP" or (beta is not None and beta < 1e-8):
-        _, ub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
-    else:
-        _, iub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
-        _, cub = bounded.compute_bounds(method="backward", IBP=False, bound_lower=False)
-        b = 1.0 if beta is None else beta
-        # Any valid upper bound is >= 1 (the j = y term is exp(0)); the clamp below only guards
-        # the log against rounding.
-        ub = b * cub + (1 - b) * iub
+    with _default_dtype(x.dtype):
+        bounded(bx, y)
+        if method == "IBP" or (beta is not None and beta < 1e-8):
+            _, ub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
+        else:
+            _, iub = bounded.compute_bounds(x=(bx, y), method="IBP", bound_lower=False)
+            _, cub = bounded.compute_bounds(method="backward", IBP=False, bound_lower=False)
+            b = 1.0 if beta is None else beta
+            # Any valid upper bound is >= 1 (the j = y term is exp(0)); the clamp below only
+            # guards the log against rounding.
+            ub = b * cub + (1 - b) * iub
     loss = torch.log(ub.clamp(min=1.0)).mean()
     if return_logits:
         return loss, net(x)

@@ -1,0 +1,76 @@
+"""`make bench`: every benchmark section, one JSON file in benchmarks/results/<date>.json and a
+short table on stdout. Ratios are measured in this one process on the same batch; run it alone
+(two cores: another busy process distorts absolute times far more than ratios).
+
+Reading the JSON: ``sections.<name>.<case>.<variant>`` holds ``median_s`` (seconds per step,
+median over ``reps`` after warm-up), ``min_s`` and ``ratio_to_plain`` (median / the plain
+forward+backward step of the same net on the same batch). ``machine`` says where it ran.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bound_step_cost  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def bound_steps(batch: int, reps: int) -> dict:
+    cases = {
+        "c3_cifar10_3x32x32": ("c3", (3, 32, 32), 10, 2 / 255),
+        "small_fashion_mnist_1x28x28": ("small", (1, 28, 28), 10, 0.1),
+    }
+    out = {}
+    for case, (net, shape, classes, eps) in cases.items():
+        print(f"[bench] bound step cost: {case} (batch {batch}, {reps} reps)", flush=True)
+        model = bound_step_cost.default_net(net, shape, classes)
+        out[case] = bound_step_cost.measure(model, shape, classes, batch, eps=eps, reps=reps)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="ace-lightning benchmarks")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "sections": {"bound_step_cost": bound_steps(args.batch, args.reps)},
+    }
+    if not torch.cuda.is_available():
+        print("[bench] CUDA not available: GPU section skipped")
+    path = args.out or RESULTS / f"{dt.date.today().isoformat()}.json"
+    _atomic_write(path, json.dumps(result, indent=2))
+    print(f"\n{'case':32s} {'variant':24s} {'median s':>10s} {'x plain':>8s}")
+    for case, variants in result["sections"]["bound_step_cost"].items():
+        for name, rec in variants.items():
+            print(f"{case:32s} {name:24s} {rec['median_s']:10.4f} {rec['ratio_to_plain']:8.2f}")
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
