@@ -1,0 +1,67 @@
+"""Reading weight files safely (``weights_only=True``) and matching them to a module.
+
+Accepted files: a raw state_dict, ``{'state_dict': ...}`` (Lightning checkpoints, keys may carry
+a prefix such as ``cert.``), ``{'model': ...}``, or ``.safetensors``. Never unpickles objects.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+import torch
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file; one-line errors for missing or unsupported files."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Drop the longest common prefix (``module.``, ``cert.``, ``model.core.`` ...) that makes the
+    keys match ``expected``; unchanged when they already match or no prefix helps."""
+    expected = list(expected)
+    if not expected or any(k in state for k in expected):
+        return dict(state)
+    anchor = expected[0]
+    for key in state:
+        if key.endswith("." + anchor):
+            prefix = key[: -len(anchor)]
+            stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sum(k in stripped for k in expected) > len(expected) // 2:
+                return stripped
+    return dict(state)
+
+
+def describe_mismatch(
+    module_state: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor], limit: int = 3,
+) -> str:
+    """'missing: a, b; unexpected: c; shape: d (file [3] vs net [4])' - empty when they match."""
+    missing = [k for k in module_state if k not in file_state]
+    unexpected = [k for k in file_state if k not in module_state]
+    shapes = [
+        f"{k} (file {list(file_state[k].shape)} vs net {list(v.shape)})"
+        for k, v in module_state.items() if k in file_state and file_state[k].shape != v.shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
