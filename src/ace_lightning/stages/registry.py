@@ -1,0 +1,64 @@
+"""Stage name -> function(cfg) -> manifest. Adding a stage = one entry here + conf/stage/<name>.yaml."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ace_lightning.bounds import output_bounds
+from ace_lightning.stages.runner import run_training_stage, to_dict
+
+
+def run_core(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    from ace_lightning.stages.core import CoreStage
+
+    st = to_dict(cfg["stage"])
+
+    def make(net, dm):
+        return CoreStage(net, st["optimizer"], st["lr_schedule"], mode=st["mode"],
+                         train_eps=st["train_eps"], pgd_steps=st["pgd_steps"],
+                         pgd_step_size=st["pgd_step_size"], eval_eps=float(cfg["eps"]),
+                         eval_pgd_steps=st["eval_pgd_steps"], l1=st["l1"])
+
+    return run_training_stage(cfg, "core", make, "core_net", CoreStage.key_metric, "core.pt",
+                              mixed_precision=bool(st.get("mixed_precision", False)), callbacks=callbacks)
+
+
+def check_boundable(net: torch.nn.Module, dm) -> None:
+    """Fail before training when the bound layer cannot handle the cert-net (one-line ValueError)."""
+    shape = tuple(dm.info.input_shape)
+    x = torch.full((2, *shape), 0.5)
+    was = net.training
+    net.eval()
+    output_bounds(net, x, 0.01, "IBP")
+    net.train(was)
+
+
+def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    from ace_lightning.stages.cert import CertStage
+
+    st = to_dict(cfg["stage"])
+    # validate before any data is loaded
+    CertStage.check_config(st, float(cfg["eps"]))
+
+    def make(net, dm):
+        return CertStage(net, st["optimizer"], st["lr_schedule"], eps=float(cfg["eps"]),
+                         method=st["method"], eps_factor=st["eps_factor"],
+                         warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
+                         ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
+                         loss_fusion=st["loss_fusion"], l1=st["l1"], epochs=st["epochs"],
+                         val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"])
+
+    return run_training_stage(cfg, "cert", make, "cert_net", CertStage.key_metric, "cert.pt",
+                              pre_check=check_boundable, callbacks=callbacks)
+
+
+STAGES: dict[str, Callable[..., dict]] = {"core": run_core, "cert": run_cert}
+
+
+def run_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    """Run the configured stage; ``callbacks`` are extra Lightning callbacks (tests, user hooks)."""
+    name = to_dict(cfg["stage"])["name"]
+    if name not in STAGES:
+        raise ValueError(f"unknown stage '{name}'; known: {', '.join(STAGES)}")
+    return STAGES[name](cfg, callbacks=tuple(callbacks))

@@ -1,0 +1,173 @@
+"""Run one training stage from a composed config: data -> net -> LightningModule -> Trainer ->
+checkpoints + exported weights + manifest in ``<run_dir>/<stage>/``.
+
+Resume: rerunning the same command continues from ``checkpoints/last.ckpt`` (schedules are counted
+in steps, so eps/kappa/beta continue exactly). A completed stage with the same config is skipped.
+A stage folder made by a *different* config is never overwritten silently.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ace_lightning.data import ACEDataModule
+from ace_lightning.loggers import StageCSVLogger, extra_loggers
+from ace_lightning.nets import build_net
+from ace_lightning.stages.common import (
+    StageInputError,
+    atomic_write_text,
+    config_hash,
+    export_weights,
+    read_manifest,
+    write_manifest,
+)
+
+RUN_STATE = "run_state.json"
+
+
+def to_dict(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def datamodule_from(cfg: Mapping[str, Any]) -> ACEDataModule:
+    data = dict(to_dict(cfg["data"]))
+    return ACEDataModule(**data)
+
+
+def identity_config(cfg: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> dict:
+    """The parts of the config that change a stage's result (not devices, workers, logging)."""
+    data = {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir",
+                                                                         "pin_memory", "eval_batch_size")}
+    trainer = to_dict(cfg.get("trainer", {})) or {}
+    ident = {
+        "stage": to_dict(cfg["stage"]), "data": data, "eps": cfg.get("eps"), "seed": cfg.get("seed"),
+        "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "limit_train_batches",
+                                                "limit_val_batches", "gradient_clip_val")},
+    }
+    ident.update(extra or {})
+    return ident
+
+
+def prepare_stage_dir(stage_dir: Path, ident_hash: str, overwrite: bool) -> Optional[dict]:
+    """Returns the completed manifest to skip with, or None to (re)run. Refuses to mix configs."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(stage_dir)
+    if manifest and manifest.get("status") == "complete" and manifest.get("config_hash") == ident_hash \
+            and not overwrite:
+        return manifest
+    state_path = stage_dir / RUN_STATE
+    previous = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if previous and previous.get("config_hash") != ident_hash:
+        if not overwrite:
+            raise StageInputError(
+                f"{stage_dir} holds stage '{stage_dir.name}' made with a different config "
+                f"(hash {previous.get('config_hash')} != {ident_hash}); use another run_dir or overwrite=true")
+        backup = stage_dir.with_name(f"{stage_dir.name}.old-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        shutil.move(str(stage_dir), backup)
+        stage_dir.mkdir(parents=True)
+        print(f"[ace] moved the previous '{stage_dir.name}' stage to {backup}")
+    atomic_write_text(state_path, json.dumps({"config_hash": ident_hash, "status": "running"}))
+    return None
+
+
+def build_trainer(cfg: Mapping[str, Any], stage_dir: Path, monitor: Optional[str],
+                  extra_callbacks: tuple = (), mixed_precision: bool = False) -> tuple[L.Trainer, ModelCheckpoint]:
+    trainer_cfg = dict(to_dict(cfg["trainer"]))
+    if mixed_precision and torch.cuda.is_available() and trainer_cfg.get("accelerator") in ("auto", "gpu", "cuda"):
+        trainer_cfg["precision"] = "16-mixed"
+    ckpt = ModelCheckpoint(
+        dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
+        save_last=True, save_top_k=1 if monitor else 0, auto_insert_metric_name=False,
+        enable_version_counter=False)
+    callbacks = [ckpt, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks]
+    every = to_dict(cfg["stage"]).get("checkpoint_every_n_steps")
+    if every:  # mid-epoch last.ckpt, so a killed run loses at most `every` steps
+        callbacks.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True,
+                                         save_top_k=0, every_n_train_steps=int(every),
+                                         enable_version_counter=False))
+    loggers: list = [StageCSVLogger(str(stage_dir)), *extra_loggers(cfg, stage_dir)]
+    trainer = L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers,
+                        **trainer_cfg)
+    return trainer, ckpt
+
+
+def run_training_stage(
+    cfg: Mapping[str, Any],
+    stage: str,
+    make_module: Callable[[Any, ACEDataModule], L.LightningModule],
+    net_cfg_key: str,
+    key_metric: str,
+    weights_name: str,
+    inputs: Optional[Mapping[str, Any]] = None,
+    mixed_precision: bool = False,
+    pre_check: Optional[Callable[[torch.nn.Module, ACEDataModule], None]] = None,
+    callbacks: tuple = (),
+) -> dict:
+    """The shared skeleton of the core, cert and gate stages."""
+    run_dir = Path(cfg["run_dir"]).resolve()
+    stage_dir = run_dir / stage
+    net_cfg = to_dict(cfg[net_cfg_key])
+    ident = identity_config(cfg, {"net": net_cfg, "inputs": {k: v.get("sha256") if isinstance(v, dict) else v
+                                                             for k, v in (inputs or {}).items()}})
+    ident_hash = config_hash(ident)
+    done = prepare_stage_dir(stage_dir, ident_hash, bool(cfg.get("overwrite", False)))
+    if done is not None:
+        print(f"[ace] stage '{stage}' already complete in {stage_dir} (same config): skipped")
+        return done
+
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    dm = datamodule_from(cfg)
+    info = dm.info
+    net = build_net(net_cfg, info)
+    if pre_check is not None:
+        pre_check(net, dm)
+    module = make_module(net, dm)
+    has_val = int(to_dict(cfg["data"]).get("val_size", 0) or 0) > 0
+    trainer, ckpt = build_trainer(cfg, stage_dir, key_metric if has_val else None,
+                                  extra_callbacks=tuple(callbacks), mixed_precision=mixed_precision)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if last.is_file() and cfg.get("resume", True) else None
+    if resume and trainer.is_global_zero:
+        print(f"[ace] resuming stage '{stage}' from {last}")
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"stage '{stage}' interrupted: rerun the same command to resume from "
+                                f"{last}")
+    best = ckpt.best_model_path if ckpt.best_model_path else None
+    test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best or str(last), verbose=False)
+    metrics = {k: float(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
+    if ckpt.best_model_score is not None:
+        metrics[f"best_{key_metric}"] = float(ckpt.best_model_score)
+    manifest: dict = {}
+    if trainer.is_global_zero:
+        weights = export_weights(module.net, stage_dir / weights_name)
+        manifest = {
+            "stage": stage, "status": "complete", "config_hash": ident_hash, "config": ident,
+            "net": net_cfg, "eps": cfg.get("eps"),
+            "data": {"name": info.name, "input_shape": list(info.input_shape),
+                     "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
+                     "train": len(dm.train_indices), "val": len(dm.val_indices), "test": len(dm.test_indices)},
+            "inputs": dict(inputs or {}),
+            "outputs": {"weights": weights,
+                        "best_checkpoint": Path(best).name if best else None,
+                        "last_checkpoint": "checkpoints/last.ckpt"},
+            "metrics": metrics,
+            "epochs_trained": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+        }
+        manifest = write_manifest(stage_dir, manifest)
+        atomic_write_text(stage_dir / RUN_STATE, json.dumps({"config_hash": ident_hash, "status": "complete"}))
+        print(f"[ace] stage '{stage}' complete: {stage_dir}  " +
+              "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    trainer.strategy.barrier()
+    return manifest

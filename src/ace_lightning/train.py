@@ -1,0 +1,38 @@
+"""Hydra entry point: ``python -m ace_lightning.train stage=<core|cert|...> data=<name> eps=<eps>``.
+
+Multirun chains stages (``-m stage=core,cert``): every job of one (data, eps) combination shares
+the run folder, each stage reads what the earlier ones wrote. Bad input exits with code 2 and a
+one-line message; nothing already written is touched.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from ace_lightning.stages import run_stage
+
+    try:
+        run_stage(cfg)
+    except USER_ERRORS as err:  # one line for the user; tracebacks are for bugs
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(msg.strip("'\""))
+
+
+if __name__ == "__main__":
+    main()
