@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bound_step_cost  # noqa: E402
+import lightning_overhead  # noqa: E402
+import nets_cost  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,28 +49,52 @@ def bound_steps(batch: int, reps: int) -> dict:
     return out
 
 
+SECTIONS = ("bound_step_cost", "lightning_overhead", "nets_cost")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="ace-lightning benchmarks")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=None,
+                        help="run only these sections (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    wanted = args.only or SECTIONS
+    sections: dict = {}
+    if "bound_step_cost" in wanted:
+        sections["bound_step_cost"] = bound_steps(args.batch, args.reps)
+    if "lightning_overhead" in wanted:
+        print("[bench] Lightning cert step vs bare loop", flush=True)
+        sections["lightning_overhead"] = {
+            "small_fashion_mnist_ibp": lightning_overhead.measure(batch=args.batch, steps=args.reps + 7),
+            "c3_cifar10_ibp": lightning_overhead.measure("c3", (3, 32, 32), batch=args.batch, eps=2 / 255,
+                                                         steps=args.reps + 7)}
+    if "nets_cost" in wanted:
+        print("[bench] forward+backward per net", flush=True)
+        sections["nets_cost"] = nets_cost.measure_all(batch=args.batch, reps=args.reps)
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "sections": {"bound_step_cost": bound_steps(args.batch, args.reps)},
+        "sections": sections,
     }
     if not torch.cuda.is_available():
         print("[bench] CUDA not available: GPU section skipped")
     path = args.out or RESULTS / f"{dt.date.today().isoformat()}.json"
     _atomic_write(path, json.dumps(result, indent=2))
-    print(f"\n{'case':32s} {'variant':24s} {'median s':>10s} {'x plain':>8s}")
-    for case, variants in result["sections"]["bound_step_cost"].items():
-        for name, rec in variants.items():
-            print(f"{case:32s} {name:24s} {rec['median_s']:10.4f} {rec['ratio_to_plain']:8.2f}")
+    if "bound_step_cost" in sections:
+        print(f"\n{'case':32s} {'variant':24s} {'median s':>10s} {'x plain':>8s}")
+        for case, variants in sections["bound_step_cost"].items():
+            for name, rec in variants.items():
+                print(f"{case:32s} {name:24s} {rec['median_s']:10.4f} {rec['ratio_to_plain']:8.2f}")
+    if "lightning_overhead" in sections:
+        print(f"\n{'Lightning vs bare loop':32s} {'bare s':>10s} {'lightning s':>12s} {'ratio':>8s}")
+        for case, rec in sections["lightning_overhead"].items():
+            print(f"{case:32s} {rec['bare_loop_step_s']:10.4f} {rec['lightning_step_s']:12.4f} "
+                  f"{rec['ratio_lightning_to_bare']:8.2f}")
     print(f"\nwritten {path}")
 
 
