@@ -4,6 +4,9 @@ Public API (later stages build on these names):
 - ``output_bounds(net, x, eps, method)`` -> (lb, ub) over B(x) intersected with [0, 1];
 - ``margin_lower_bounds(net, x, y, eps, method)`` -> Tensor[B, K-1], lower bounds of z_y - z_j;
 - ``robust_ce_loss(net, x, y, eps, method, beta=..., loss_fusion=...)`` for certified training.
+- ``entropy_bounds(net, x, eps, method, route)`` -> (lb_H, ub_H) for the entropy gate, and
+  ``entropy_gate_bounds`` -> (g, lb_g, ub_g) with g = -H; ``entropy_selection_loss`` for
+  co-training (bounds/entropy.py).
 Methods: "IBP", "CROWN-IBP", "CROWN", "alpha-CROWN".
 """
 from ace_lightning.bounds.lirpa import (
@@ -18,14 +21,36 @@ from ace_lightning.bounds.lirpa import (
     robust_ce_loss,
     validate_ball,
 )
+from ace_lightning.bounds.entropy import (
+    entropy,
+    entropy_bounds,
+    entropy_bounds_from_margins,
+    entropy_gate_bounds,
+    entropy_lower_bound_interval,
+    entropy_selection_loss,
+    entropy_selection_loss_from_margins,
+    entropy_upper_bound_interval,
+    entropy_upper_bound_margin,
+    margin_threshold_for_entropy,
+)
 
 __all__ = [
     "METHODS",
     "bounded_module",
     "clear_cache",
+    "entropy",
+    "entropy_bounds",
+    "entropy_bounds_from_margins",
+    "entropy_gate_bounds",
+    "entropy_lower_bound_interval",
+    "entropy_selection_loss",
+    "entropy_selection_loss_from_margins",
+    "entropy_upper_bound_interval",
+    "entropy_upper_bound_margin",
     "input_box",
     "margin_lower_bounds",
     "margin_spec",
+    "margin_threshold_for_entropy",
     "normalize_method",
     "output_bounds",
     "robust_ce_loss",

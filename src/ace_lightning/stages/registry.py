@@ -53,7 +53,26 @@ def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
                               pre_check=check_boundable, callbacks=callbacks)
 
 
-STAGES: dict[str, Callable[..., dict]] = {"core": run_core, "cert": run_cert}
+def run_certify_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    from ace_lightning.certify import run_certify
+
+    return run_certify(cfg)
+
+
+def run_gate(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    from ace_lightning.stages.gate import run_gate as run
+
+    return run(cfg, callbacks=callbacks, pre_check=check_boundable)
+
+
+def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+    from ace_lightning.stages.entropy import run_entropy as run
+
+    return run(cfg, callbacks=callbacks, pre_check=check_boundable)
+
+
+STAGES: dict[str, Callable[..., dict]] = {"core": run_core, "cert": run_cert, "certify": run_certify_stage,
+                                          "gate": run_gate, "entropy": run_entropy}
 
 
 def run_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:

@@ -1,0 +1,303 @@
+"""Batched certification of a composed model -> one record per input (ace-method.md section 4.5).
+
+T enters no bound, so one pass that stores (core_correct, cert_correct, cert_ok, core_ok, g, lb_g,
+ub_g) per input gives the natural-vs-certified curve for every threshold (sweep.py); the reference
+code re-certified for every T. Certificates take the best of several bound methods per input (an
+IBP-trained net is often certified more often by IBP than by CROWN): cert_ok is the OR over
+methods, the gate interval the intersection of the (sound) intervals.
+
+Runs in Lightning's predict loop, so ``trainer=ddp`` shards the inputs over ranks; each rank writes
+its shard and rank 0 merges them (deduplicated by index) into records.csv, atomically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from ace_lightning.ace import ACEModel
+from ace_lightning.bounds import margin_lower_bounds, normalize_method
+
+SPLITS = ("val", "test")
+
+
+class IndexedSubset(Dataset):
+    """(x, y, dataset index): records are keyed by the index into the underlying split."""
+
+    def __init__(self, subset, indices: Sequence[int]) -> None:
+        self.subset, self.indices = subset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i: int):
+        x, y = self.subset[i]
+        return x, y, self.indices[i]
+
+
+def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  methods: Sequence[str], core_method: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Per-input fields of one batch (columns suffixed _i for cascades of n > 1 pairs)."""
+    n = model.num_branches
+    out: dict[str, torch.Tensor] = {"label": y}
+    with torch.no_grad():
+        core_logits = model.core(x)
+    out["core_pred"] = core_logits.argmax(-1)
+    out["core_correct"] = out["core_pred"] == y
+    if core_method:
+        out["core_ok"] = margin_lower_bounds(model.core, x, y, eps, core_method).min(1).values > 0
+    else:
+        out["core_ok"] = torch.zeros_like(y, dtype=torch.bool)
+    for i in range(n):
+        sfx = "" if n == 1 else f"_{i + 1}"
+        cert_ok = torch.zeros_like(y, dtype=torch.bool)
+        lb_g = torch.full(y.shape, -float("inf"), dtype=x.dtype, device=x.device)
+        ub_g = torch.full(y.shape, float("inf"), dtype=x.dtype, device=x.device)
+        logits = g = None
+        with torch.no_grad():
+            for method in methods:
+                lb, logits = margin_lower_bounds(model.certs[i], x, y, eps, method, return_logits=True)
+                cert_ok |= lb.min(1).values > 0
+                g, lo, hi = model.selector_bounds(i, x, eps, method)
+                lb_g, ub_g = torch.maximum(lb_g, lo), torch.minimum(ub_g, hi)
+        out[f"cert_pred{sfx}"] = logits.argmax(-1)
+        out[f"cert_correct{sfx}"] = out[f"cert_pred{sfx}"] == y
+        out[f"cert_ok{sfx}"] = cert_ok & out[f"cert_correct{sfx}"]
+        out[f"g{sfx}"], out[f"lb_g{sfx}"], out[f"ub_g{sfx}"] = g, lb_g, ub_g
+    return out
+
+
+class CertifyModule(L.LightningModule):
+    def __init__(self, model: ACEModel, eps: float, methods: Sequence[str], core_method: Optional[str]):
+        super().__init__()
+        self.model = model
+        self.eps, self.methods = float(eps), [normalize_method(m) for m in methods]
+        self.core_method = normalize_method(core_method) if core_method else None
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y, idx = batch
+        rec = certify_batch(self.model, x, y, self.eps, self.methods, self.core_method)
+        rec["index"] = idx
+        rec["split"] = torch.full_like(idx, dataloader_idx)
+        return {k: v.detach().cpu() for k, v in rec.items()}
+
+
+class _ShardWriter(BasePredictionWriter):
+    """Each rank saves its records; rank 0 merges after the barrier."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.out_dir = Path(out_dir)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        flat = [b for loader in (predictions if predictions and isinstance(predictions[0], list) else [predictions])
+                for b in loader]
+        merged = {k: torch.cat([b[k] for b in flat]) for k in flat[0]} if flat else {}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(merged, self.out_dir / f".records.rank{trainer.global_rank}.pt")
+
+
+def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: float,
+                    methods: Sequence[str] = ("IBP",), core_method: Optional[str] = None,
+                    trainer_kwargs: Optional[Mapping[str, Any]] = None, work_dir: Optional[Path] = None
+                    ) -> Optional[dict[str, np.ndarray]]:
+    """Columns of the records (rank 0; None on other ranks)."""
+    names = list(loaders)
+    module = CertifyModule(model.eval(), eps, methods, core_method)
+    kwargs = dict(trainer_kwargs or {})
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("inference_mode", False)
+    writer = _ShardWriter(Path(work_dir or ".")) if work_dir is not None else None
+    trainer = L.Trainer(callbacks=[writer] if writer else [], **kwargs)
+    preds = trainer.predict(module, dataloaders=[loaders[n] for n in names],
+                            return_predictions=writer is None)
+    if writer is not None:
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return None
+        shards = sorted(Path(work_dir).glob(".records.rank*.pt"))
+        parts = [torch.load(p, weights_only=True) for p in shards]
+        for p in shards:
+            p.unlink()
+        merged = {k: torch.cat([p[k] for p in parts if p]) for k in parts[0]}
+    else:
+        flat = [b for loader in (preds if len(names) > 1 else [preds]) for b in loader]
+        merged = {k: torch.cat([b[k] for b in flat]) for k in flat[0]}
+    # DistributedSampler pads with repeats: keep the first record of each (split, index)
+    key = merged["split"].long() * 10**9 + merged["index"].long()
+    _, first = np.unique(key.numpy(), return_index=True)
+    order = np.sort(first)
+    cols = {k: v.numpy()[order] for k, v in merged.items()}
+    cols["split"] = np.array([names[int(s)] for s in cols["split"]])
+    for k, v in list(cols.items()):
+        if v.dtype == np.bool_:
+            cols[k] = v.astype(np.int64)
+    return cols
+
+
+# -- the certify stage: run folder -> records -> sweep/report -> attack -> composed model ----------
+
+def _loaders(dm, splits: Sequence[str], batch_size: int) -> dict[str, DataLoader]:
+    dm.setup("test")
+    sets = {"val": (dm.val_set, dm.val_indices), "test": (dm.test_set, dm.test_indices)}
+    out = {}
+    for split in splits:
+        if split not in sets:
+            raise ValueError(f"unknown split {split!r}; certify knows val and test")
+        subset, idx = sets[split]
+        if len(subset) == 0:
+            raise ValueError(f"the {split} split is empty (data.val_size=0?): certify needs it to "
+                             f"choose thresholds on val and report them on test")
+        out[split] = DataLoader(IndexedSubset(subset, idx), batch_size=batch_size, shuffle=False,
+                                num_workers=dm.num_workers)
+    return out
+
+
+def _attack_split(model: ACEModel, loader: DataLoader, eps: float, attack: Mapping[str, Any],
+                  thresholds: Optional[Sequence[float]] = None, alone: Optional[str] = None,
+                  target_index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-input adversarial correctness on one split: the composed model at ``thresholds`` or one
+    network alone (``alone`` = 'core' | 'cert'), in the order of ``target_index`` (the records'
+    dataset indices; DDP merges shards in another order than the loader's)."""
+    from ace_lightning.attacks import adversarial_correct
+    from ace_lightning.attacks.composed import attack_composed
+
+    out, order = [], []
+    for x, y, idx in loader:
+        order.append(np.asarray(idx))
+        if alone == "core":
+            ok = adversarial_correct(model.core, x, y, eps, steps=attack["steps"], restarts=attack["restarts"])
+        elif alone == "cert":
+            ok = adversarial_correct(model.certs[0], x, y, eps, steps=attack["steps"], restarts=attack["restarts"])
+        else:
+            ok, _ = attack_composed(model, x, y, eps, thresholds, steps=attack["steps"],
+                                    restarts=attack["restarts"], step_size=attack["step_size"])
+        out.append(ok.cpu().numpy())
+    if not out:
+        return np.zeros(0, dtype=bool)
+    idx, ok = np.concatenate(order), np.concatenate(out)
+    return ok[np.argsort(idx)][np.argsort(np.argsort(target_index))] if target_index is not None else ok
+
+
+def run_certify(cfg: Mapping[str, Any]) -> dict:
+    """Certify a run folder's composed model (see conf/stage/certify.yaml)."""
+    import json
+    import time
+
+    from ace_lightning.ace import composed_certified, model_from_run, spec_from_run
+    from ace_lightning.report import format_table, write_sweep_outputs
+    from ace_lightning.stages.common import (atomic_write_text, config_hash, read_manifest, sha256_file,
+                                             write_manifest)
+    from ace_lightning.stages.runner import datamodule_from, to_dict
+    from ace_lightning.sweep import load_records, save_records
+
+    st = to_dict(cfg["stage"])
+    eps = float(cfg["eps"])
+    run_dir = Path(cfg["run_dir"]).resolve()
+    selection = st.get("selection", "gate")
+    stage_dir = run_dir / ("certify" if selection == "gate" else f"certify_{selection}")
+    spec, paths = spec_from_run(run_dir, selection)
+    data_name = to_dict(cfg["data"])["name"]
+    if data_name != spec["data"]["name"]:
+        raise ValueError(f"records would come from dataset '{data_name}' but {run_dir} was trained on "
+                         f"'{spec['data']['name']}': pass data={spec['data']['name']}")
+    ident = {"spec": spec, "weights": {k: sha256_file(p) for k, p in paths.items()}, "eps": eps,
+             "stage": st, "data": {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir")}}
+    ident_hash = config_hash(ident)
+    done = read_manifest(stage_dir)
+    if done and done.get("status") == "complete" and done.get("config_hash") == ident_hash and not cfg.get("overwrite"):
+        print(f"[ace] stage 'certify' already complete in {stage_dir} (same inputs): skipped")
+        return done
+
+    model = model_from_run(run_dir, selection)
+    dm = datamodule_from(cfg)
+    loaders = _loaders(dm, st.get("splits", list(SPLITS)), int(st.get("batch_size", 256)))
+    trainer_cfg = {k: v for k, v in to_dict(cfg["trainer"]).items()
+                   if k in ("accelerator", "devices", "strategy", "enable_progress_bar", "precision")}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    # plain inference of the composed model (the cost certification is compared with)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _, _ in loaders["test"]:
+            model(x)
+    t_infer = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cols = compute_records(model, loaders, eps, st.get("methods", ["IBP"]), st.get("core_method"),
+                           trainer_cfg, work_dir=stage_dir)
+    t_cert = time.perf_counter() - t0
+    if cols is None:  # non-zero DDP rank: rank 0 does the rest
+        return {}
+    n_test = int(np.sum(cols["split"] == "test"))
+    records_path = stage_dir / "records.csv"
+    save_records(cols, records_path)
+    t0 = time.perf_counter()
+    written = write_sweep_outputs(records_path, stage_dir, grid=st.get("grid", 101))
+    t_sweep = time.perf_counter() - t0
+
+    # attacks on the test split: references and every operating point; soundness check
+    attack = {"steps": 20, "restarts": 1, "step_size": 0.1, **(st.get("attack") or {})}
+    points = written["points"]
+    summary = json.loads((stage_dir / "operating_points.json").read_text())
+    test = load_records(records_path, split="test")
+    violations = 0
+    if attack.get("enabled", True):
+        tidx = np.asarray(test["index"], dtype=np.int64)
+        adv = {"core_alone": _attack_split(model, loaders["test"], eps, attack, alone="core", target_index=tidx),
+               "cert_alone": _attack_split(model, loaders["test"], eps, attack, alone="cert", target_index=tidx)}
+        for p in summary["operating_points"]:
+            T = float(p["threshold"])
+            adv[p["key"]] = ok = _attack_split(model, loaders["test"], eps, attack, thresholds=[T],
+                                               target_index=tidx)
+            certified = composed_certified(
+                torch.as_tensor(test.cert_ok.T), torch.as_tensor(test.core_ok),
+                torch.as_tensor(test.lb_g.T), torch.as_tensor(test.ub_g.T), torch.tensor([T])).numpy()
+            violations += int(np.sum(certified & ~ok))
+        for p in points:
+            if p["key"] in adv:
+                p["adv_acc"] = float(np.mean(adv[p["key"]]))
+        for group in ("reference_points", "operating_points"):
+            for p in summary[group]:
+                if p["key"] in adv and "test" in p:
+                    p["test"]["adv_acc"] = float(np.mean(adv[p["key"]]))
+        summary["attack"] = attack
+        summary["soundness_violations"] = violations
+        atomic_write_text(stage_dir / "operating_points.json", json.dumps(summary, indent=2))
+    if violations:
+        raise RuntimeError(f"SOUNDNESS BUG: {violations} certified test input(s) broken by the attack "
+                           f"(see {stage_dir}/operating_points.json)")
+
+    chosen_key = st.get("operating_point", "nat_within_1pt")
+    chosen = next((p for p in summary["operating_points"] if p["key"] == chosen_key), None)
+    if chosen is None and summary["operating_points"]:
+        chosen = summary["operating_points"][0]
+    if chosen is not None:
+        model.set_thresholds([float(chosen["threshold"])])
+        spec["branches"][0]["threshold"] = float(chosen["threshold"])
+    model.spec = spec
+    model.save(stage_dir / "ace_model.pt")
+    table = format_table(points, title=f"{spec['data']['name']}, eps={eps:g}, test split ({n_test} inputs)")
+    atomic_write_text(stage_dir / "table.txt", table + "\n")
+    print(table)
+    manifest = write_manifest(stage_dir, {
+        "stage": "certify", "status": "complete", "config_hash": ident_hash, "config": ident,
+        "eps": eps, "selection": selection,
+        "outputs": {"records": "records.csv", "sweep_val": "sweep_val.csv", "sweep_test": "sweep_test.csv",
+                    "operating_points": "operating_points.json", "pareto": "pareto.png",
+                    "table": "table.txt", "model": {"path": "ace_model.pt",
+                                                    "sha256": sha256_file(stage_dir / "ace_model.pt")}},
+        "chosen_operating_point": chosen,
+        "timing_s": {"plain_inference_test": t_infer, "certification_all_splits": t_cert,
+                     "sweep_and_report": t_sweep,
+                     "certification_per_input_ms": 1000 * t_cert / max(1, len(cols["index"])),
+                     "inference_per_input_ms": 1000 * t_infer / max(1, n_test)},
+        "metrics": {p["key"]: {k: v for k, v in p.items() if k not in ("key", "name")} for p in points},
+        "soundness_violations": violations,
+    })
+    return manifest

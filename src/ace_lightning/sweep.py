@@ -1,0 +1,598 @@
+"""Threshold sweep of a composed ACE model from per-input certification records (ace-method 4.5).
+
+The threshold T enters no bound, so one certify pass that stores per input the correctness and
+certificates of core and cert-net plus the gate value g and its bounds [lb_g, ub_g] over the ball
+gives the composition's natural and certified accuracy at *every* T analytically. Nothing here
+evaluates a network.
+
+Rule for one (cert-net, gate) pair at threshold T (ace-method 4.3):
+  answer      cert-net iff g >= T, else core
+  certified   (lb_g >= T and cert_ok) or (ub_g < T and core_ok) or (cert_ok and core_ok)
+Cascades of n pairs (columns suffixed _1.._n, thresholds a tuple): the first pair with g_i >= T_i
+answers, else the core. An input is certified when it is certifiably routed to a branch that is
+certified (pair i: ub_g_k < T_k for all k < i and lb_g_i >= T_i; core: ub_g_k < T_k for all k), or
+when every branch that may answer (pair i: lb_g_k < T_k for all k < i and ub_g_i >= T_i; core:
+lb_g_k < T_k for all k) is certified. If contradictory bounds (lb_g > ub_g) leave no branch that
+may answer, every branch must be certified; with this reading n = 1 is exactly the rule above.
+
+Every per-input outcome depends on T only through the three comparisons g >= T, lb_g >= T,
+ub_g >= T (ub_g < T is the negation of the last). All curves are therefore step functions that are
+constant on each interval (s_k, s_k+1] between consecutive distinct values s of g, lb_g, ub_g,
+and `sweep` counts them for all thresholds at once from sorted keys (no loop over T).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+import time
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+
+NO_RECORDS = "threshold sweep with no records: run certify first"
+METRICS = ("nat_acc", "cert_acc", "cert_route_rate", "cert_route_certified_rate", "undecided_rate")
+SWEEP_COLUMNS = ("threshold",) + METRICS
+CORE_FLAGS = ("core_correct", "core_ok")
+PAIR_FLAGS = ("cert_correct", "cert_ok")
+PAIR_GATE = ("g", "lb_g", "ub_g")
+DEFAULT_GRID = 101
+
+Threshold = Union[float, Sequence[float]]
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _split_set(values: Iterable[str]) -> str:
+    return "{" + ", ".join(repr(str(v)) for v in sorted(set(values))) + "}"
+
+
+class Records:
+    """Per-input certification records as numpy columns, validated once.
+
+    Why a class: the sweep needs the flags as bool arrays and the gate columns as float arrays with
+    the cascade pairs stacked, (n_pairs, N); every other column (index, split, label, preds,
+    adv_*) is kept as given in ``columns`` for reports.
+    """
+
+    def __init__(self, columns: Mapping[str, Any], source: str = "records") -> None:
+        cols = {str(k).strip(): np.asarray(v) for k, v in columns.items()}
+        self.source = source
+        if "g" in cols and "g_1" in cols:
+            raise ValueError(f"{source} mixes single-pair column 'g' with cascade column 'g_1'")
+        n_pairs = 0
+        while f"g_{n_pairs + 1}" in cols:
+            n_pairs += 1
+        self.n_pairs = n_pairs or 1
+        self.suffixed = n_pairs > 0
+        required = list(CORE_FLAGS) + [self.pair_column(name, i) for i in range(1, self.n_pairs + 1)
+                                       for name in PAIR_FLAGS + PAIR_GATE]
+        missing = [name for name in required if name not in cols]
+        if missing:
+            raise ValueError(f"{source} lacks column(s) {', '.join(missing)}: certify writes them; re-run certify")
+        flat = [name for name, arr in cols.items() if arr.ndim != 1]
+        if flat:
+            raise ValueError(f"{source}: column(s) {', '.join(flat)} are not one value per input")
+        lengths = {name: arr.shape[0] for name, arr in cols.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{source}: columns differ in length ({', '.join(f'{k}={v}' for k, v in lengths.items())})")
+        self.n = next(iter(lengths.values()))
+        if self.n == 0:
+            raise ValueError(NO_RECORDS)
+        self.columns = cols
+        self.core_correct = _flags(cols, "core_correct")
+        self.core_ok = _flags(cols, "core_ok")
+        pc = self.pair_column
+        self.cert_correct = np.stack([_flags(cols, pc("cert_correct", i)) for i in self.pairs])
+        self.cert_ok = np.stack([_flags(cols, pc("cert_ok", i)) for i in self.pairs])
+        self.g = np.stack([_numbers(cols, pc("g", i)) for i in self.pairs])
+        self.lb_g = np.stack([_numbers(cols, pc("lb_g", i)) for i in self.pairs])
+        self.ub_g = np.stack([_numbers(cols, pc("ub_g", i)) for i in self.pairs])
+
+    @property
+    def pairs(self) -> range:
+        return range(1, self.n_pairs + 1)
+
+    def pair_column(self, name: str, i: int) -> str:
+        """'cert_ok' for single-pair records, 'cert_ok_2' for pair 2 of a cascade."""
+        return f"{name}_{i}" if self.suffixed else name
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.columns
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    @property
+    def splits(self) -> set[str]:
+        return set(np.unique(self.columns["split"]).astype(str)) if "split" in self.columns else set()
+
+    def select(self, mask: np.ndarray) -> "Records":
+        return Records({k: v[mask] for k, v in self.columns.items()}, source=self.source)
+
+    def split(self, name: str) -> "Records":
+        """The records of one split; a one-line error when the file holds other splits only."""
+        if "split" not in self.columns:
+            raise ValueError(f"{self.source} has no 'split' column, asked for {name!r}")
+        mask = self.columns["split"].astype(str) == name
+        if not mask.any():
+            raise ValueError(f"records hold split(s) {_split_set(self.splits)}, asked for {name!r}")
+        return self.select(mask)
+
+
+def _flags(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """0/1 column as bool; accepts ints, floats 0.0/1.0, bools and 'true'/'false' strings."""
+    arr = cols[name]
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind in "USO":
+        low = np.char.lower(np.char.strip(arr.astype(str)))
+        arr = np.where(low == "true", "1", np.where(low == "false", "0", low))
+        try:
+            arr = arr.astype(np.float64)
+        except ValueError:
+            bad = next(v for v in arr if v not in ("0", "1") and not _is_number(v))
+            raise ValueError(f"column {name}: value {bad!r} is not 0/1") from None
+    bad = ~np.isin(arr, (0, 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"column {name}: value {arr[i].item()!r} at row {i} is not 0/1")
+    return arr.astype(bool)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _numbers(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """Gate value or bound as float64; NaN is refused because every comparison with it is False,
+    which would silently count an input as neither routed nor certified."""
+    try:
+        arr = cols[name].astype(np.float64)
+    except ValueError:
+        bad = next(v for v in cols[name] if not _is_number(str(v)))
+        raise ValueError(f"column {name}: value {str(bad)!r} is not a number") from None
+    if np.isnan(arr).any():
+        i = int(np.flatnonzero(np.isnan(arr))[0])
+        raise ValueError(f"column {name} has NaN at row {i}: gate values and bounds must be numbers (+-inf allowed)")
+    return arr
+
+
+def _parse_column(values: Sequence[str]) -> np.ndarray:
+    """CSV text -> int, then float, else str array (ids and labels stay ints, split stays text)."""
+    arr = np.asarray(values, dtype=str)
+    for dtype in (np.int64, np.float64):
+        try:
+            return arr.astype(dtype)
+        except (ValueError, OverflowError):
+            continue
+    return arr
+
+
+def as_records(records: Union[Records, Mapping[str, Any], str, os.PathLike]) -> Records:
+    """Accept Records, a mapping of columns, or a path (loaded with `load_records`)."""
+    if isinstance(records, Records):
+        return records
+    if isinstance(records, (str, os.PathLike)):
+        return load_records(records)
+    return Records(records)
+
+
+def load_records(path: Union[str, os.PathLike], split: str | None = None) -> Records:
+    """Records from the certify stage's CSV (or Parquet when pyarrow is importable)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"records file not found: {path} (run certify first)")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow), or write the records as CSV") from None
+        table = pq.read_table(path)
+        columns = {name: np.asarray(table.column(name).to_numpy()) for name in table.column_names}
+        if table.num_rows == 0:
+            raise ValueError(NO_RECORDS)
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [row for row in reader if row]
+        if not header or not rows:
+            raise ValueError(NO_RECORDS)
+        for k, row in enumerate(rows, start=2):
+            if len(row) != len(header):
+                raise ValueError(f"{path}: line {k} has {len(row)} fields, the header has {len(header)}")
+        columns = {name.strip(): _parse_column(col) for name, col in zip(header, zip(*rows))}
+        if "split" in columns:
+            columns["split"] = columns["split"].astype(str)
+    records = Records(columns, source=path)
+    return records.split(split) if split is not None else records
+
+
+def save_records(records: Union[Records, Mapping[str, Any]], path: Union[str, os.PathLike]) -> str:
+    """Write records as CSV atomically; floats with repr so every value reads back bit-exact."""
+    cols = records.columns if isinstance(records, Records) else {k: np.asarray(v) for k, v in records.items()}
+    names = list(cols)
+    def text(v: Any) -> str:
+        if isinstance(v, (bool, np.bool_)):
+            return str(int(v))
+        if isinstance(v, (float, np.floating)):
+            return repr(float(v))
+        return str(v)
+    def write(fh) -> None:
+        writer = csv.writer(fh)
+        writer.writerow(names)
+        writer.writerows([text(v) for v in row] for row in zip(*(cols[n].tolist() for n in names)))
+    return atomic_write_text(path, write)
+
+
+def atomic_write_text(path: Union[str, os.PathLike], write) -> str:
+    """Write via a temp file in the same folder + os.replace: readers never see a partial file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def _outcomes(rec: Records, fire_g: np.ndarray, fire_lb: np.ndarray, fire_ub: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-input outcomes given, per pair, g >= T, lb_g >= T and ub_g >= T as (n_pairs, N) bools."""
+    n = rec.n
+    nat = rec.core_correct.copy()
+    routed = np.zeros(n, bool)
+    none_fired = np.ones(n, bool)  # no earlier gate fires at x
+    none_may_fire = np.ones(n, bool)  # every earlier gate certainly stays below its T (ub < T)
+    none_sure_fire = np.ones(n, bool)  # no earlier gate certainly fires (lb < T)
+    by_route = np.zeros(n, bool)
+    route_cert = np.zeros(n, bool)
+    may_ok = np.ones(n, bool)
+    any_may = np.zeros(n, bool)
+    for i in range(rec.n_pairs):
+        answers = none_fired & fire_g[i]
+        nat = np.where(answers, rec.cert_correct[i], nat)
+        routed |= answers
+        none_fired &= ~fire_g[i]
+        sure = none_may_fire & fire_lb[i]
+        route_cert |= sure
+        by_route |= sure & rec.cert_ok[i]
+        may = none_sure_fire & fire_ub[i]
+        any_may |= may
+        may_ok &= ~may | rec.cert_ok[i]
+        none_may_fire &= ~fire_ub[i]
+        none_sure_fire &= ~fire_lb[i]
+    route_core = none_may_fire
+    by_route |= route_core & rec.core_ok
+    any_may |= none_sure_fire
+    may_ok &= ~none_sure_fire | rec.core_ok
+    all_ok = rec.core_ok & rec.cert_ok.all(axis=0)
+    certified = by_route | np.where(any_may, may_ok, all_ok)
+    return {
+        "nat_acc": nat,
+        "cert_acc": certified,
+        "cert_route_rate": routed,
+        "cert_route_certified_rate": route_cert,
+        "undecided_rate": ~(route_cert | route_core),
+    }
+
+
+def _threshold_vector(rec: Records, T: Threshold) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(T, dtype=np.float64))
+    if arr.ndim != 1 or arr.shape[0] != rec.n_pairs:
+        raise ValueError(f"records hold {rec.n_pairs} (cert-net, gate) pair(s); got threshold {T!r}")
+    if np.isnan(arr).any():
+        raise ValueError(f"threshold {T!r} is NaN")
+    return arr
+
+
+def evaluate(records: Union[Records, Mapping[str, Any]], T: Threshold) -> dict[str, Any]:
+    """All rates of the composition at one threshold T (a tuple for cascades)."""
+    rec = as_records(records)
+    t = _threshold_vector(rec, T)[:, None]
+    out = _outcomes(rec, rec.g >= t, rec.lb_g >= t, rec.ub_g >= t)
+    row: dict[str, Any] = {"threshold": float(t[0, 0]) if rec.n_pairs == 1 else tuple(float(v) for v in t[:, 0])}
+    row.update({name: int(np.count_nonzero(out[name])) / rec.n for name in METRICS})
+    return row
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _check_pair(rec: Records, pair: int, fixed: Threshold | None) -> np.ndarray:
+    if not 1 <= pair <= rec.n_pairs:
+        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+    if rec.n_pairs == 1:
+        return np.zeros(1)
+    if fixed is None:
+        raise ValueError(f"sweeping pair {pair} of a {rec.n_pairs}-pair cascade needs the other thresholds: fixed=(T_1, ..., T_{rec.n_pairs})")
+    return _threshold_vector(rec, fixed)
+
+
+def exact_thresholds(records: Union[Records, Mapping[str, Any]], pair: int = 1) -> np.ndarray:
+    """Every threshold where a curve can change, ascending, with -inf (all cert-net) and +inf
+    (all core) ends.
+
+    The predicates are g >= T, lb_g >= T and ub_g < T, each constant on intervals (s, s'] between
+    consecutive distinct values s < s' of g, lb_g, ub_g: the value at T = s' is the value on the
+    whole interval (ub_g < T flips between ub_g and the next float above it, so T = ub_g still
+    belongs to the interval below). Evaluating at every s plus +inf therefore yields every
+    distinct value. Mixing conventions (g, lb_g and nextafter(ub_g)) would miss the piece between
+    a g value and a larger ub value.
+    """
+    rec = as_records(records)
+    if not 1 <= pair <= rec.n_pairs:
+        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+    i = pair - 1
+    return np.unique(np.concatenate([rec.g[i], rec.lb_g[i], rec.ub_g[i], [-np.inf, np.inf]]))
+
+
+def threshold_grid(records: Union[Records, Mapping[str, Any]], grid: int | Sequence[float] | None = None,
+                   *, exact: bool = True, pair: int = 1) -> np.ndarray:
+    """Thresholds to sweep, ascending: an int k gives k quantiles of g (even steps in routing rate,
+    where a linspace would waste points on a gate concentrated near 0 or 1); a list is used as
+    given. The -inf/+inf ends are always included so each curve reaches its reference points."""
+    rec = as_records(records)
+    if not 1 <= pair <= rec.n_pairs:
+        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+    i = pair - 1
+    if grid is None:
+        grid = DEFAULT_GRID
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        if grid < 1:
+            raise ValueError("threshold grid is empty")
+        g = rec.g[i][np.isfinite(rec.g[i])]
+        points = np.quantile(g, np.linspace(0.0, 1.0, int(grid))) if g.size else np.empty(0)
+    else:
+        points = np.asarray(list(grid), dtype=np.float64).ravel()
+        if points.size == 0:
+            raise ValueError("threshold grid is empty")
+        if np.isnan(points).any():
+            raise ValueError("threshold grid contains NaN")
+    parts = [points, [-np.inf, np.inf]]
+    if exact:
+        parts.append(exact_thresholds(rec, pair))
+    return np.unique(np.concatenate(parts))
+
+
+def sweep_arrays(records: Union[Records, Mapping[str, Any]], thresholds: Sequence[float] | np.ndarray,
+                 *, pair: int = 1, fixed: Threshold | None = None) -> dict[str, np.ndarray]:
+    """Rates at many thresholds of one pair (the others fixed), vectorised.
+
+    Per input, each outcome is a 0/1 function F(a, b, c) of a = [g >= T], b = [lb_g >= T],
+    c = [ub_g >= T]. Its Moebius expansion F = sum_S coef_S prod_{s in S} x_s turns each product
+    into [min_{s in S} v_s >= T], so a count over inputs is a weighted count of keys >= T: one sort
+    and one searchsorted per subset S (7), shared by all metrics; integer counts, exact.
+    """
+    rec = as_records(records)
+    base = _check_pair(rec, pair, fixed)
+    i = pair - 1
+    T = np.asarray(thresholds, dtype=np.float64).ravel()
+    if T.size == 0:
+        raise ValueError("threshold grid is empty")
+    if np.isnan(T).any():
+        raise ValueError("threshold grid contains NaN")
+    t = base[:, None]
+    fire = [rec.g >= t, rec.lb_g >= t, rec.ub_g >= t]
+    table = {name: np.empty((8, rec.n), np.int64) for name in METRICS}  # F[mask], bit0 g, bit1 lb, bit2 ub
+    for mask in range(8):
+        for bit, f in enumerate(fire):
+            f[i] = bool(mask >> bit & 1)
+        for name, value in _outcomes(rec, *fire).items():
+            table[name][mask] = value
+    values = (rec.g[i], rec.lb_g[i], rec.ub_g[i])
+    counts = {name: np.full(T.shape, int(table[name][0].sum()), np.int64) for name in METRICS}
+    for S in range(1, 8):
+        coefs = {}
+        for name in METRICS:
+            coef = np.zeros(rec.n, np.int64)
+            R = S
+            while True:  # every subset R of S, sign (-1)^{|S| - |R|}
+                coef += table[name][R] if bin(S ^ R).count("1") % 2 == 0 else -table[name][R]
+                if R == 0:
+                    break
+                R = (R - 1) & S
+            if coef.any():
+                coefs[name] = coef
+        if not coefs:
+            continue
+        key = np.minimum.reduce([values[b] for b in range(3) if S >> b & 1])
+        order = np.argsort(key, kind="stable")
+        idx = np.searchsorted(key[order], T, side="left")  # first key >= T
+        for name, coef in coefs.items():
+            suffix = np.concatenate([np.cumsum(coef[order][::-1])[::-1], [0]])
+            counts[name] += suffix[idx]
+    out = {"threshold": T}
+    out.update({name: counts[name] / rec.n for name in METRICS})
+    return out
+
+
+def sweep(records: Union[Records, Mapping[str, Any]], grid: int | Sequence[float] | None = None, *,
+          exact: bool = True, pair: int = 1, fixed: Threshold | None = None) -> list[dict[str, float]]:
+    """Rows (threshold + rates) over a grid of T, ascending (from all cert-net to all core).
+
+    ``grid``: None (101 quantiles of g), an int, or explicit thresholds; with ``exact`` the exact
+    thresholds are merged in, so the curve has every distinct value. For a cascade, ``pair``
+    selects the swept threshold and ``fixed`` holds the full threshold tuple (entry ``pair``
+    ignored).
+    """
+    rec = as_records(records)
+    _check_pair(rec, pair, fixed)
+    arrays = sweep_arrays(rec, threshold_grid(rec, grid, exact=exact, pair=pair), pair=pair, fixed=fixed)
+    cols = [arrays[name].tolist() for name in SWEEP_COLUMNS]
+    return [dict(zip(SWEEP_COLUMNS, values)) for values in zip(*cols)]
+
+
+def sweep_cost(records: Union[Records, Mapping[str, Any]], repeats: int = 5) -> float:
+    """Seconds for one exact sweep (best of ``repeats``), for benchmarks; not a test criterion."""
+    rec = as_records(records)
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        sweep(rec, exact=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def synthetic_records(n: int, *, n_pairs: int = 1, seed: int = 0, sound: bool = True,
+                      decimals: int | None = 2, splits: Sequence[str] = ("val", "test")) -> dict[str, np.ndarray]:
+    """Random records for tests and benchmarks. ``sound`` makes them consistent with a real
+    certifier (cert_ok => cert_correct, core_ok => core_correct, lb_g <= g <= ub_g); ``decimals``
+    rounds the gate columns so that ties, including ties with T, are frequent."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, np.ndarray] = {
+        "index": np.arange(n),
+        "split": np.asarray(splits)[rng.integers(0, len(splits), n)],
+        "label": rng.integers(0, 10, n),
+    }
+    core_correct = rng.random(n) < 0.9
+    core_ok = core_correct & (rng.random(n) < 0.1) if sound else rng.random(n) < 0.1
+    cols["core_pred"] = np.where(core_correct, cols["label"], (cols["label"] + 1) % 10)
+    cols["core_correct"], cols["core_ok"] = core_correct.astype(int), core_ok.astype(int)
+    for i in range(1, n_pairs + 1):
+        sfx = f"_{i}" if n_pairs > 1 else ""
+        cert_correct = rng.random(n) < 0.7
+        cert_ok = cert_correct & (rng.random(n) < 0.75) if sound else rng.random(n) < 0.5
+        g = np.where(cert_ok, rng.normal(1.0, 1.0, n), rng.normal(-1.0, 1.0, n))
+        w1, w2 = rng.exponential(0.5, n), rng.exponential(0.5, n)
+        lb, ub = (g - w1, g + w2) if sound else (g + rng.normal(0, 0.5, n), g + rng.normal(0, 0.5, n))
+        if decimals is not None:
+            g, lb, ub = np.round(g, decimals), np.floor(lb * 10**decimals) / 10**decimals, np.ceil(ub * 10**decimals) / 10**decimals
+            if not sound:
+                lb, ub = np.round(lb, decimals), np.round(ub, decimals)
+        cols["cert_pred" + sfx] = np.where(cert_correct, cols["label"], (cols["label"] + 2) % 10)
+        cols["cert_correct" + sfx], cols["cert_ok" + sfx] = cert_correct.astype(int), cert_ok.astype(int)
+        cols["g" + sfx], cols["lb_g" + sfx], cols["ub_g" + sfx] = g, lb, ub
+    return cols
+
+
+# --------------------------------------------------------------------------- operating points
+
+OPERATING_POINTS = (
+    ("nat_within_1pt", "natural within 1 pt of core"),
+    ("max_certified", "max certified"),
+    ("max_natural", "max natural"),
+    ("equal_weight", "equal weight (nat + cert)"),
+)
+
+
+def _metric_rows(rows: Sequence[Mapping[str, float]] | Mapping[str, np.ndarray]) -> list[Mapping[str, float]]:
+    if isinstance(rows, Mapping):
+        cols = [np.asarray(rows[name]).tolist() for name in SWEEP_COLUMNS]
+        return [dict(zip(SWEEP_COLUMNS, values)) for values in zip(*cols)]
+    return list(rows)
+
+
+def choose_operating_points(val_rows: Sequence[Mapping[str, float]], core_nat: float,
+                            tolerance: float = 0.01) -> list[dict[str, Any]]:
+    """Operating points on the VALIDATION curve (choosing on test would inflate the numbers).
+
+    Criteria, each a lexicographic key: natural within ``tolerance`` of the core's natural accuracy
+    (max certified, then natural, among rows with nat >= core_nat - tolerance); max certified
+    (then natural); max natural (then certified); equal weight (max nat + cert, then certified).
+    Among rows tied on the key the median one by T is taken: it sits inside the flat stretch of
+    the curve rather than at its edge, so the choice is less sensitive to the val sample.
+    A criterion no row satisfies is left out.
+    """
+    rows = sorted(_metric_rows(val_rows), key=lambda r: r["threshold"])
+    if not rows:
+        raise ValueError("threshold sweep with no rows: run sweep first")
+    floor = core_nat - tolerance - 1e-12
+    keys = {
+        "nat_within_1pt": lambda r: (r["cert_acc"], r["nat_acc"]) if r["nat_acc"] >= floor else None,
+        "max_certified": lambda r: (r["cert_acc"], r["nat_acc"]),
+        "max_natural": lambda r: (r["nat_acc"], r["cert_acc"]),
+        "equal_weight": lambda r: (round(r["nat_acc"] + r["cert_acc"], 12), r["cert_acc"]),
+    }
+    points = []
+    for key, name in OPERATING_POINTS:
+        scored = [(keys[key](r), r) for r in rows]
+        scored = [(s, r) for s, r in scored if s is not None]
+        if not scored:
+            continue
+        best = max(s for s, _ in scored)
+        tied = [r for s, r in scored if s == best]
+        row = tied[(len(tied) - 1) // 2]
+        points.append({"key": key, "name": name, "threshold": row["threshold"],
+                       "val": {m: row[m] for m in METRICS}})
+    return points
+
+
+def adversarial_accuracy(records: Records, T: Threshold) -> float | None:
+    """Composed adversarial accuracy at T, only when the records carry it for exactly that T
+    (columns adv_correct and adv_threshold): an attack result at another T says nothing here."""
+    if "adv_correct" not in records or "adv_threshold" not in records or records.n_pairs != 1:
+        return None
+    at = np.unique(np.asarray(records["adv_threshold"], dtype=np.float64))
+    if at.size != 1 or at[0] != float(np.asarray(T, dtype=np.float64).ravel()[0]):
+        return None
+    return int(np.count_nonzero(_flags(records.columns, "adv_correct"))) / records.n
+
+
+def report_at(test_records: Union[Records, Mapping[str, Any]],
+              thresholds: Sequence[Any] | Mapping[str, float], *, pair: int = 1,
+              fixed: Threshold | None = None) -> list[dict[str, Any]]:
+    """Evaluate chosen thresholds on the TEST records. ``thresholds``: floats, a mapping
+    name -> T, or the points of `choose_operating_points`. For a cascade the swept pair's T is
+    put into ``fixed``."""
+    rec = as_records(test_records)
+    base = _check_pair(rec, pair, fixed)
+    if isinstance(thresholds, Mapping):
+        items = [{"name": k, "threshold": v} for k, v in thresholds.items()]
+    else:
+        items = [dict(t) if isinstance(t, Mapping) else {"threshold": t} for t in thresholds]
+    out = []
+    for item in items:
+        T = float(item["threshold"])
+        full = T if rec.n_pairs == 1 else tuple(np.where(np.arange(rec.n_pairs) == pair - 1, T, base).tolist())
+        row = {k: v for k, v in item.items() if k in ("key", "name")}
+        row.update(evaluate(rec, full))
+        row["threshold"] = T
+        adv = adversarial_accuracy(rec, full)
+        if adv is not None:
+            row["adv_acc"] = adv
+        out.append(row)
+    return out
+
+
+def reference_points(records: Union[Records, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Core alone and each cert-net alone: the networks by themselves, not the composition at an
+    extreme T (at T = +inf an input with ub_g = +inf would still count as undecided)."""
+    rec = as_records(records)
+    rate = lambda a: int(np.count_nonzero(a)) / rec.n  # noqa: E731
+    core = {"key": "core_alone", "name": "core alone", "threshold": math.inf,
+            "nat_acc": rate(rec.core_correct), "cert_acc": rate(rec.core_ok),
+            "cert_route_rate": 0.0, "cert_route_certified_rate": 0.0, "undecided_rate": 0.0}
+    if "adv_correct_core" in rec:
+        core["adv_acc"] = rate(_flags(rec.columns, "adv_correct_core"))
+    points = [core]
+    for i in rec.pairs:
+        suffix = f" {i}" if rec.n_pairs > 1 else ""
+        p = {"key": f"cert_alone{suffix.replace(' ', '_')}", "name": f"cert-net{suffix} alone",
+             "threshold": -math.inf if rec.n_pairs == 1 else None,
+             "nat_acc": rate(rec.cert_correct[i - 1]), "cert_acc": rate(rec.cert_ok[i - 1]),
+             "cert_route_rate": 1.0, "cert_route_certified_rate": 1.0, "undecided_rate": 0.0}
+        adv_col = rec.pair_column("adv_correct_cert", i)
+        if adv_col in rec:
+            p["adv_acc"] = rate(_flags(rec.columns, adv_col))
+        points.append(p)
+    return points

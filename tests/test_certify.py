@@ -1,0 +1,175 @@
+"""The composed model and its certification: the routing rule, conditional execution, one-artefact
+save/load, and the soundness test that must keep passing: on trained tiny models no input certified
+by the composition is broken by the gate-aware attack, and certified <= adversarial <= natural at
+every threshold."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ace_lightning.ace import ACEModel, composed_certified
+from ace_lightning.attacks.composed import attack_composed
+from ace_lightning.bounds import margin_lower_bounds, output_bounds, robust_ce_loss
+from ace_lightning.nets import init_gate_from_cert
+from ace_lightning.certify import certify_batch
+from ace_lightning.sweep import Records, evaluate, exact_thresholds
+
+SHAPE, K = (1, 6, 6), 3
+EPS = 0.15
+INFO = {"name": "synthetic", "input_shape": list(SHAPE), "num_classes": K, "mean": [0.5], "std": [0.3]}
+
+
+def _data(n: int, seed: int):
+    """Three classes: a bright patch in one of three places, plus noise. Learnable and robust-ish."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=gen)
+    x = 0.5 * torch.rand(n, *SHAPE, generator=gen)
+    for c in range(K):
+        x[y == c, 0, 2 * c:2 * c + 2, 1:5] += 0.35
+    return x.clamp(0, 1), y
+
+
+def _spec(selection: str = "gate") -> dict:
+    branch = {"selection": selection, "threshold": 0.0, "cert_net": {"name": "fc", "kind": "cert", "hidden": 16}}
+    if selection == "gate":
+        branch["gate_net"] = {"name": "fc", "kind": "gate", "hidden": 16}
+    return {"data": INFO, "eps": EPS, "core_net": {"name": "fc", "kind": "cert", "hidden": 32},
+            "branches": [branch]}
+
+
+@pytest.fixture(scope="module")
+def trained() -> ACEModel:
+    return train_tiny_ace()
+
+
+def train_tiny_ace() -> ACEModel:
+    """Core trained naturally, cert-net with IBP, gate trained to predict cert_ok with IBP bounds."""
+    torch.manual_seed(0)
+    model = ACEModel.from_spec(_spec())
+    x, y = _data(512, 1)
+    opt = torch.optim.Adam(model.core.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.core(x), y).backward()
+        opt.step()
+    opt = torch.optim.Adam(model.certs[0].parameters(), lr=3e-3)
+    for step in range(150):
+        opt.zero_grad()
+        eps = EPS * min(1.0, step / 100)
+        loss = robust_ce_loss(model.certs[0], x, y, eps, "IBP") if eps > 0 else \
+            nn.functional.cross_entropy(model.certs[0](x), y)
+        loss.backward()
+        opt.step()
+    gate = init_gate_from_cert(model.gates["0"], model.certs[0])
+    with torch.no_grad():
+        label = (margin_lower_bounds(model.certs[0].eval(), x, y, EPS, "IBP").min(1).values > 0).float()
+    opt = torch.optim.Adam(gate.parameters(), lr=3e-3)
+    for _ in range(60):  # worst-case BCE: lower bound for label 1, upper bound for label 0
+        opt.zero_grad()
+        lb, ub = output_bounds(gate, x, EPS, "IBP")
+        worst = torch.where(label.bool(), lb.squeeze(-1), ub.squeeze(-1))
+        nn.functional.binary_cross_entropy_with_logits(worst, label).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_composed_rule_matches_brute_force_over_gate_outcomes():
+    """Certified iff every branch reachable for some gate outcome consistent with the bounds is
+    certified: enumerate the outcomes of each gate (fire / not) allowed by [lb_g, ub_g]."""
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 2, 3):
+        B = 400
+        lb = torch.randn(B, n, generator=gen)
+        ub = lb + torch.rand(B, n, generator=gen) * 1.5
+        T = torch.randn(n, generator=gen) * 0.5
+        cert_ok = torch.rand(B, n, generator=gen) > 0.4
+        core_ok = torch.rand(B, generator=gen) > 0.7
+        got = composed_certified(cert_ok, core_ok, lb, ub, T)
+        for b in range(B):
+            options = [[o for o in (True, False) if (o and ub[b, k] >= T[k]) or (not o and lb[b, k] < T[k])]
+                       for k in range(n)]
+            answering = set()
+            for outcome in itertools.product(*options):
+                answering.add(next((k for k, fire in enumerate(outcome) if fire), n))
+            want = all(bool(cert_ok[b, k]) if k < n else bool(core_ok[b]) for k in answering)
+            assert bool(got[b]) == want
+
+
+def test_conditional_execution_gives_the_same_outputs(trained):
+    x, _ = _data(64, 9)
+    for T in (-5.0, -0.5, 0.0, 0.5, 5.0):
+        trained.set_thresholds([T])
+        logits, branch = trained.route(x)
+        torch.testing.assert_close(logits, trained.forward_all(x))
+    calls = []
+    hook = trained.core.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    trained.set_thresholds([0.0])
+    _, branch = trained.route(x)
+    hook.remove()
+    assert calls == ([int((branch == 1).sum())] if (branch == 1).any() else [])  # core only on the rejected
+
+
+def test_save_and_load_one_artefact_weights_only(trained, tmp_path):
+    trained.spec = _spec()
+    trained.set_thresholds([0.25])
+    path = trained.save(tmp_path / "ace.pt")
+    blob = torch.load(path, weights_only=True)
+    assert blob["format"].startswith("ace-lightning")
+    loaded = ACEModel.load(path)
+    x, _ = _data(16, 4)
+    torch.testing.assert_close(loaded(x), trained(x))
+    assert float(loaded.thresholds[0]) == 0.25
+    with pytest.raises(ValueError, match="not an ACE model file"):
+        torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+        ACEModel.load(tmp_path / "other.pt")
+
+
+def test_predict_returns_labels_branch_and_certificate(trained):
+    x, y = _data(32, 5)
+    out = trained.predict(x, eps=EPS)
+    assert out["labels"].shape == out["branch"].shape == out["certified"].shape == (32,)
+    assert set(out["branch"].tolist()) <= {0, 1}
+    # an input the core may answer is only certified through core_ok, which predict never claims
+    assert not (out["certified"] & (out["branch"] == 1)).any()
+    torch.testing.assert_close(out["labels"], trained(x).argmax(-1))
+
+
+@pytest.mark.parametrize("selection", ["gate", "entropy"])
+def test_no_certified_input_is_broken_by_the_attack(trained, selection):
+    """The soundness test: records from one certification pass; at many thresholds (every decile
+    of g), the composition-aware attack with restarts never breaks a certified input, and
+    certified <= adversarial <= natural."""
+    model = trained
+    if selection == "entropy":
+        model = ACEModel(trained.core, [trained.certs[0]], [None], [0.0], _spec("entropy")).eval()
+    x, y = _data(96, 11)
+    eps = EPS
+    rec = certify_batch(model, x, y, eps, ["IBP", "CROWN-IBP"])
+    assert rec["cert_ok"].any(), "the tiny cert-net should certify something"
+    records = Records({k: v.numpy() for k, v in rec.items()} | {"index": np.arange(96), "split": np.array(["test"] * 96)})
+    g = rec["g"].numpy()
+    thresholds = sorted(set(np.quantile(g, np.linspace(0, 1, 6)).tolist()))
+    for T in thresholds:
+        certified = composed_certified(rec["cert_ok"][:, None], rec["core_ok"], rec["lb_g"][:, None],
+                                       rec["ub_g"][:, None], torch.tensor([T]))
+        adv_ok, x_adv = attack_composed(model, x, y, eps, [T], steps=15, restarts=3)
+        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        broken = certified & ~adv_ok
+        assert not broken.any(), f"T={T}: certified inputs {broken.nonzero().flatten().tolist()} broken"
+        ev = evaluate(records, T)
+        nat = float(((model.forward_all(x).argmax(-1)) == y).float().mean())
+        assert ev["nat_acc"] == pytest.approx(nat)
+        assert ev["cert_acc"] == pytest.approx(float(certified.float().mean()))
+        assert ev["cert_acc"] <= float(adv_ok.float().mean()) <= ev["nat_acc"]
+    assert len(exact_thresholds(records)) > 3
+
+
+def test_attack_breaks_something_it_should(trained):
+    """The attack is not a no-op: with a large eps it breaks most inputs."""
+    x, y = _data(48, 12)
+    ok, _ = attack_composed(trained, x, y, 0.4, [0.0], steps=10)
+    assert ok.float().mean() < 0.5
