@@ -215,6 +215,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
         print(f"[ace] stage 'certify' already complete in {stage_dir} (same inputs): skipped")
         return done
 
+    started = time.perf_counter()
     model = model_from_run(run_dir, selection)
     dm = datamodule_from(cfg)
     loaders = _loaders(dm, st.get("splits", list(SPLITS)), int(st.get("batch_size", 256)))
@@ -299,5 +300,44 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
                      "inference_per_input_ms": 1000 * t_infer / max(1, n_test)},
         "metrics": {p["key"]: {k: v for k, v in p.items() if k not in ("key", "name")} for p in points},
         "soundness_violations": violations,
+        "wall_s": time.perf_counter() - started,
     })
+    from ace_lightning.summary import write_summary
+
+    write_summary(Path(cfg["runs_root"]).resolve())
+    log_to_wandb(cfg, stage_dir, points)
     return manifest
+
+
+def log_to_wandb(cfg: Mapping[str, Any], stage_dir: Path, points: Sequence[Mapping[str, Any]]) -> None:
+    """The sweep as a wandb Table, the Pareto plot as an image and the operating points as summary
+    values, in the pipeline's wandb group (offline unless the user opted in)."""
+    import csv
+    import os
+
+    from ace_lightning.loggers import wandb_settings
+
+    wb = wandb_settings(cfg)
+    mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
+    if not wb.get("enabled") or mode == "disabled":
+        return
+    import wandb
+
+    group = str(wb.get("group") or stage_dir.parent.name)
+    run = wandb.init(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"), group=group,
+                     name=f"{group}/{stage_dir.name}", job_type="certify", dir=str(stage_dir), mode=mode,
+                     reinit="finish_previous")
+    try:
+        for split in ("val", "test"):
+            path = stage_dir / f"sweep_{split}.csv"
+            if path.is_file():
+                with open(path, newline="") as fh:
+                    rows = list(csv.reader(fh))
+                run.log({f"sweep/{split}": wandb.Table(columns=rows[0], data=[[float(v) for v in r] for r in rows[1:]])})
+        run.log({"pareto": wandb.Image(str(stage_dir / "pareto.png"))})
+        for p in points:
+            for k in ("nat_acc", "cert_acc", "adv_acc", "cert_route_rate"):
+                if isinstance(p.get(k), (int, float)):
+                    run.summary[f"{p['key']}/{k}"] = p[k]
+    finally:
+        run.finish()

@@ -75,8 +75,25 @@ STAGES: dict[str, Callable[..., dict]] = {"core": run_core, "cert": run_cert, "c
                                           "gate": run_gate, "entropy": run_entropy}
 
 
+def apply_stage_overrides(cfg: Any) -> Any:
+    """Pipelines sweep ``stage=core,cert,...`` in one multirun, so an experiment cannot set
+    ``stage.epochs`` for all of them at once: it sets ``stage_overrides.<name>`` instead, merged
+    here into the stage config of the job being run."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    name = cfg.stage.name
+    over = (cfg.get("stage_overrides") or {}).get(name)
+    if over:
+        with open_dict(cfg):
+            cfg.stage = OmegaConf.merge(cfg.stage, over)
+    return cfg
+
+
 def run_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
     """Run the configured stage; ``callbacks`` are extra Lightning callbacks (tests, user hooks)."""
+    cfg = apply_stage_overrides(cfg)
     name = to_dict(cfg["stage"])["name"]
     if name not in STAGES:
         raise ValueError(f"unknown stage '{name}'; known: {', '.join(STAGES)}")

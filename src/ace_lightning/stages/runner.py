@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -125,6 +126,7 @@ def run_training_stage(
         print(f"[ace] stage '{stage}' already complete in {stage_dir} (same config): skipped")
         return done
 
+    started = time.perf_counter()
     L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     dm = datamodule_from(cfg)
     info = dm.info
@@ -163,6 +165,7 @@ def run_training_stage(
                         "last_checkpoint": "checkpoints/last.ckpt"},
             "metrics": metrics,
             "epochs_trained": int(trainer.current_epoch),
+            "wall_s": time.perf_counter() - started,
             "global_step": int(trainer.global_step),
         }
         manifest = write_manifest(stage_dir, manifest)

@@ -1,0 +1,133 @@
+"""Run the stages of an ACE pipeline in order, in one process, from the real configs.
+
+``python -m ace_lightning.train -m stage=core,cert,gate,certify ...`` does the same through Hydra
+multirun; this module is what ``make reproduce-cifar`` uses: it runs several experiments, prints the
+obtained numbers next to the paper's (ace-method.md section 9) and writes reproduce.json/.md.
+With SMOKE=1 (or --smoke) the same pipelines run on a tiny subset on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose, initialize_config_dir
+
+from ace_lightning.stages import run_stage
+from ace_lightning.stages.common import atomic_write_text
+from ace_lightning.train import CONF_DIR
+
+# (experiment, stages, the paper's numbers to print beside ours)
+REPRODUCE = [
+    ("cifar10_acenet_ibp_2_255", ["core", "cert", "gate", "certify"],
+     "ACE paper headline (COLT cert-net, EfficientNet-B0 core), 2/255: 90.1 nat / 27.5 cert; "
+     "IBP large net alone: 70.2 / 44.1", {"nat": 90.1, "cert": 27.5}),
+    ("cifar10_aceentropy_ibp_2_255", ["core", "cert", "entropy", "certify"],
+     "ACE paper headline, 2/255: 90.1 / 27.5 (entropy selection, C2 cert-net)", {"nat": 90.1, "cert": 27.5}),
+    ("cifar10_acenet_ibp_8_255", ["core", "cert", "gate", "certify"],
+     "IBP large net alone, 8/255: 49.5 / 31.6; CROWN-IBP: about 46 / 33.1", {"nat": 49.5, "cert": 31.6}),
+]
+
+SMOKE_OVERRIDES = [
+    "data.subset=64", "data.val_size=64", "data.batch_size=32", "data.num_workers=0",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+    "+stage_overrides.core.epochs=1", "+stage_overrides.core.eval_pgd_steps=1",
+    "+stage_overrides.core.pgd_steps=1",
+    "+stage_overrides.cert.epochs=1", "+stage_overrides.cert.warmup_epochs=0",
+    "+stage_overrides.cert.ramp_epochs=1", "+stage_overrides.cert.val_pgd_steps=1",
+    "+stage_overrides.gate.epochs=1", "+stage_overrides.gate.warmup_epochs=0",
+    "+stage_overrides.gate.ramp_epochs=1",
+    "+stage_overrides.entropy.epochs=1", "+stage_overrides.entropy.warmup_epochs=0",
+    "+stage_overrides.entropy.ramp_epochs=1",
+    "+stage_overrides.certify.attack.steps=2", "+stage_overrides.certify.batch_size=32",
+]
+
+
+def compose_stage(experiment: str, stage: str, overrides: Sequence[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment={experiment}", f"stage={stage}", *overrides])
+
+
+def run_pipeline(experiment: str, stages: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Every stage in order; returns {stage: manifest} (and each stage's wall-clock seconds)."""
+    out: dict[str, Any] = {}
+    for stage in stages:
+        cfg = compose_stage(experiment, stage, overrides)
+        t0 = time.perf_counter()
+        print(f"[ace] {experiment}: stage {stage}", flush=True)
+        out[stage] = run_stage(cfg)
+        out[stage]["pipeline_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _point(manifest: dict, key: str) -> dict:
+    return (manifest.get("metrics") or {}).get(key) or {}
+
+
+def reproduce(smoke: bool = False, runs_root: str | None = None, only: Sequence[str] | None = None,
+              extra: Sequence[str] = ()) -> list[dict]:
+    overrides = list(extra)
+    if smoke:
+        overrides += SMOKE_OVERRIDES
+    if runs_root:
+        overrides.append(f"runs_root={runs_root}")
+    rows = []
+    for experiment, stages, paper, expected in REPRODUCE:
+        if only and experiment not in only:
+            continue
+        manifests = run_pipeline(experiment, stages, overrides)
+        certify = manifests["certify"]
+        row = {"experiment": experiment, "paper": paper, "expected_nat": expected["nat"],
+               "expected_cert": expected["cert"], "smoke": smoke}
+        for key in ("nat_within_1pt", "max_certified", "core_alone", "cert_alone"):
+            p = _point(certify, key)
+            row[key] = {k: p.get(k) for k in ("nat_acc", "cert_acc", "adv_acc", "cert_route_rate", "threshold")}
+        row["wall_s"] = {s: m.get("pipeline_wall_s") for s, m in manifests.items()}
+        rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    def pct(v):
+        return f"{100 * v:5.1f}" if isinstance(v, (int, float)) else "  -  "
+
+    lines = [f"{'experiment':32s} {'point':16s} {'nat':>6s} {'cert':>6s} {'adv':>6s}   paper (nat / cert)"]
+    for r in rows:
+        for key in ("core_alone", "cert_alone", "nat_within_1pt", "max_certified"):
+            p = r[key]
+            paper = f"   {r['expected_nat']:.1f} / {r['expected_cert']:.1f}" if key == "nat_within_1pt" else ""
+            lines.append(f"{r['experiment']:32s} {key:16s} {pct(p.get('nat_acc'))} {pct(p.get('cert_acc'))} "
+                         f"{pct(p.get('adv_acc'))}{paper}")
+        lines.append(f"{'':32s} {r['paper']}")
+    if rows and rows[0].get("smoke"):
+        lines.append("SMOKE run: tiny subset, one epoch: the numbers only show that the pipeline runs.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Reproduce the paper's CIFAR-10 ACE results")
+    parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1")
+    parser.add_argument("--runs-root", default=None)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.data_dir=/data/cifar10")
+    args = parser.parse_args(argv)
+    try:
+        rows = reproduce(args.smoke, args.runs_root, args.only, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    table = format_rows(rows)
+    print(table)
+    root = Path(args.runs_root or "runs")
+    atomic_write_text(root / "reproduce.json", json.dumps(rows, indent=2))
+    atomic_write_text(root / "reproduce.md", "```\n" + table + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
