@@ -51,3 +51,38 @@ def write_summary(runs_root: Path) -> list[dict[str, Any]]:
         md.append("| " + " | ".join(cells) + " |")
     atomic_write_text(runs_root / "summary.md", "\n".join(md) + "\n")
     return rows
+
+
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """Wall-clock seconds of each completed stage of one run folder (from the manifests)."""
+    out = {}
+    for manifest in sorted(Path(run_dir).glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        if m.get("status") == "complete" and "wall_s" in m:
+            out[manifest.parent.name] = float(m["wall_s"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ace_lightning.summary RUN_DIR``: the certify table and the stage times."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m ace_lightning.summary RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    table = run_dir / "certify" / "table.txt"
+    if not table.is_file():
+        print(f"error: {table} not found: run the certify stage first", file=sys.stderr)
+        return 2
+    print(table.read_text().rstrip())
+    times = stage_times(run_dir)
+    print("\nwall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
+          f"; total {sum(times.values()) / 60:.1f} min")
+    print(f"Pareto plot: {run_dir / 'certify' / 'pareto.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -79,26 +79,25 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
         alpha = step_size * eps
         for restart in range(max(1, restarts)):
             for target in targets:
-                if not correct.any() or eps <= 0:
+                live = correct.nonzero().flatten()  # only inputs not yet broken are attacked
+                if live.numel() == 0 or eps <= 0:
                     break
-                z = x if restart == 0 else x_l + (x_u - x_l) * torch.rand_like(x)
-                for _ in range(steps):
-                    z = z.detach().requires_grad_(True)
+                xs, ys, lo, hi = x[live], y[live], x_l[live], x_u[live]
+                z = xs if restart == 0 else lo + (hi - lo) * torch.rand_like(xs)
+                for step in range(steps + 1):
+                    z = z.detach().requires_grad_(step < steps)
                     with torch.enable_grad():
                         outs, gates = _branch_outputs(model, z)
-                        obj = _objective(target, outs, gates, y, t, push, margin)
-                        grad, = torch.autograd.grad(obj.sum(), z)
+                        if step < steps:
+                            obj = _objective(target, outs, gates, ys, t, push, margin)
+                            grad, = torch.autograd.grad(obj.sum(), z)
                     with torch.no_grad():
-                        wrong = _composed_prediction(outs, gates, t) != y
-                        newly = wrong & correct
-                        x_adv[newly] = z.detach()[newly]
-                        correct &= ~wrong
-                    z = torch.max(torch.min(z.detach() + alpha * grad.sign(), x_u), x_l)
-                with torch.no_grad():
-                    outs, gates = _branch_outputs(model, z)
-                    wrong = _composed_prediction(outs, gates, t) != y
-                    x_adv[wrong & correct] = z[wrong & correct]
-                    correct &= ~wrong
+                        wrong = _composed_prediction(outs, gates, t) != ys
+                        hit = live[wrong & correct[live]]
+                        x_adv[hit] = z.detach()[wrong & correct[live]]
+                        correct[hit] = False
+                    if step < steps:
+                        z = torch.max(torch.min(z.detach() + alpha * grad.sign(), hi), lo)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
