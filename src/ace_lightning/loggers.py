@@ -62,5 +62,13 @@ def extra_loggers(cfg: Mapping[str, Any], stage_dir: Path) -> list:
     return [WandbLogger(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"),
                         group=str(wb.get("group") or Path(stage_dir).parent.name),
                         name=f"{wb.get('group') or Path(stage_dir).parent.name}/{stage}",
-                        job_type=stage, save_dir=str(stage_dir), mode=mode,
+                        job_type=stage, save_dir=str(stage_dir), mode=mode, reinit="finish_previous",
                         config=_plain(cfg) if isinstance(cfg, (dict, DictConfig)) else None)]
+
+
+def finish_loggers(loggers: list) -> None:
+    """End each wandb run with its stage: a pipeline runs several stages in one process, and an
+    open run would swallow the next stage's logs."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()

@@ -276,20 +276,20 @@ def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
         return _alpha_crown(bounded, bx, C, lower, upper)
     logits = bounded(bx)
     if method == "IBP":
-        lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+        lb, ub = bounded.compute_bounds(C=C, method="IBP")
     elif method == "CROWN-IBP":
         if beta is not None and beta < 1e-8:
-            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+            lb, ub = bounded.compute_bounds(C=C, method="IBP")
         else:
             # IBP first: it stores the intermediate intervals that the CROWN pass reuses.
-            ilb, iub = bounded.compute_bounds(x=(bx,), C=C, method="IBP")
+            ilb, iub = bounded.compute_bounds(C=C, method="IBP")
             clb, cub = bounded.compute_bounds(C=C, method="backward", IBP=False,
                                               bound_lower=lower, bound_upper=upper)
             b = 1.0 if beta is None else beta
             lb = b * clb + (1 - b) * ilb if lower else ilb
             ub = b * cub + (1 - b) * iub if upper else iub
     else:  # CROWN
-        lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="backward",
+        lb, ub = bounded.compute_bounds(C=C, method="backward",
                                         bound_lower=lower, bound_upper=upper)
     return logits, lb, ub
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ace_lightning.data import ACEDataModule
-from ace_lightning.loggers import StageCSVLogger, extra_loggers
+from ace_lightning.loggers import StageCSVLogger, extra_loggers, finish_loggers
 from ace_lightning.nets import build_net
 from ace_lightning.stages.common import (
     StageInputError,
@@ -172,5 +172,6 @@ def run_training_stage(
         atomic_write_text(stage_dir / RUN_STATE, json.dumps({"config_hash": ident_hash, "status": "complete"}))
         print(f"[ace] stage '{stage}' complete: {stage_dir}  " +
               "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    finish_loggers(trainer.loggers)
     trainer.strategy.barrier()
     return manifest
