@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ace_costs  # noqa: E402
 import bound_step_cost  # noqa: E402
 import lightning_overhead  # noqa: E402
 import nets_cost  # noqa: E402
@@ -49,7 +50,7 @@ def bound_steps(batch: int, reps: int) -> dict:
     return out
 
 
-SECTIONS = ("bound_step_cost", "lightning_overhead", "nets_cost")
+SECTIONS = ("bound_step_cost", "lightning_overhead", "ace_costs", "nets_cost")
 
 
 def main() -> None:
@@ -70,6 +71,9 @@ def main() -> None:
             "small_fashion_mnist_ibp": lightning_overhead.measure(batch=args.batch, steps=args.reps + 7),
             "c3_cifar10_ibp": lightning_overhead.measure("c3", (3, 32, 32), batch=args.batch, eps=2 / 255,
                                                          steps=args.reps + 7)}
+    if "ace_costs" in wanted:
+        print("[bench] composed model: certification, conditional execution, sweep, memory", flush=True)
+        sections["ace_costs"] = {"fashion_mnist_demo": ace_costs.measure(reps=args.reps)}
     if "nets_cost" in wanted:
         print("[bench] forward+backward per net", flush=True)
         sections["nets_cost"] = nets_cost.measure_all(batch=args.batch, reps=args.reps)
@@ -95,6 +99,13 @@ def main() -> None:
         for case, rec in sections["lightning_overhead"].items():
             print(f"{case:32s} {rec['bare_loop_step_s']:10.4f} {rec['lightning_step_s']:12.4f} "
                   f"{rec['ratio_lightning_to_bare']:8.2f}")
+    if "ace_costs" in sections:
+        a = sections["ace_costs"]["fashion_mnist_demo"]
+        print(f"\ncomposed model ({a['model']}), routing rate to cert-net {a['routing_rate_to_cert']:.2f}:")
+        for k in ("certify_IBP", "certify_CROWN-IBP"):
+            print(f"  {k:22s} {a[k]['inputs_per_s']:9.0f} inputs/s  {a[k]['ratio_to_plain_inference']:6.2f}x plain inference")
+        print(f"  conditional execution {a['conditional_vs_core_ratio']:6.2f}x the core on every input; "
+              f"sweep {100 * a['sweep']['ratio_to_certification_IBP']:.3f}% of certification")
     print(f"\nwritten {path}")
 
 
