@@ -1,0 +1,519 @@
+"""Selection-network stage (ace-method.md sections 2a and 6): the gate g, the cert-net's
+architecture with one output logit, initialised from the trained cert-net except the last layer,
+learns to fire (g >= T) exactly where the cert-net is certified correct.
+
+Loss: binary cross-entropy with logits on the *worst-case* gate logit over the eps-ball (the lower
+bound for label-1 inputs, the upper bound for label-0 ones), bounded with the cert-net's method
+family (IBP or CROWN-IBP, beta 1 -> 0 over the ramp like the cert stage):
+    L = kappa * BCE(g(x), l) + (1 - kappa) * BCE(worst(x), l),
+kappa 1 -> kappa_end (default 0: purely worst-case; the natural term is only a warm start) and eps
+0 -> eps_factor x eps over the ramp, counted in steps (resume-exact). The positive class is
+weighted by the sliding schedule c(e) = s(e)(c0 - 1) + 1, s(e) = 1 - clip((e - 0.1N)/(0.7N), 0,
+sigma), c0 = (1 - p)/p (p: the fraction of label 1), e the (fractional) epoch of N.
+Core and cert-net are frozen (neither is in this module). ``train_last_k`` trains only the last k
+Linear layers of the gate.
+
+Validation/test at the target eps and threshold T (``stage.threshold``, default 0):
+- gate_acc: [g(x) >= T] == label, on labelled inputs;
+- certified_selection_rate: lb_g >= T on label-1 inputs (those the composition can certify via
+  the cert-net: the quantity that turns into certified accuracy);
+- false_selection_rate: g(x) >= T on label-0 inputs (they lose the core's accuracy);
+- certified_rejection_rate: ub_g < T on label-0 inputs; selection_rate: g(x) >= T on all;
+- dead_units: fraction of the gate's ReLUs never active on a batch; collapsed_rate: inputs whose
+  last hidden layer is all zero, so g(x) is the head's bias whatever the input (a gate whose output
+  collapses to one constant on many inputs has lost those units);
+- selection_score = certified_selection_rate - false_selection_rate: the best checkpoint's key
+  metric (both rates matter equally: one is certified accuracy gained, the other natural accuracy
+  lost to the weaker cert-net).
+
+Bad input: a missing cert stage is a one-line StageInputError naming it; a cert-net whose weights
+do not fit the gate's architecture a one-line ValueError; labels made for another eps (an explicit
+``stage.labels_file``) a one-line StageInputError. An empty label class is not an error: with no
+certified training input the gate is made to select nothing (head weights 0, bias -1e4; exported
+and marked ``gate_status: selects_nothing`` in the manifest), with no uncertified one to select
+everything; a warning says so and no optimisation step is taken.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ace_lightning.bounds import normalize_method, output_bounds
+from ace_lightning.nets import build_net, final_linear_name, init_gate_from_cert
+from ace_lightning.stages.base import StageModule
+from ace_lightning.stages.common import (
+    StageInputError,
+    l1_penalty,
+    load_weights,
+    require_stage,
+    write_manifest,
+)
+from ace_lightning.stages.gate_labels import (
+    EarlierGate,
+    attach_labels,
+    cascade_key,
+    compute_labels,
+    find_cached,
+    label_balance,
+    label_problems,
+    labels_filename,
+    make_payload,
+    read_labels,
+    save_labels,
+    stage_weights,
+    check_same_data,
+)
+from ace_lightning.stages.runner import run_training_stage, to_dict
+from ace_lightning.stages.schedules import CertSchedule, ramp_progress
+
+TRAIN_METHODS = ("IBP", "CROWN-IBP")
+POS_WEIGHT_MODES = ("sliding", "balanced", "none")
+GATE_CONSTANT = 1.0e4  # |g| of a gate that selects nothing / everything (far from any threshold)
+
+
+# -- pieces with one job each (unit-tested) ---------------------------------------------------------
+
+def balanced_pos_weight(p: float) -> float:
+    """c0 = (1 - p) / p: weights both classes equally in the BCE (p: fraction of label 1)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"the label-1 fraction must be in (0, 1) for class balancing, got {p}")
+    return (1.0 - p) / p
+
+
+def pos_weight_schedule(epoch: float, total_epochs: float, c0: float, sigma: float = 1.0) -> float:
+    """c(e) = s(e)(c0 - 1) + 1 with s(e) = 1 - clip((e - 0.1N)/(0.7N), 0, sigma) (ace-method.md
+    section 6): class-balanced until 0.1N, then sliding towards unweighted (reached at 0.8N when
+    sigma = 1; sigma < 1 stops the slide part-way)."""
+    n = float(total_epochs)
+    if n <= 0:
+        return float(c0)
+    s = 1.0 - min(max((float(epoch) - 0.1 * n) / (0.7 * n), 0.0), float(sigma))
+    return s * (float(c0) - 1.0) + 1.0
+
+
+def freeze_all_but_last_linear(net: nn.Module, k: Optional[int]) -> list[str]:
+    """requires_grad only on the last k nn.Linear layers (k None: everything trains). Returns the
+    names of the trainable parameters."""
+    if k is None:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return [n for n, _ in net.named_parameters()]
+    linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not 1 <= int(k) <= len(linears):
+        raise ValueError(f"train_last_k must be between 1 and {len(linears)} (the gate's Linear layers), got {k}")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    names = []
+    for prefix, m in linears[-int(k):]:
+        for n, p in m.named_parameters():
+            p.requires_grad_(True)
+            names.append(f"{prefix}.{n}")
+    return names
+
+
+def set_constant_output(net: nn.Module, value: float) -> None:
+    """g(x) = value for every x (head weights 0, bias = value): a gate that selects nothing (value
+    << T) or everything (value >> T), with exact bounds [value, value]."""
+    head = net.get_submodule(final_linear_name(net))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(float(value))
+
+
+def relu_activity(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(net(x), fraction of ReLU units never active on the batch, per input: last hidden ReLU
+    layer all zero, i.e. the output is the head's bias)."""
+    acts: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out.detach()))
+             for m in net.modules() if isinstance(m, nn.ReLU)]
+    try:
+        out = net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not acts:
+        return out, 0.0, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    ever = torch.cat([(a > 0).flatten(1).any(dim=0) for a in acts])
+    collapsed = ~(acts[-1].flatten(1) > 0).any(dim=1)
+    return out, 1.0 - ever.float().mean().item(), collapsed
+
+
+def gate_stage_name(position: int) -> str:
+    """Stage folder (and weights file stem) of the gate of cascade pair ``position``."""
+    return "gate" if position == 0 else f"gate_{position}"
+
+
+# -- the LightningModule ------------------------------------------------------------------------------
+
+class GateStage(StageModule):
+    metric_names = ("gate_acc", "certified_selection_rate", "false_selection_rate", "selection_rate",
+                    "certified_rejection_rate", "dead_units", "collapsed_rate")
+    key_metric = "val/selection_score"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Mapping[str, Any],
+        lr_schedule: Mapping[str, Any],
+        eps: float,
+        method: str = "IBP",
+        epochs: int = 10,
+        label_fraction: float = 0.5,
+        threshold: float = 0.0,
+        eps_factor: float = 1.05,
+        warmup_epochs: float = 0.0,
+        ramp_epochs: float = 1.0,
+        ramp_shape: str = "linear",
+        kappa_end: float = 0.0,
+        pos_weight: str = "sliding",
+        pos_weight_sigma: float = 1.0,
+        worst_case_negatives: bool = True,
+        train_last_k: Optional[int] = None,
+        l1: float = 1e-5,
+        val_crown_ibp: bool = True,
+        constant_output: Optional[float] = None,
+        label_balance: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        steps_per_epoch: Optional[int] = None,
+    ) -> None:
+        method = self.check_config(dict(method=method, epochs=epochs, threshold=threshold,
+                                        eps_factor=eps_factor, warmup_epochs=warmup_epochs,
+                                        ramp_epochs=ramp_epochs, ramp_shape=ramp_shape,
+                                        kappa_end=kappa_end, pos_weight=pos_weight,
+                                        pos_weight_sigma=pos_weight_sigma, train_last_k=train_last_k), eps)
+        super().__init__(net, optimizer, lr_schedule,
+                         lr_decay_start_epoch=int(round(warmup_epochs + ramp_epochs)))
+        self.eps, self.method, self.epochs = float(eps), method, int(epochs)
+        self.label_fraction, self.threshold = float(label_fraction), float(threshold)
+        self.eps_factor = float(eps_factor)
+        self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
+        self.ramp_shape, self.kappa_end = ramp_shape, float(kappa_end)
+        self.pos_weight_mode, self.pos_weight_sigma = pos_weight, float(pos_weight_sigma)
+        self.worst_case_negatives = bool(worst_case_negatives)
+        self.l1, self.val_crown_ibp = float(l1), bool(val_crown_ibp)
+        self.constant_output = None if constant_output is None else float(constant_output)
+        self.label_balance = dict(label_balance or {})
+        self.steps_per_epoch = steps_per_epoch
+        self._schedule: Optional[CertSchedule] = None
+        if self.constant_output is not None:
+            set_constant_output(self.net, self.constant_output)
+            freeze_all_but_last_linear(self.net, 1)
+        else:
+            freeze_all_but_last_linear(self.net, train_last_k)
+        # BatchNorm layers with frozen parameters keep their running statistics too (eval mode)
+        self._frozen_norms = [m for m in self.net.modules()
+                              if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                              and not any(p.requires_grad for p in m.parameters())]
+        self.save_hyperparameters(ignore=["net"])
+
+    @staticmethod
+    def check_config(st: Mapping[str, Any], eps: float) -> str:
+        """One-line ValueErrors before any data is loaded; returns the canonical method name."""
+        method = normalize_method(st.get("method") or "IBP")
+        if method not in TRAIN_METHODS:
+            raise ValueError(f"gate training method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}")
+        if not 0.0 < float(eps) <= 1.0:
+            raise ValueError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+        if not 0.0 <= float(st.get("kappa_end", 0.0)) <= 1.0:
+            raise ValueError(f"kappa_end must be in [0, 1], got {st.get('kappa_end')}")
+        if float(st.get("eps_factor", 1.0)) <= 0:
+            raise ValueError(f"eps_factor must be positive, got {st.get('eps_factor')}")
+        mode = st.get("pos_weight", "sliding")
+        if mode not in POS_WEIGHT_MODES:
+            raise ValueError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {mode!r}")
+        if not 0.0 <= float(st.get("pos_weight_sigma", 1.0)) <= 1.0:
+            raise ValueError(f"pos_weight_sigma must be in [0, 1], got {st.get('pos_weight_sigma')}")
+        k = st.get("train_last_k")
+        if k is not None and int(k) < 1:
+            raise ValueError(f"train_last_k must be null (train everything) or >= 1, got {k}")
+        if not math.isfinite(float(st.get("threshold", 0.0))):
+            raise ValueError(f"threshold must be a finite number, got {st.get('threshold')}")
+        warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
+        if warmup < 0 or ramp < 0:
+            raise ValueError("warmup_epochs and ramp_epochs must be >= 0")
+        epochs = st.get("epochs")
+        if epochs is not None and warmup + ramp > float(epochs):
+            raise ValueError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
+                             f"epochs > {epochs} epochs (lower the ramp or raise stage.epochs)")
+        ramp_progress(0, 0, 1, st.get("ramp_shape", "linear"))
+        return method
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for m in self._frozen_norms:
+                m.eval()
+        return self
+
+    # -- schedules ---------------------------------------------------------------------------------
+    @property
+    def per_epoch(self) -> int:
+        return self.steps_per_epoch or max(1, int(self.trainer.num_training_batches))
+
+    @property
+    def schedule(self) -> CertSchedule:
+        if self._schedule is None:
+            self._schedule = CertSchedule(
+                eps_train=min(1.0, self.eps * self.eps_factor),
+                warmup_steps=int(round(self.warmup_epochs * self.per_epoch)),
+                ramp_steps=int(round(self.ramp_epochs * self.per_epoch)),
+                kappa_end=self.kappa_end, shape=self.ramp_shape)
+        return self._schedule
+
+    def pos_weight_at(self, step: int) -> float:
+        if self.pos_weight_mode == "none" or not 0.0 < self.label_fraction < 1.0:
+            return 1.0
+        c0 = balanced_pos_weight(self.label_fraction)
+        if self.pos_weight_mode == "balanced":
+            return c0
+        return pos_weight_schedule(step / self.per_epoch, self.epochs, c0, self.pos_weight_sigma)
+
+    # -- training ----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """The label balance goes to every logger once (metrics.csv, wandb)."""
+        values = {f"labels/{split}_{k}": float(v) for split, b in self.label_balance.items()
+                  for k, v in b.items() if v is not None}
+        if values and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
+
+    def training_step(self, batch, batch_idx):
+        if self.constant_output is not None:
+            return None  # an empty label class: the gate is a constant, nothing to learn
+        x, _, label = batch
+        keep = label >= 0
+        if not bool(keep.all()):  # inputs taken by earlier cascade pairs (normally dropped already)
+            x, label = x[keep], label[keep]
+        target = label.to(x.dtype)
+        step = self.global_step
+        eps_t, kappa = self.schedule.eps(step), self.schedule.kappa(step)
+        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
+        pw = torch.tensor(self.pos_weight_at(step), dtype=x.dtype, device=x.device)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        if eps_t <= 0:
+            g = self.net(x).view(-1)
+            robust = torch.zeros((), device=x.device)
+            loss = bce(g, target, pos_weight=pw)
+        else:
+            lb, ub, g = output_bounds(self.net, x, eps_t, self.method, beta=beta, return_logits=True)
+            g = g.view(-1)
+            neg = ub.view(-1) if self.worst_case_negatives else g
+            worst = torch.where(label == 1, lb.view(-1), neg)
+            robust = bce(worst, target, pos_weight=pw)
+            loss = kappa * bce(g, target, pos_weight=pw) + (1.0 - kappa) * robust
+        if self.l1:
+            loss = loss + self.l1 * l1_penalty(self.net)
+        acc = ((g >= self.threshold) == (label == 1)).float().mean()
+        self.log_dict({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc},
+                      prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict({"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0,
+                       "train/pos_weight": float(pw)}, on_step=True, on_epoch=False)
+        return loss
+
+    # -- evaluation at the target eps --------------------------------------------------------------
+    def gate_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lb_g, ub_g) at the target eps: the stage's method, tightened by CROWN-IBP when
+        ``val_crown_ibp`` (the max/min of two sound bounds is sound)."""
+        lb, ub = output_bounds(self.net, x, self.eps, self.method)
+        if self.val_crown_ibp and self.method != "CROWN-IBP":
+            lb2, ub2 = output_bounds(self.net, x, self.eps, "CROWN-IBP")
+            lb, ub = torch.maximum(lb, lb2), torch.minimum(ub, ub2)
+        return lb.view(-1), ub.view(-1)
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            g, dead, collapsed = relu_activity(self.net, x)
+            lb, ub = self.gate_bounds(x)
+        g, t = g.view(-1), self.threshold
+        pos, neg, labelled = label == 1, label == 0, label >= 0
+        selected = g >= t
+        out = {"selection_rate": selected[labelled], "gate_acc": (selected == pos)[labelled],
+               "certified_selection_rate": (lb >= t)[pos], "false_selection_rate": selected[neg],
+               "certified_rejection_rate": (ub < t)[neg], "collapsed_rate": collapsed[labelled],
+               "dead_units": torch.tensor([dead], device=x.device)}
+        return {k: v for k, v in out.items() if v.numel()}
+
+    def _rate(self, split: str, name: str) -> float:
+        metric = self.metrics[f"{split}_{name}"]
+        return float(metric.compute()) if metric.update_called else 0.0
+
+    def _log_score(self, split: str) -> None:
+        score = self._rate(split, "certified_selection_rate") - self._rate(split, "false_selection_rate")
+        self.log(f"{split}/selection_score", score, prog_bar=split == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_score("test")
+
+
+# -- the stage: cert-net + labels -> trained gate --------------------------------------------------
+
+def _label_device(cfg: Mapping[str, Any]) -> torch.device:
+    acc = str(to_dict(cfg["trainer"]).get("accelerator", "auto")).lower()
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def obtain_labels(stage_dir: Path, dm: Any, cert_net: nn.Module, cert_sha: str, eps: float, method: str,
+                  earlier: list[EarlierGate], device: torch.device, progress: bool,
+                  labels_file: Optional[str] = None) -> tuple[dict, Path, str]:
+    """(payload, path, 'file' | 'cache' | 'computed'): the explicit file if one is configured (a
+    mismatch is an error), else the cache entry for this key, else a fresh certification pass."""
+    indices = {"train": dm.train_indices, "test": dm.test_indices}
+    if len(dm.val_indices):
+        indices["val"] = dm.val_indices
+    after = cascade_key(earlier)
+    if labels_file:
+        path = Path(labels_file).expanduser().resolve()
+        payload = read_labels(path)
+        problems = label_problems(payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
+                                  indices=indices)
+        if problems:
+            raise StageInputError(f"gate labels {path}: {problems[0]}; point stage.labels_file at labels made "
+                                  f"for this run or set it to null to recompute")
+        return payload, path, "file"
+    name = labels_filename(cert_sha, eps, after)
+    cached = find_cached(stage_dir, name)
+    if cached is not None:
+        try:
+            payload = read_labels(cached)
+            problems = label_problems(payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
+                                      indices=indices)
+        except StageInputError as err:
+            problems = [str(err)]
+        if not problems:
+            return payload, cached, "cache"
+        print(f"[ace] gate labels: cached {cached.name} does not fit ({problems[0]}): recomputing")
+    val_loader = dm.val_dataloader() if "val" in indices else None
+    loaders = {"train": dm.train_eval_dataloader(), "val": val_loader or None, "test": dm.test_dataloader()}
+    print(f"[ace] gate labels: certifying the cert-net on the un-augmented train/val/test images "
+          f"({method}, eps={eps:g})")
+    labels = compute_labels(cert_net, loaders, eps, method, earlier, device, progress)
+    payload = make_payload(labels, indices, eps=eps, method=method, cert_sha256=cert_sha, after=after)
+    path = save_labels(payload, Path(stage_dir) / name)
+    return payload, path, "computed"
+
+
+def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
+             pre_check: Optional[Callable[[nn.Module, Any], None]] = None) -> dict:
+    """Train the gate of the last pair in ``stage.cascade`` (default: one pair, the 'cert' stage)."""
+    st = to_dict(cfg["stage"])
+    eps = float(cfg["eps"])
+    GateStage.check_config({**st, "method": st.get("method") or "IBP"}, eps)
+    run_dir = Path(cfg["run_dir"]).resolve()
+    cascade = [str(c) for c in (st.get("cascade") or ["cert"])]
+    position = len(cascade) - 1
+    stage = gate_stage_name(position)
+    stage_dir = run_dir / stage
+    cert_stage = cascade[-1]
+    cert_manifest = require_stage(run_dir, cert_stage, stage)
+    cert_path, cert_sha = stage_weights(run_dir, cert_stage, cert_manifest, stage)
+    cert_method = ((cert_manifest.get("config") or {}).get("stage") or {}).get("method") or "IBP"
+    method = normalize_method(st.get("method") or cert_method)
+    GateStage.check_config({**st, "method": method}, eps)
+    label_method = normalize_method(st.get("label_method") or method)
+    if "net" not in cert_manifest:
+        raise StageInputError(f"stage '{stage}': the manifest of '{cert_stage}' does not say which net it trained")
+    gate_net_cfg = {**dict(st.get("gate_net") or cert_manifest["net"]), "kind": "gate"}
+
+    # earlier pairs of a cascade: their gates must exist (trained in order)
+    thresholds = st.get("cascade_thresholds")
+    if thresholds is not None and len(thresholds) != position:
+        raise ValueError(f"stage.cascade_thresholds needs one threshold per earlier pair ({position}), "
+                         f"got {len(thresholds)}")
+    earlier_specs = []
+    for i in range(position):
+        name = gate_stage_name(i)
+        gm = require_stage(run_dir, name, stage)
+        g_path, g_sha = stage_weights(run_dir, name, gm, stage)
+        sel = gm.get("selection") or {}
+        t_i = float(thresholds[i]) if thresholds is not None else float(sel.get("threshold", 0.0))
+        earlier_specs.append({"name": name, "manifest": gm, "path": g_path, "sha256": g_sha,
+                              "method": sel.get("method") or "IBP", "threshold": t_i})
+    after = cascade_key([EarlierGate(None, s["method"], s["threshold"], s["sha256"], s["name"])  # type: ignore
+                         for s in earlier_specs])
+    labels_file = st.get("labels_file")
+    if labels_file:  # fail before any data is loaded
+        payload = read_labels(Path(labels_file).expanduser().resolve())
+        problems = label_problems(payload, eps=eps, method=label_method, cert_sha256=cert_sha, after=after)
+        if problems:
+            raise StageInputError(f"gate labels {labels_file}: {problems[0]}; point stage.labels_file at "
+                                  f"labels made for this run or set it to null to recompute")
+
+    inputs: dict[str, Any] = {"cert": {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}}
+    for s in earlier_specs:
+        inputs[s["name"]] = {"stage": s["name"], "path": str(s["path"]), "sha256": s["sha256"]}
+    state: dict[str, Any] = {}
+    progress = bool(to_dict(cfg["trainer"]).get("enable_progress_bar", True))
+
+    def make(net: nn.Module, dm: Any) -> GateStage:
+        info = dm.info
+        check_same_data(info, cert_manifest, cert_stage, stage)
+        cert_net = build_net(cert_manifest["net"], info)
+        load_weights(cert_net, cert_path, f"stage '{stage}': cert-net of stage '{cert_stage}'")
+        init_gate_from_cert(net, cert_net)  # ValueError naming the first mismatching layer
+        earlier = []
+        for s in earlier_specs:
+            g = build_net(s["manifest"]["net"], info)
+            load_weights(g, s["path"], f"stage '{stage}': gate of stage '{s['name']}'")
+            earlier.append(EarlierGate(g, s["method"], s["threshold"], s["sha256"], s["name"]))
+        dm.prepare_data()
+        dm.setup("fit")
+        payload, path, source = obtain_labels(stage_dir, dm, cert_net, cert_sha, eps, label_method, earlier,
+                                              _label_device(cfg), progress, labels_file)
+        splits = payload["splits"]
+        balance = {s: label_balance(d["labels"]) for s, d in splits.items()}
+        verb = {"cache": "reused cached", "file": "loaded", "computed": "computed"}[source]
+        print(f"[ace] gate labels: {verb} {path.name}: train {balance['train'].describe()}" +
+              "".join(f"; {s} {b.describe()}" for s, b in balance.items() if s != "train"))
+        train = balance["train"]
+        constant, status = None, "trained"
+        if train.positives == 0:
+            why = ("every training input is taken by an earlier cascade pair" if train.labelled == 0 else
+                   f"the cert-net of stage '{cert_stage}' certifies none of the {train.labelled} training inputs "
+                   f"at eps={eps:g}")
+            warnings.warn(f"gate: {why}; the gate will select nothing (g = -{GATE_CONSTANT:g})", stacklevel=2)
+            constant, status = -GATE_CONSTANT, "selects_nothing"
+        elif train.negatives == 0:
+            warnings.warn(f"gate: the cert-net of stage '{cert_stage}' certifies all {train.labelled} training "
+                          f"inputs at eps={eps:g}; the gate will select everything (g = +{GATE_CONSTANT:g})",
+                          stacklevel=2)
+            constant, status = GATE_CONSTANT, "selects_everything"
+        # a constant gate takes no step, but the loop still needs a non-empty training set
+        attach_labels(dm, {s: d["labels"] for s, d in splits.items()}, drop_excluded=constant is None)
+        state.update(labels={"file": path.name if source != "file" else str(path), "source": source,
+                             "method": label_method, "eps": eps,
+                             **{s: b.as_dict() for s, b in balance.items()}},
+                     gate_status=status)
+        module = GateStage(
+            net, st["optimizer"], st["lr_schedule"], eps=eps, method=method, epochs=st["epochs"],
+            label_fraction=0.5 if constant is not None else train.fraction, threshold=st["threshold"],
+            eps_factor=st["eps_factor"], warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
+            ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"], pos_weight=st["pos_weight"],
+            pos_weight_sigma=st["pos_weight_sigma"],
+            worst_case_negatives=st.get("worst_case_negatives", True), train_last_k=st["train_last_k"], l1=st["l1"],
+            val_crown_ibp=st["val_crown_ibp"], constant_output=constant,
+            label_balance={s: b.as_dict() for s, b in balance.items()})
+        return module
+
+    plain = dict(to_dict(cfg))
+    plain["gate_net"] = gate_net_cfg
+    manifest = run_training_stage(plain, stage, make, "gate_net", GateStage.key_metric, f"{stage}.pt",
+                                  inputs=inputs, pre_check=pre_check, callbacks=callbacks)
+    if state and manifest:  # this call trained (not skipped): add what the composition needs
+        manifest.update({
+            "selection": {"type": "network", "threshold": float(st["threshold"]), "method": method,
+                          "cert_stage": cert_stage, "position": position, "cascade": cascade,
+                          "earlier_thresholds": [s["threshold"] for s in earlier_specs]},
+            "labels": state["labels"], "gate_status": state["gate_status"]})
+        manifest = write_manifest(stage_dir, manifest)
+    return manifest
+

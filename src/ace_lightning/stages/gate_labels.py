@@ -1,0 +1,307 @@
+"""Gate labels (ace-method.md section 6): an input gets label 1 iff the cert-net is certified
+correct on it (every margin z_y - z_j provably positive over the ball), computed on the
+*un-augmented* images (the reference code labelled augmented ones by mistake).
+
+Labels are computed once per (cert-net weights, eps, earlier cascade pairs) and cached in the
+gate's stage folder as ``labels_<cert sha256[:12]>_eps<eps>.pt``: a weights-only file (tensors,
+numbers, strings; ``torch.load(weights_only=True)``) holding eps, the bound method, the cert-net's
+hash and, per split, the labels with the dataset indices they belong to. A resumed or
+re-configured gate stage reuses it instead of certifying the training set again.
+
+Cascades (ace-method.md section 2): pairs (cert-net, gate) are tried in order and the first gate
+that fires answers. If an earlier gate certifiably fires on x (lb_g >= T over the whole ball),
+pair i is never reached anywhere on the ball, so x says nothing about gate i: it gets the label
+``EXCLUDED`` (-1) and is left out of gate i's training set and metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ace_lightning.bounds import margin_lower_bounds, normalize_method, output_bounds
+from ace_lightning.stages.common import StageInputError, atomic_torch_save, sha256_file
+
+LABELS_FORMAT = 1
+EXCLUDED = -1
+SPLITS = ("train", "val", "test")
+
+
+# -- the label rule ------------------------------------------------------------------------------
+
+def cascade_labels(cert_ok: torch.Tensor, taken_before: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int8 labels for one pair of a cascade: 1 where its cert-net is certified correct, 0 where
+    not, ``EXCLUDED`` where an earlier pair certifiably takes the input. ``taken_before``: None
+    (a single pair, or the first one), [N] or [pairs_before, N] booleans lb_g_j >= T_j; any
+    earlier pair taking x excludes it."""
+    labels = cert_ok.bool().to(torch.int8)
+    if taken_before is not None and taken_before.numel():
+        taken = taken_before.bool()
+        if taken.dim() == 2:
+            taken = taken.any(dim=0)
+        if taken.shape != labels.shape:
+            raise ValueError(f"taken_before has shape {tuple(taken_before.shape)}, cert_ok {tuple(cert_ok.shape)}")
+        labels = torch.where(taken, torch.full_like(labels, EXCLUDED), labels)
+    return labels
+
+
+@dataclass(frozen=True)
+class Balance:
+    positives: int
+    negatives: int
+    excluded: int = 0
+
+    @property
+    def labelled(self) -> int:
+        return self.positives + self.negatives
+
+    @property
+    def fraction(self) -> float:
+        """p: the fraction of label 1 among the labelled (non-excluded) inputs; nan if none."""
+        return self.positives / self.labelled if self.labelled else math.nan
+
+    def as_dict(self) -> dict:
+        return {"positives": self.positives, "negatives": self.negatives, "excluded": self.excluded,
+                "fraction": None if math.isnan(self.fraction) else round(self.fraction, 6)}
+
+    def describe(self) -> str:
+        pct = "n/a" if math.isnan(self.fraction) else f"{100 * self.fraction:.1f}%"
+        extra = f", {self.excluded} excluded (taken by earlier pairs)" if self.excluded else ""
+        return f"{self.positives}/{self.labelled} certified ({pct}){extra}"
+
+
+def label_balance(labels: torch.Tensor) -> Balance:
+    return Balance(int((labels == 1).sum()), int((labels == 0).sum()), int((labels == EXCLUDED).sum()))
+
+
+# -- certification passes (batched, no grad, eval mode) -------------------------------------------
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    was = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was)
+
+
+def _batches(loader: Iterable, desc: str, progress: bool):
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def certify_dataset(cert_net: nn.Module, loader: Iterable, eps: float, method: str,
+                    device: torch.device | str = "cpu", progress: bool = False,
+                    desc: str = "gate labels") -> torch.Tensor:
+    """cert_ok per input (bool, loader order): all margins z_y - z_j provably positive."""
+    out = []
+    with eval_mode(cert_net):
+        for batch in _batches(loader, desc, progress):
+            x, y = batch[0].to(device), batch[1].to(device)
+            out.append((margin_lower_bounds(cert_net, x, y, eps, method).min(dim=1).values > 0).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+@torch.no_grad()
+def gate_certifiably_fires(gate: nn.Module, loader: Iterable, eps: float, method: str, threshold: float,
+                           device: torch.device | str = "cpu", progress: bool = False,
+                           desc: str = "earlier gate") -> torch.Tensor:
+    """lb_g >= T over the ball, per input (bool, loader order)."""
+    out = []
+    with eval_mode(gate):
+        for batch in _batches(loader, desc, progress):
+            lb, _ = output_bounds(gate, batch[0].to(device), eps, method)
+            out.append((lb.view(-1) >= threshold).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+@dataclass
+class EarlierGate:
+    """A trained gate of an earlier cascade pair: its net, bound method and threshold."""
+
+    net: nn.Module
+    method: str
+    threshold: float
+    sha256: str
+    name: str = "gate"
+
+
+def compute_labels(cert_net: nn.Module, loaders: Mapping[str, Optional[Iterable]], eps: float, method: str,
+                   earlier: Sequence[EarlierGate] = (), device: torch.device | str = "cpu",
+                   progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """split -> {"labels": int8, "cert_ok": bool} for every split with a loader."""
+    cert_net.to(device)
+    for g in earlier:
+        g.net.to(device)
+    result = {}
+    for split, loader in loaders.items():
+        if loader is None:
+            continue
+        ok = certify_dataset(cert_net, loader, eps, method, device, progress, f"gate labels ({split})")
+        taken = None
+        if earlier:
+            taken = torch.stack([gate_certifiably_fires(g.net, loader, eps, g.method, g.threshold, device,
+                                                        progress, f"{g.name} ({split})") for g in earlier])
+        result[split] = {"labels": cascade_labels(ok, taken), "cert_ok": ok}
+    return result
+
+
+# -- the cache file --------------------------------------------------------------------------------
+
+def cascade_key(earlier: Sequence[EarlierGate]) -> str:
+    """'' for a single pair; else a short hash of the earlier gates and their thresholds."""
+    if not earlier:
+        return ""
+    text = json.dumps([[g.sha256, float(g.threshold), normalize_method(g.method)] for g in earlier])
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def labels_filename(cert_sha256: str, eps: float, after: str = "") -> str:
+    tail = f"_after{after}" if after else ""
+    return f"labels_{cert_sha256[:12]}{tail}_eps{float(eps)!r}.pt"
+
+
+def make_payload(labels: Mapping[str, Mapping[str, torch.Tensor]], indices: Mapping[str, Sequence[int]],
+                 *, eps: float, method: str, cert_sha256: str, after: str = "") -> dict:
+    splits = {}
+    for split, d in labels.items():
+        splits[split] = {"labels": d["labels"].to(torch.int8).cpu(), "cert_ok": d["cert_ok"].bool().cpu(),
+                         "indices": torch.as_tensor(list(indices[split]), dtype=torch.int64)}
+    return {"format": LABELS_FORMAT, "eps": float(eps), "method": normalize_method(method),
+            "cert_sha256": str(cert_sha256), "after": str(after), "splits": splits}
+
+
+def save_labels(payload: Mapping[str, Any], path: Path) -> Path:
+    atomic_torch_save(dict(payload), path)
+    return Path(path)
+
+
+def read_labels(path: Path) -> dict:
+    """The payload of a label file (weights_only); a one-line StageInputError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError(f"gate labels file {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise StageInputError(f"cannot read gate labels {path} ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != LABELS_FORMAT or "splits" not in payload:
+        raise StageInputError(f"{path} is not a gate labels file (format {LABELS_FORMAT})")
+    return payload
+
+
+def label_problems(payload: Mapping[str, Any], *, eps: float, method: str, cert_sha256: str,
+                   after: str = "", indices: Optional[Mapping[str, Sequence[int]]] = None) -> list[str]:
+    """Why ``payload`` cannot serve this run (empty list: it can)."""
+    problems = []
+    if not math.isclose(float(payload["eps"]), float(eps), rel_tol=1e-9, abs_tol=1e-12):
+        problems.append(f"they were made with eps={payload['eps']:g}, this run uses eps={float(eps):g}")
+    if payload.get("cert_sha256") != cert_sha256:
+        problems.append(f"they belong to cert-net weights {str(payload.get('cert_sha256'))[:12]}, "
+                        f"not {cert_sha256[:12]}")
+    if payload.get("method") != normalize_method(method):
+        problems.append(f"they were made with {payload.get('method')}, this run labels with "
+                        f"{normalize_method(method)}")
+    if str(payload.get("after", "")) != str(after):
+        problems.append("they were made for a different cascade position (earlier gates differ)")
+    for split, idx in (indices or {}).items():
+        stored = payload["splits"].get(split)
+        if stored is None:
+            problems.append(f"they have no '{split}' split")
+        elif stored["indices"].tolist() != list(idx):
+            problems.append(f"their '{split}' images differ from this run's (data split or subset changed)")
+    return problems
+
+
+def find_cached(stage_dir: Path, name: str) -> Optional[Path]:
+    """``stage_dir/name``; failing that, the newest copy in a backup of the stage folder
+    (``<stage>.old-*``, made by ``overwrite=true``), copied back in."""
+    stage_dir = Path(stage_dir)
+    path = stage_dir / name
+    if path.is_file():
+        return path
+    backups = sorted(stage_dir.parent.glob(f"{stage_dir.name}.old-*/{name}"))
+    if not backups:
+        return None
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.copy")
+    shutil.copyfile(backups[-1], tmp)
+    tmp.replace(path)
+    return path
+
+
+# -- datasets that carry the label -----------------------------------------------------------------
+
+class LabeledDataset(Dataset):
+    """Items ``(x, y, gate_label)``. Training wraps the *augmented* training set: the image is
+    augmented, its label is the one computed on the un-augmented image (same position).
+    ``drop_excluded`` leaves out inputs taken by earlier cascade pairs. Picklable."""
+
+    def __init__(self, base: Dataset, labels: torch.Tensor, drop_excluded: bool = False) -> None:
+        if len(base) != len(labels):
+            raise ValueError(f"{len(labels)} gate labels for a dataset of {len(base)} images")
+        self.base = base
+        self.labels = labels.to(torch.int8).clone()
+        self.positions = (self.labels != EXCLUDED).nonzero().flatten() if drop_excluded else None
+
+    def __len__(self) -> int:
+        return len(self.positions) if self.positions is not None else len(self.base)
+
+    def __getitem__(self, i: int):
+        j = int(self.positions[i]) if self.positions is not None else i
+        x, y = self.base[j][:2]
+        return x, y, int(self.labels[j])
+
+
+def attach_labels(dm: Any, labels: Mapping[str, torch.Tensor], drop_excluded: bool = True) -> None:
+    """Make the (set-up) datamodule's train/val/test loaders yield (x, y, gate_label); the training
+    set leaves out the excluded inputs (``drop_excluded``)."""
+    dm.train_set = LabeledDataset(dm.train_set, labels["train"], drop_excluded=drop_excluded)
+    if len(dm.val_set) and "val" in labels:
+        dm.val_set = LabeledDataset(dm.val_set, labels["val"])
+    if "test" in labels:
+        dm.test_set = LabeledDataset(dm.test_set, labels["test"])
+
+
+# -- inputs from earlier stages (shared by the gate and entropy stages) ------------------------------
+
+def stage_weights(run_dir: Path, stage: str, manifest: Mapping[str, Any], needed_by: str) -> tuple[Path, str]:
+    """Path and sha256 of a completed stage's exported weights (checked against its manifest)."""
+    stage_dir = Path(run_dir) / stage
+    try:
+        rec = manifest["outputs"]["weights"]
+        path = stage_dir / rec["path"]
+    except (KeyError, TypeError):
+        raise StageInputError(f"stage '{needed_by}': the manifest of '{stage}' in {stage_dir} lists no "
+                              f"weights") from None
+    if not path.is_file():
+        raise StageInputError(f"stage '{needed_by}': weights {path} of stage '{stage}' are missing: rerun "
+                              f"stage '{stage}' (overwrite=true)")
+    sha = sha256_file(path)
+    if rec.get("sha256") and rec["sha256"] != sha:
+        raise StageInputError(f"stage '{needed_by}': {path} changed after stage '{stage}' wrote it "
+                              f"(sha256 {sha[:12]} != manifest {rec['sha256'][:12]}): rerun stage '{stage}'")
+    return path, sha
+
+
+def check_same_data(info: Any, manifest: Mapping[str, Any], stage: str, needed_by: str) -> None:
+    data = manifest.get("data") or {}
+    want = (data.get("name"), list(data.get("input_shape") or []), data.get("num_classes"))
+    have = (info.name, list(info.input_shape), info.num_classes)
+    if data and want != have:
+        raise StageInputError(f"stage '{needed_by}': stage '{stage}' was trained on {want[0]} {want[1]} with "
+                              f"{want[2]} classes, this run's data is {have[0]} {have[1]} with {have[2]}")
