@@ -21,39 +21,22 @@ import numpy as np
 import torch
 
 from ace_lightning.ace import ACEModel, model_from_run
+from bound_step_cost import peak_rss_mb, reset_peak_rss
 from ace_lightning.certify import certify_batch
 from ace_lightning.sweep import Records, sweep_cost
 
 DEMO_RUN = Path("runs/demo_fmnist/eps_0.1")
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _time(fn: Callable[[], object], reps: int) -> dict:
     fn()  # warm-up (and BoundedModule construction)
-    _reset_peak()
+    reset_peak_rss()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "peak_rss_mb": _peak_mb()}
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "peak_rss_mb": peak_rss_mb()}
 
 
 def _model(run_dir: Path) -> tuple[ACEModel, str]:

@@ -21,15 +21,37 @@ from torch import nn
 from ace_lightning.bounds import robust_ce_loss
 
 
+def reset_peak_rss() -> None:
+    """Linux: reset the process's peak resident set size (VmHWM) so each case gets its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def _time(step: Callable[[], None], reps: int, warmup: int = 2) -> dict:
     for _ in range(warmup):
         step()
+    reset_peak_rss()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps}
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def default_net(name: str, shape: tuple[int, int, int], classes: int) -> nn.Module:

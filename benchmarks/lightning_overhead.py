@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.bounds import robust_ce_loss
+from bound_step_cost import peak_rss_mb, reset_peak_rss
 from ace_lightning.nets import create_cert_net
 from ace_lightning.stages.cert import CertStage
 from ace_lightning.stages.common import l1_penalty
@@ -58,6 +59,7 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     eps_t = eps * 1.05
     stamps = []
+    reset_peak_rss()
     for _ in range(steps + 1):
         stamps.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
@@ -67,6 +69,8 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
     bare = _median_gap(stamps, warmup)
+    bare_peak = peak_rss_mb()
+    reset_peak_rss()
 
     # the same inside Lightning: eps at eps_train from step 0 (no warm-up, no ramp)
     net = create_cert_net(name, shape, classes, [0.5] * c, [0.25] * c)
@@ -82,7 +86,8 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
     lightning = _median_gap(stamp_cb.t, warmup)
     return {"net": name, "shape": list(shape), "batch": batch, "method": method,
             "bare_loop_step_s": bare, "lightning_step_s": lightning,
-            "ratio_lightning_to_bare": lightning / bare, "steps_measured": steps - warmup}
+            "ratio_lightning_to_bare": lightning / bare, "steps_measured": steps - warmup,
+            "bare_peak_rss_mb": bare_peak, "lightning_peak_rss_mb": peak_rss_mb()}
 
 
 if __name__ == "__main__":

@@ -102,3 +102,23 @@ def test_wandb_offline_run_has_the_logged_keys(tmp_path):
     for key in (b"train/loss", b"train/eps", b"val/cert_acc", b"val/ibp_cert_acc"):
         assert key in cert, key
     assert b"val/cert_acc" not in logged("core")  # each stage has its own run
+
+
+def test_reproduce_cifar_smoke_on_generated_cifar_files(tmp_path):
+    """`make reproduce-cifar SMOKE=1`: the paper's three CIFAR-10 pipelines (EfficientNet-B0 core,
+    C3/C2/C5 cert-nets, gate or entropy selection, certify) on generated CIFAR-format files."""
+    from test_data import _write_cifar
+
+    _write_cifar(str(tmp_path / "cifar"), per_batch=40, n_test=64)
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "ace_lightning.pipeline", "--smoke", "--runs-root", str(runs),
+           f"data.data_dir={tmp_path / 'cifar'}", "data.download=false"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((runs / "reproduce.json").read_text())
+    assert [r["experiment"] for r in rows] == ["cifar10_acenet_ibp_2_255", "cifar10_aceentropy_ibp_2_255",
+                                               "cifar10_acenet_ibp_8_255"]
+    for r in rows:
+        assert 0 <= r["nat_within_1pt"]["nat_acc"] <= 1 and r["expected_nat"] > 0
+    assert "90.1 / 27.5" in res.stdout and "SMOKE" in res.stdout
+    assert (runs / "cifar10_aceentropy_ibp" / "eps_2_255" / "certify_entropy" / "manifest.json").is_file()
