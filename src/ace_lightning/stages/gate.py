@@ -75,6 +75,7 @@ from ace_lightning.stages.schedules import CertSchedule, ramp_progress
 TRAIN_METHODS = ("IBP", "CROWN-IBP")
 POS_WEIGHT_MODES = ("sliding", "balanced", "none")
 GATE_CONSTANT = 1.0e4  # |g| of a gate that selects nothing / everything (far from any threshold)
+COLLAPSE_WARNING = 0.1  # warn when more test inputs than this reach the head with all units off
 
 
 # -- pieces with one job each (unit-tested) ---------------------------------------------------------
@@ -345,6 +346,11 @@ class GateStage(StageModule):
     def _log_score(self, split: str) -> None:
         score = self._rate(split, "certified_selection_rate") - self._rate(split, "false_selection_rate")
         self.log(f"{split}/selection_score", score, prog_bar=split == "val")
+        collapsed = self._rate(split, "collapsed_rate")
+        if split == "test" and self.constant_output is None and collapsed > COLLAPSE_WARNING:
+            warnings.warn(f"gate: on {100 * collapsed:.0f}% of the test inputs every unit of the last hidden "
+                          f"layer is off, so g(x) is the same constant for all of them (dead units); try a "
+                          f"lower lr, a longer eps ramp or train_last_k", stacklevel=2)
 
     def on_validation_epoch_end(self) -> None:
         self._log_score("val")
@@ -362,6 +368,14 @@ def _label_device(cfg: Mapping[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def check_labels_file(path: Path, payload: Mapping[str, Any], **expected: Any) -> None:
+    """An explicitly configured label file that does not fit this run is an error, not a recompute."""
+    problems = label_problems(payload, **expected)
+    if problems:
+        raise StageInputError(f"gate labels {path}: {problems[0]}; point stage.labels_file at labels made "
+                              f"for this run or set it to null to recompute")
+
+
 def obtain_labels(stage_dir: Path, dm: Any, cert_net: nn.Module, cert_sha: str, eps: float, method: str,
                   earlier: list[EarlierGate], device: torch.device, progress: bool,
                   labels_file: Optional[str] = None) -> tuple[dict, Path, str]:
@@ -374,11 +388,8 @@ def obtain_labels(stage_dir: Path, dm: Any, cert_net: nn.Module, cert_sha: str, 
     if labels_file:
         path = Path(labels_file).expanduser().resolve()
         payload = read_labels(path)
-        problems = label_problems(payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
-                                  indices=indices)
-        if problems:
-            raise StageInputError(f"gate labels {path}: {problems[0]}; point stage.labels_file at labels made "
-                                  f"for this run or set it to null to recompute")
+        check_labels_file(path, payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
+                          indices=indices)
         return payload, path, "file"
     name = labels_filename(cert_sha, eps, after)
     cached = find_cached(stage_dir, name)
@@ -429,28 +440,23 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
     if thresholds is not None and len(thresholds) != position:
         raise ValueError(f"stage.cascade_thresholds needs one threshold per earlier pair ({position}), "
                          f"got {len(thresholds)}")
-    earlier_specs = []
+    earlier: list[EarlierGate] = []
     for i in range(position):
         name = gate_stage_name(i)
         gm = require_stage(run_dir, name, stage)
         g_path, g_sha = stage_weights(run_dir, name, gm, stage)
         sel = gm.get("selection") or {}
         t_i = float(thresholds[i]) if thresholds is not None else float(sel.get("threshold", 0.0))
-        earlier_specs.append({"name": name, "manifest": gm, "path": g_path, "sha256": g_sha,
-                              "method": sel.get("method") or "IBP", "threshold": t_i})
-    after = cascade_key([EarlierGate(None, s["method"], s["threshold"], s["sha256"], s["name"])  # type: ignore
-                         for s in earlier_specs])
+        earlier.append(EarlierGate(name, sel.get("method") or "IBP", t_i, g_sha, gm["net"], g_path))
+    after = cascade_key(earlier)
     labels_file = st.get("labels_file")
     if labels_file:  # fail before any data is loaded
-        payload = read_labels(Path(labels_file).expanduser().resolve())
-        problems = label_problems(payload, eps=eps, method=label_method, cert_sha256=cert_sha, after=after)
-        if problems:
-            raise StageInputError(f"gate labels {labels_file}: {problems[0]}; point stage.labels_file at "
-                                  f"labels made for this run or set it to null to recompute")
+        path = Path(labels_file).expanduser().resolve()
+        check_labels_file(path, read_labels(path), eps=eps, method=label_method, cert_sha256=cert_sha, after=after)
 
     inputs: dict[str, Any] = {"cert": {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}}
-    for s in earlier_specs:
-        inputs[s["name"]] = {"stage": s["name"], "path": str(s["path"]), "sha256": s["sha256"]}
+    for g in earlier:
+        inputs[g.name] = {"stage": g.name, "path": str(g.path), "sha256": g.sha256}
     state: dict[str, Any] = {}
     progress = bool(to_dict(cfg["trainer"]).get("enable_progress_bar", True))
 
@@ -460,11 +466,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         cert_net = build_net(cert_manifest["net"], info)
         load_weights(cert_net, cert_path, f"stage '{stage}': cert-net of stage '{cert_stage}'")
         init_gate_from_cert(net, cert_net)  # ValueError naming the first mismatching layer
-        earlier = []
-        for s in earlier_specs:
-            g = build_net(s["manifest"]["net"], info)
-            load_weights(g, s["path"], f"stage '{stage}': gate of stage '{s['name']}'")
-            earlier.append(EarlierGate(g, s["method"], s["threshold"], s["sha256"], s["name"]))
+        for g in earlier:
+            g.net = load_weights(build_net(g.net_cfg, info), g.path, f"stage '{stage}': gate of stage '{g.name}'")
         dm.prepare_data()
         dm.setup("fit")
         payload, path, source = obtain_labels(stage_dir, dm, cert_net, cert_sha, eps, label_method, earlier,
@@ -512,7 +515,7 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         manifest.update({
             "selection": {"type": "network", "threshold": float(st["threshold"]), "method": method,
                           "cert_stage": cert_stage, "position": position, "cascade": cascade,
-                          "earlier_thresholds": [s["threshold"] for s in earlier_specs]},
+                          "earlier_thresholds": [g.threshold for g in earlier]},
             "labels": state["labels"], "gate_status": state["gate_status"]})
         manifest = write_manifest(stage_dir, manifest)
     return manifest

@@ -131,13 +131,16 @@ def gate_certifiably_fires(gate: nn.Module, loader: Iterable, eps: float, method
 
 @dataclass
 class EarlierGate:
-    """A trained gate of an earlier cascade pair: its net, bound method and threshold."""
+    """The trained gate of an earlier cascade pair: where it lives, its bound method and threshold;
+    ``net`` is built (from ``net_cfg`` and ``path``) only when labels have to be computed."""
 
-    net: nn.Module
+    name: str
     method: str
     threshold: float
     sha256: str
-    name: str = "gate"
+    net_cfg: Optional[Mapping[str, Any]] = None
+    path: Optional[Path] = None
+    net: Optional[nn.Module] = None
 
 
 def compute_labels(cert_net: nn.Module, loaders: Mapping[str, Optional[Iterable]], eps: float, method: str,
