@@ -132,6 +132,27 @@ def test_train_last_k_freezes_the_right_params():
         f"{linears[-1]}.weight", f"{linears[-1]}.bias"]
 
 
+def test_gate_loss_uses_the_worst_case_logit_of_each_label():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 16, 16)
+    label = torch.tensor([1, 1, 1, 0, 0, 0])
+    bce = nn.functional.binary_cross_entropy_with_logits
+    for worst_neg in (True, False):
+        module = GateStage(build_net({"name": "small", "kind": "gate"}, _info()), {"name": "adam", "lr": 1e-3},
+                           {}, eps=EPS, worst_case_negatives=worst_neg)
+        loss, robust, g = module.gate_loss(x, label, EPS, kappa=0.25, beta=None, pos_weight=2.0)
+        lb, ub = (b.view(-1) for b in output_bounds(module.net, x, EPS, "IBP"))
+        worst = torch.cat([lb[:3], (ub if worst_neg else g)[3:]])
+        pw = torch.tensor(2.0)
+        assert robust.item() == pytest.approx(bce(worst, label.float(), pos_weight=pw).item(), rel=1e-5)
+        expected = 0.25 * bce(g, label.float(), pos_weight=pw) + 0.75 * robust
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        loss.backward()  # differentiable through the bounds
+        assert all(p.grad is not None for p in module.net.parameters())
+    natural, zero, _ = module.gate_loss(x, label, 0.0, kappa=0.25, beta=None, pos_weight=1.0)
+    assert zero.item() == 0.0 and natural.item() == pytest.approx(bce(module.net(x).view(-1), label.float()).item())
+
+
 def test_validation_metrics_and_dead_unit_diagnostic():
     gate = build_net({"name": "small", "kind": "gate"}, _info())
     module = GateStage(gate, {"name": "adam", "lr": 1e-3}, {}, eps=EPS, val_crown_ibp=False)
@@ -216,7 +237,7 @@ def test_gate_stage_trains_from_the_cert_net_and_caches_labels(runs, capsys, mon
         raise AssertionError("labels were recomputed")
 
     monkeypatch.setattr(gate_labels, "certify_dataset", no_certification)
-    again = run_stage(compose_cfg(runs, GATE + ["stage.kappa_end=0.5", "overwrite=true"]))
+    again = run_stage(compose_cfg(runs, GATE + ["stage.kappa_end=0.25", "overwrite=true"]))
     assert "gate labels: reused cached" in capsys.readouterr().out
     assert again["labels"]["source"] == "cache" and again["labels"]["train"] == bal
 
