@@ -2,14 +2,14 @@
 from config, epoch metrics that are exact under DDP (torchmetrics sums, not means of means)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ace_lightning.stages.schedules import step_decay
+from ace_lightning.stages.schedules import CertSchedule, step_decay
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -54,6 +54,28 @@ class StageModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # -- the eps/kappa/beta ramp of the certified stages (cert, entropy, gate) ------------------
+    # Stages using it set eps, eps_factor, warmup_epochs, ramp_epochs, kappa_end, ramp_shape, method,
+    # steps_per_epoch and _schedule = None in their __init__.
+    @property
+    def per_epoch(self) -> int:
+        return self.steps_per_epoch or max(1, int(self.trainer.num_training_batches))
+
+    @property
+    def schedule(self) -> CertSchedule:
+        if self._schedule is None:
+            self._schedule = CertSchedule(
+                eps_train=min(1.0, self.eps * self.eps_factor),
+                warmup_steps=int(round(self.warmup_epochs * self.per_epoch)),
+                ramp_steps=int(round(self.ramp_epochs * self.per_epoch)),
+                kappa_end=self.kappa_end, shape=self.ramp_shape)
+        return self._schedule
+
+    def schedule_at(self, step: int) -> tuple[float, float, Optional[float]]:
+        """(eps, kappa, beta) at an optimiser step; beta only for CROWN-IBP training."""
+        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
+        return self.schedule.eps(step), self.schedule.kappa(step), beta
 
     def update_metrics(self, split: str, values: Mapping[str, torch.Tensor]) -> None:
         """values: name -> per-input 0/1 tensor (weights every input equally across batches/ranks)."""

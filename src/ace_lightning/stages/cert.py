@@ -89,22 +89,11 @@ class CertStage(StageModule):
         return method
 
     # -- schedules ---------------------------------------------------------------------------
-    @property
-    def schedule(self) -> CertSchedule:
-        if self._schedule is None:
-            per_epoch = self.steps_per_epoch or max(1, int(self.trainer.num_training_batches))
-            self._schedule = CertSchedule(
-                eps_train=min(1.0, self.eps * self.eps_factor),
-                warmup_steps=int(round(self.warmup_epochs * per_epoch)),
-                ramp_steps=int(round(self.ramp_epochs * per_epoch)),
-                kappa_end=self.kappa_end, shape=self.ramp_shape)
-        return self._schedule
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = self.global_step
-        eps_t, kappa = self.schedule.eps(step), self.schedule.kappa(step)
-        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
+        eps_t, kappa, beta = self.schedule_at(step)
         if eps_t <= 0:
             logits = self.net(x)
             robust = torch.zeros((), device=x.device)

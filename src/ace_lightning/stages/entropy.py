@@ -78,8 +78,7 @@ class EntropyStage(CertStage):
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = self.global_step
-        eps_t, kappa = self.schedule.eps(step), self.schedule.kappa(step)
-        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
+        eps_t, kappa, beta = self.schedule_at(step)
         if eps_t <= 0:
             logits = self.net(x)
             robust = torch.zeros((), device=x.device)

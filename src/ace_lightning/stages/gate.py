@@ -256,19 +256,7 @@ class GateStage(StageModule):
         return self
 
     # -- schedules ---------------------------------------------------------------------------------
-    @property
-    def per_epoch(self) -> int:
-        return self.steps_per_epoch or max(1, int(self.trainer.num_training_batches))
 
-    @property
-    def schedule(self) -> CertSchedule:
-        if self._schedule is None:
-            self._schedule = CertSchedule(
-                eps_train=min(1.0, self.eps * self.eps_factor),
-                warmup_steps=int(round(self.warmup_epochs * self.per_epoch)),
-                ramp_steps=int(round(self.ramp_epochs * self.per_epoch)),
-                kappa_end=self.kappa_end, shape=self.ramp_shape)
-        return self._schedule
 
     def pos_weight_at(self, step: int) -> float:
         if self.pos_weight_mode == "none" or not 0.0 < self.label_fraction < 1.0:
@@ -312,8 +300,7 @@ class GateStage(StageModule):
         if not bool(keep.all()):  # inputs taken by earlier cascade pairs (normally dropped already)
             x, label = x[keep], label[keep]
         step = self.global_step
-        eps_t, kappa = self.schedule.eps(step), self.schedule.kappa(step)
-        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
+        eps_t, kappa, beta = self.schedule_at(step)
         pw = self.pos_weight_at(step)
         loss, robust, g = self.gate_loss(x, label, eps_t, kappa, beta, pw)
         if self.l1:
