@@ -1,0 +1,248 @@
+"""Hydra entry point for a trained run folder and its records (conf/certify.yaml):
+
+    python -m ace_lightning.cli action=certify run_dir=runs/mnist/eps_0.1
+    python -m ace_lightning.cli action=sweep records=runs/mnist/eps_0.1/certify/records.csv
+    python -m ace_lightning.cli action=plot sweep=runs/mnist/eps_0.1/certify/sweep_test.csv out=p.png
+
+certify composes the train config for ``stage=certify`` from the run folder's manifests and runs
+the certify stage; sweep and plot only read files. Bad input exits with code 2 and one line;
+everything is checked before the first file is written.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from ace_lightning.train import CONF_DIR, USER_ERRORS, fail
+
+SPLITS = ("val", "test")
+PLOT_COLUMNS = ("threshold", "nat_acc", "cert_acc", "cert_route_rate")
+FORWARDED = ("data", "trainer")  # config groups of conf/certify.yaml that belong to the train config
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _required(cfg: DictConfig, key: str, what: str) -> str:
+    if cfg.get(key) in (None, ""):
+        raise ValueError(f"action={cfg.action} needs {key}=<{what}>")
+    return str(cfg[key])
+
+
+def _grid(value: Any) -> Optional[int | list[float]]:
+    """The grid as sweep.threshold_grid takes it; an empty one is refused before any work."""
+    value = _plain(value)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"threshold grid is empty (grid={value}): pass grid=<k >= 1> or a list of thresholds")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"grid={value!r}: pass a number of quantiles (grid=101) or a list (grid=[0.0,0.5])")
+    if not value:
+        raise ValueError("threshold grid is empty (grid=[]): pass grid=<k >= 1> or a list of thresholds")
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"grid={value!r}: every threshold must be a number") from None
+
+
+# -- action=certify --------------------------------------------------------------------------------
+
+def _override_value(value: Any) -> str:
+    """A Python value in Hydra's override grammar (strings quoted, inf/nan as Hydra floats)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _dotted(prefix: str, value: Any) -> list[str]:
+    """``++prefix.key=value`` for every leaf: adds or replaces, later overrides win."""
+    if isinstance(value, dict) and value:
+        return [o for k, v in value.items() for o in _dotted(f"{prefix}.{k}", v)]
+    return [f"++{prefix}={_override_value(value)}"]
+
+
+def _forwarded() -> tuple[dict[str, str], list[str]]:
+    """The command line's config groups of the train config (data, trainer) and its
+    ``data.<key>=...`` / ``trainer.<key>=...`` overrides, as ``++`` (add or replace)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    groups = {g: hc.runtime.choices.get(g) for g in FORWARDED if hc.runtime.choices.get(g)}
+    dotted = [o if o.startswith("~") else "++" + o.lstrip("+") for o in hc.overrides.task
+              if o.lstrip("+~").split("=")[0].split(".")[0] in FORWARDED and "." in o.split("=")[0]]
+    return groups, dotted
+
+
+def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]) -> list[str]:
+    """Train-config overrides for ``stage=certify`` on ``cfg.run_dir``; precedence, lowest first:
+    the run folder's manifests (data settings, eps, seed; the last certify's settings), the knobs of
+    conf/certify.yaml, the command line's data/trainer overrides, then ``cfg.overrides``."""
+    from ace_lightning.ace import spec_from_run
+    from ace_lightning.stages.common import read_manifest
+
+    run_dir = Path(_required(cfg, "run_dir", "run folder")).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    selection = cfg.selection or next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate")
+    spec_from_run(run_dir, selection)  # every stage the composed model needs, before anything runs
+    cert = read_manifest(run_dir / "cert")
+    trained = dict(cert.get("config", {}).get("data") or {"name": cert["data"]["name"]})
+    data = groups.get("data") or trained["name"]
+    eps = float(cfg.eps if cfg.eps is not None else cert["eps"])
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+    # the layout train.yaml makes is <runs_root>/<data>/eps_<eps>: summary.csv goes to runs_root
+    runs_root = run_dir.parents[1] if run_dir.name.startswith("eps_") else run_dir
+    out = ["stage=certify", f"data={data}", f"trainer={groups.get('trainer', 'default')}",
+           f"run_dir={_override_value(str(run_dir))}", f"runs_root={_override_value(str(runs_root))}",
+           f"eps={eps!r}"]
+    if data == trained["name"]:  # the same val/test inputs as in training
+        out += _dotted("data", {k: v for k, v in trained.items() if k != "name"})
+    if cert.get("config", {}).get("seed") is not None:
+        out.append(f"seed={int(cert['config']['seed'])}")
+    last = read_manifest(run_dir / ("certify" if selection == "gate" else f"certify_{selection}"))
+    if last and isinstance(last.get("config", {}).get("stage"), dict):
+        out += _dotted("stage", {k: v for k, v in last["config"]["stage"].items()
+                                 if k not in ("name", "epochs", "grad_clip")})
+    knobs = {"selection": selection, "methods": _plain(cfg.methods), "batch_size": cfg.batch_size,
+             "grid": _grid(cfg.grid)}
+    out += [o for k, v in knobs.items() if v is not None for o in _dotted(f"stage.{k}", v)]
+    out.append(f"overwrite={_override_value(bool(cfg.overwrite))}")
+    return out + dotted + [str(o) for o in _plain(cfg.overrides) or []]
+
+
+def run_certify_action(cfg: DictConfig) -> dict:
+    from hydra import compose
+
+    from ace_lightning.stages import run_stage
+
+    train_cfg = compose(config_name="train", overrides=certify_overrides(cfg, *_forwarded()))
+    return run_stage(train_cfg)
+
+
+# -- action=sweep ----------------------------------------------------------------------------------
+
+def run_sweep_action(cfg: DictConfig) -> dict:
+    from ace_lightning.report import format_table, write_sweep_outputs
+    from ace_lightning.sweep import _split_set, load_records, sweep
+
+    path = _required(cfg, "records", "records.csv")
+    grid = _grid(cfg.grid)
+    tolerance = cfg.tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r}: pass a non-negative accuracy difference, e.g. 0.01")
+    records = load_records(path)
+    if cfg.split is not None:
+        if cfg.split not in SPLITS:
+            raise ValueError(f"split={cfg.split!r}: pass split=val, split=test or split=null")
+        if "split" in records and cfg.split not in records.splits:
+            raise ValueError(f"records in {path} hold split(s) {_split_set(records.splits)}, not "
+                             f"{cfg.split!r}: pass split=null or certify the {cfg.split} split")
+        records = records.split(cfg.split)
+    for name in sorted(records.splits & set(SPLITS)):  # every sweep error before the first write
+        sweep(records.split(name), grid)
+    out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = write_sweep_outputs(records, out_dir, grid=grid, tolerance=float(tolerance))
+    for w in caught:
+        print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    shown = written["shown_split"]
+    n = len(records.split(shown))
+    print(format_table(written["points"], title=f"{path}: {shown} split ({n} inputs)"))
+    files = [os.path.basename(written[k]) for k in ("sweep_val", "sweep_test", "operating_points", "pareto")
+             if k in written]
+    print(f"[ace] wrote {', '.join(files)} in {out_dir}")
+    return written
+
+
+# -- action=plot -----------------------------------------------------------------------------------
+
+def read_sweep_csv(path: str) -> list[dict[str, float]]:
+    """Rows of a sweep CSV (report.py writes them: threshold and rates, +-inf thresholds)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sweep file not found: {path} (action=sweep writes it)")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in PLOT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not a sweep CSV: it lacks column(s) {', '.join(missing)}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows.append({k: float(v) for k, v in row.items() if k is not None})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: line {line} holds a value that is not a number") from None
+    if not rows:
+        raise ValueError(f"{path} holds no sweep rows: run action=sweep first")
+    return rows
+
+
+def read_points(path: str, shown: str) -> tuple[list[dict], list[dict]]:
+    """(reference networks, operating points) of operating_points.json with their ``shown``-split
+    numbers (val numbers for a point that has no test ones), as plot_pareto draws them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"operating points file not found: {path} (action=sweep writes it)")
+    try:
+        summary = json.loads(Path(path).read_text())
+        groups = []
+        for group in ("reference_points", "operating_points"):
+            groups.append([{"key": p["key"], "name": p["name"],
+                            "threshold": None if p["threshold"] is None else float(p["threshold"]),
+                            **(p.get(shown) or p.get("val") or p["test"])} for p in summary[group]])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an operating_points.json ({type(err).__name__}: {err})") from None
+    return groups[0], groups[1]
+
+
+def run_plot_action(cfg: DictConfig) -> str:
+    from ace_lightning.report import PLOT_FILE, plot_pareto
+
+    if not cfg.sweep and not cfg.sweep_val:
+        raise ValueError("action=plot needs sweep=<sweep_test.csv> (and/or sweep_val=<sweep_val.csv>)")
+    rows_test = read_sweep_csv(str(cfg.sweep)) if cfg.sweep else None
+    rows_val = read_sweep_csv(str(cfg.sweep_val)) if cfg.sweep_val else None
+    refs, points = read_points(str(cfg.points), "test" if cfg.sweep else "val") if cfg.points else ([], [])
+    out = str(cfg.out or os.path.join(os.path.dirname(os.path.abspath(str(cfg.sweep or cfg.sweep_val))), PLOT_FILE))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    plot_pareto(out, rows_test, rows_val, refs, points)
+    print(f"[ace] wrote {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="certify")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action}
+    try:
+        if cfg.action not in actions:
+            raise ValueError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep or action=plot")
+        actions[cfg.action](cfg)
+    except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(msg.strip("'\""))
+
+
+if __name__ == "__main__":
+    main()

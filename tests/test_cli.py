@@ -1,0 +1,132 @@
+"""The CLI as a user runs it (``python -m ace_lightning.cli action=...`` in a subprocess): sweep
+and plot from records files, and bad input as one line ``error: ...`` with exit code 2 that leaves
+every file already written as it was. Records are synthetic; no network is trained."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ace_lightning.sweep import load_records, save_records, sweep, synthetic_records
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "ace_lightning.cli", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=300)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_sweep(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """A folder as a sweep leaves it: records (val + test), a test-only records file, and the
+    sweep outputs of the full records."""
+    folder = tmp_path_factory.mktemp("swept")
+    save_records(synthetic_records(400, seed=3), folder / "records.csv")
+    save_records(synthetic_records(200, seed=4, splits=("test",)), folder / "test_only.csv")
+    res = cli("action=sweep", f"records={folder / 'records.csv'}", "grid=21", cwd=folder.parent / "cwd0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return folder
+
+
+def test_sweep_writes_the_files_with_the_numbers_of_sweep(written, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(written, folder)
+    (folder / "pareto.png").unlink()
+    res = cli("action=sweep", f"records={folder / 'records.csv'}", "grid=21", cwd=tmp_path / "cwd")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("sweep_val.csv", "sweep_test.csv", "operating_points.json", "pareto.png"):
+        assert (folder / name).is_file(), name
+    for split in ("val", "test"):
+        assert read_sweep(folder / f"sweep_{split}.csv") == sweep(load_records(folder / "records.csv", split), 21)
+    points = json.loads((folder / "operating_points.json").read_text())
+    assert points["n_val"] + points["n_test"] == 400 and points["operating_points"]
+    assert "natural" in res.stdout and "certified" in res.stdout and "core alone" in res.stdout
+    assert list((tmp_path / "cwd").iterdir()) == []  # Hydra left nothing in the working directory
+
+
+def test_sweep_of_one_split_with_a_threshold_list_into_another_folder(written, tmp_path):
+    out = tmp_path / "out"
+    res = cli("action=sweep", f"records={written / 'records.csv'}", "split=test", "grid=[-0.5,0.0,0.5]",
+              f"out_dir={out}", cwd=tmp_path / "cwd")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["operating_points.json", "pareto.png", "sweep_test.csv"]
+    want = sweep(load_records(written / "records.csv", "test"), [-0.5, 0.0, 0.5])
+    assert read_sweep(out / "sweep_test.csv") == want
+    assert res.stderr.strip().startswith("warning: no 'val' records")  # one line, not a traceback
+
+
+def test_plot_redraws_the_pareto_png(written, tmp_path):
+    out = tmp_path / "plots" / "pareto.png"
+    res = cli("action=plot", f"sweep={written / 'sweep_test.csv'}", f"sweep_val={written / 'sweep_val.csv'}",
+              f"points={written / 'operating_points.json'}", f"out={out}", cwd=tmp_path / "cwd")
+    assert res.returncode == 0, res.stderr[-3000:]
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (800, 600)
+
+
+BAD = {
+    "records file missing": (["action=sweep", "records={d}/nope.csv", "out_dir={d}"], "records file not found"),
+    "split not in records": (["action=sweep", "records={d}/test_only.csv", "split=val", "out_dir={d}"],
+                             "hold split(s) {'test'}, not 'val'"),
+    # test-only records: a sweep that got as far as writing would first remove sweep_val.csv
+    "empty grid list": (["action=sweep", "records={d}/test_only.csv", "grid=[]", "out_dir={d}"],
+                        "threshold grid is empty"),
+    "zero grid": (["action=sweep", "records={d}/records.csv", "grid=0"], "threshold grid is empty"),
+    "negative tolerance": (["action=sweep", "records={d}/records.csv", "tolerance=-1"], "tolerance=-1"),
+    "sweep file missing": (["action=plot", "sweep={d}/nope.csv", "out={d}/pareto.png"], "sweep file not found"),
+    "not a sweep file": (["action=plot", "sweep={d}/records.csv", "out={d}/pareto.png"], "is not a sweep CSV"),
+    "no action": ([], "pass action=certify"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, written, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(written, folder, copy_function=shutil.copy2)
+    before = snapshot(folder)
+    args, message = BAD[case]
+    res = cli(*[a.format(d=folder) for a in args], cwd=tmp_path / "cwd")
+    assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert snapshot(folder) == before
+
+
+def test_certify_a_run_folder_without_a_gate_stage(tmp_path):
+    """Manifests of core/ and cert/ only: the gate stage is named before anything is loaded."""
+    run = tmp_path / "runs" / "synthetic" / "eps_0.03"
+    for stage in ("core", "cert"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text(json.dumps({
+            "stage": stage, "status": "complete", "eps": 0.03, "data": {"name": "synthetic"},
+            "net": {"name": "fc", "kind": "cert"},
+            "config": {"data": {"name": "synthetic", "subset": 64, "val_size": 48}, "eps": 0.03, "seed": 0},
+            "outputs": {"weights": {"path": f"{stage}.pt"}}}))
+        (run / stage / f"{stage}.pt").write_bytes(b"weights")
+    before = snapshot(tmp_path / "runs")
+    res = cli("action=certify", f"run_dir={run}", cwd=tmp_path / "cwd")
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and res.stderr.strip().splitlines()[-1] == errors[0]
+    assert "needs stage 'gate'" in errors[0], errors
+    assert snapshot(tmp_path / "runs") == before
+    assert list((tmp_path / "cwd").iterdir()) == []
