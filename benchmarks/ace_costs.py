@@ -5,38 +5,25 @@
 - conditional execution: the composed model at routing rate r vs the core on every input, and vs
   running every net on every input (the reference code's way);
 - the exact threshold sweep vs the certification pass that produced its records (goal < 1%);
-- peak resident memory of each (Linux VmHWM, reset before each case).
+- peak memory of each (Linux VmHWM on CPU, the CUDA allocator's peak on a GPU; reset before each
+  case). On a GPU the sweep still runs on CPU (it works on the records, as in the pipeline).
 
 Uses a certified run folder (default: the demo's) when it exists, else the demo architectures with
 random weights (timings are about shapes, the routing rate then comes from the threshold).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ace_lightning.ace import ACEModel, model_from_run
-from bound_step_cost import peak_rss_mb, reset_peak_rss
 from ace_lightning.certify import certify_batch
 from ace_lightning.sweep import Records, sweep_cost
+from timing import time_fn
 
 DEMO_RUN = Path("runs/demo_fmnist/eps_0.1")
-
-
-def _time(fn: Callable[[], object], reps: int) -> dict:
-    fn()  # warm-up (and BoundedModule construction)
-    reset_peak_rss()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "peak_rss_mb": peak_rss_mb()}
 
 
 def _model(run_dir: Path) -> tuple[ACEModel, str]:
@@ -66,9 +53,11 @@ def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def measure(run_dir: Path = DEMO_RUN, n: int = 1024, batch: int = 256, eps: float = 0.1, reps: int = 5) -> dict:
+def measure(run_dir: Path = DEMO_RUN, n: int = 1024, batch: int = 256, eps: float = 0.1, reps: int = 5,
+            device: torch.device | str = "cpu") -> dict:
     model, origin = _model(Path(run_dir))
-    x, y = _inputs(n)
+    model.to(device)
+    x, y = (t.to(device) for t in _inputs(n))
     batches = list(zip(x.split(batch), y.split(batch)))
 
     def infer():
@@ -90,20 +79,23 @@ def measure(run_dir: Path = DEMO_RUN, n: int = 1024, batch: int = 256, eps: floa
     def certify(methods):
         def run():
             parts = [certify_batch(model, xb, yb, eps, methods) for xb, yb in batches]
-            records[tuple(methods)] = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+            records[tuple(methods)] = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
         return run
 
-    out = {"model": origin, "inputs": n, "batch": batch, "eps": eps,
+    def timed(fn):  # one warm-up call (and BoundedModule construction)
+        return time_fn(fn, reps, warmup=1, device=device)
+
+    out = {"model": origin, "device": str(device), "inputs": n, "batch": batch, "eps": eps,
            "threshold": float(model.thresholds[0])}
-    out["plain_inference"] = _time(infer, reps)
-    out["every_net_on_every_input"] = _time(every_net, reps)
-    out["core_on_every_input"] = _time(core_only, reps)
+    out["plain_inference"] = timed(infer)
+    out["every_net_on_every_input"] = timed(every_net)
+    out["core_on_every_input"] = timed(core_only)
     with torch.no_grad():
         _, branch = model.route(x)
     out["routing_rate_to_cert"] = float((branch == 0).float().mean())
     for methods in (["IBP"], ["CROWN-IBP"], ["IBP", "CROWN-IBP"]):
         key = "certify_" + "+".join(methods)
-        rec = _time(certify(methods), reps)
+        rec = timed(certify(methods))
         rec["ratio_to_plain_inference"] = rec["median_s"] / out["plain_inference"]["median_s"]
         rec["inputs_per_s"] = n / rec["median_s"]
         out[key] = rec

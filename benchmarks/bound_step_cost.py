@@ -10,48 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ace_lightning.bounds import robust_ce_loss
-
-
-def reset_peak_rss() -> None:
-    """Linux: reset the process's peak resident set size (VmHWM) so each case gets its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _time(step: Callable[[], None], reps: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        step()
-    reset_peak_rss()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps,
-            "peak_rss_mb": peak_rss_mb()}
+from timing import device_name, time_fn
 
 
 def default_net(name: str, shape: tuple[int, int, int], classes: int) -> nn.Module:
@@ -62,11 +27,14 @@ def default_net(name: str, shape: tuple[int, int, int], classes: int) -> nn.Modu
 
 
 def measure(net: nn.Module, shape: tuple[int, int, int], classes: int = 10, batch: int = 128,
-            eps: float = 2 / 255, reps: int = 5, beta: float = 0.5) -> dict:
-    """Plain, IBP, CROWN-IBP (beta-mixed) and loss-fusion CROWN-IBP training steps."""
+            eps: float = 2 / 255, reps: int = 5, beta: float = 0.5,
+            device: torch.device | str = "cpu") -> dict:
+    """Plain, IBP, CROWN-IBP (beta-mixed) and loss-fusion CROWN-IBP training steps, each with its
+    training throughput ``samples_per_s``."""
     torch.manual_seed(0)
-    x = torch.rand(batch, *shape)
-    y = torch.randint(0, classes, (batch,))
+    x = torch.rand(batch, *shape).to(device)
+    y = torch.randint(0, classes, (batch,)).to(device)
+    net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     net.train()
 
@@ -84,10 +52,11 @@ def measure(net: nn.Module, shape: tuple[int, int, int], classes: int = 10, batc
         "CROWN-IBP loss fusion": lambda: robust_ce_loss(net, x, y, eps, "CROWN-IBP", beta=beta,
                                                         loss_fusion=True),
     }
-    out = {name: _time(run(fn), reps) for name, fn in variants.items()}
+    out = {name: time_fn(run(fn), reps, warmup=2, device=device) for name, fn in variants.items()}
     base = out["plain"]["median_s"]
     for name, rec in out.items():
         rec["ratio_to_plain"] = rec["median_s"] / base
+        rec["samples_per_s"] = batch / rec["median_s"]
     return out
 
 
@@ -99,14 +68,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = tuple(args.shape)
     res = measure(default_net(args.net, shape, args.classes), shape, args.classes, args.batch,
-                  reps=args.reps)
+                  reps=args.reps, device=args.device)
     print(json.dumps({"net": args.net, "shape": shape, "batch": args.batch,
-                      "threads": torch.get_num_threads(), "device": platform.processor() or "cpu",
+                      "threads": torch.get_num_threads(), "device": device_name(args.device),
                       "steps": res}, indent=2))
 
 

@@ -3,12 +3,13 @@ doing the same auto_LiRPA calls on the same batch (goal: at most 1.1x).
 
 Both loops run the same number of steps on the same fixed batch; the per-step time is the median
 gap between consecutive batch starts (so Lightning's loop, hooks, logging and optimizer wrapper are
-all inside it), after warm-up.
+all inside it), after warm-up. On a CUDA device the bare loop moves the batch to the device each
+step as Lightning does, the Trainer runs with accelerator="gpu", and each stamp waits for the
+device (``timing.clock``) so that the gap holds the step's GPU work, not just its launch.
 """
 from __future__ import annotations
 
 import statistics
-import time
 
 import lightning as L
 import torch
@@ -16,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.bounds import robust_ce_loss
-from bound_step_cost import peak_rss_mb, reset_peak_rss
 from ace_lightning.nets import create_cert_net
 from ace_lightning.stages.cert import CertStage
 from ace_lightning.stages.common import l1_penalty
+from timing import clock, peak_memory, reset_peak
 
 
 class _SameBatch(Dataset):
@@ -34,11 +35,12 @@ class _SameBatch(Dataset):
 
 
 class _Stamps(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.t: list[float] = []
+        self.device = device
 
     def on_train_batch_start(self, *args, **kwargs) -> None:
-        self.t.append(time.perf_counter())
+        self.t.append(clock(self.device))
 
 
 def _median_gap(stamps: list[float], warmup: int) -> float:
@@ -47,7 +49,9 @@ def _median_gap(stamps: list[float], warmup: int) -> float:
 
 
 def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: int = 128,
-            eps: float = 0.1, steps: int = 12, warmup: int = 3, method: str = "IBP") -> dict:
+            eps: float = 0.1, steps: int = 12, warmup: int = 3, method: str = "IBP",
+            device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
     torch.manual_seed(0)
     x = torch.rand(batch, *shape)
     y = torch.randint(0, classes, (batch,))
@@ -55,29 +59,32 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
     opt_cfg = {"name": "adam", "lr": 1e-4}
 
     # bare loop: exactly the cert stage's loss on the same batch
-    net = create_cert_net(name, shape, classes, [0.5] * c, [0.25] * c).train()
+    net = create_cert_net(name, shape, classes, [0.5] * c, [0.25] * c).to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     eps_t = eps * 1.05
     stamps = []
-    reset_peak_rss()
+    reset_peak(device)
     for _ in range(steps + 1):
-        stamps.append(time.perf_counter())
+        stamps.append(clock(device))
+        xb, yb = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        robust, logits = robust_ce_loss(net, x, y, eps_t, method, return_logits=True)
-        loss = 0.5 * nn.functional.cross_entropy(logits, y) + 0.5 * robust + 1e-5 * l1_penalty(net)
+        robust, logits = robust_ce_loss(net, xb, yb, eps_t, method, return_logits=True)
+        loss = 0.5 * nn.functional.cross_entropy(logits, yb) + 0.5 * robust + 1e-5 * l1_penalty(net)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
     bare = _median_gap(stamps, warmup)
-    bare_peak = peak_rss_mb()
-    reset_peak_rss()
+    bare_peak = peak_memory(device)
+    reset_peak(device)
 
     # the same inside Lightning: eps at eps_train from step 0 (no warm-up, no ramp)
     net = create_cert_net(name, shape, classes, [0.5] * c, [0.25] * c)
     module = CertStage(net, opt_cfg, {}, eps=eps, method=method, warmup_epochs=0, ramp_epochs=0,
                        kappa_end=0.5, l1=1e-5, steps_per_epoch=steps + 1, val_pgd_steps=0)
-    stamp_cb = _Stamps()
-    trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", devices=1, logger=False,
+    stamp_cb = _Stamps(device)
+    on_gpu = device.type == "cuda"
+    trainer = L.Trainer(max_steps=steps + 1, accelerator="gpu" if on_gpu else "cpu",
+                        devices=[device.index or 0] if on_gpu else 1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=10.0, callbacks=[stamp_cb],
                         limit_val_batches=0, num_sanity_val_steps=0)
@@ -87,7 +94,9 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
     return {"net": name, "shape": list(shape), "batch": batch, "method": method,
             "bare_loop_step_s": bare, "lightning_step_s": lightning,
             "ratio_lightning_to_bare": lightning / bare, "steps_measured": steps - warmup,
-            "bare_peak_rss_mb": bare_peak, "lightning_peak_rss_mb": peak_rss_mb()}
+            "device": str(device),
+            **{f"bare_{k}": v for k, v in bare_peak.items()},
+            **{f"lightning_{k}": v for k, v in peak_memory(device).items()}}
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ace_lightning.data import get_dataset_info
 from ace_lightning.nets import create_cert_net, create_core
+from timing import time_fn
 
 CERT_ZOO = ["fc", "small", "c2", "c3", "c5", "cnn7"]
 
@@ -46,23 +45,20 @@ def build(case: dict) -> tuple[torch.nn.Module, tuple[int, int, int], int]:
     return net, info.input_shape, info.num_classes
 
 
-def time_step(net: torch.nn.Module, shape, classes: int, batch: int, reps: int, warmup: int) -> list[float]:
-    net.train()
-    x = torch.rand(batch, *shape)
-    y = torch.randint(0, classes, (batch,))
-    times = []
-    for i in range(warmup + reps):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
+def time_step(net: torch.nn.Module, shape, classes: int, batch: int, reps: int, warmup: int,
+              device: torch.device | str = "cpu") -> dict:
+    net.to(device).train()
+    x = torch.rand(batch, *shape).to(device)
+    y = torch.randint(0, classes, (batch,)).to(device)
+
+    def step() -> None:
+        F.cross_entropy(net(x), y).backward()
         net.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    return time_fn(step, reps, warmup, device)
 
 
 def measure_all(batch: int = 128, reps: int = 5, warmup: int = 1, only: list[str] | None = None,
-                log=sys.stderr) -> dict:
+                log=sys.stderr, device: torch.device | str = "cpu") -> dict:
     """``{case: {params, median_s, min_s, ...}}`` with case ``<net>_<dataset>_<CxHxW>`` (a
     section for benchmarks/run.py)."""
     out = {}
@@ -71,11 +67,10 @@ def measure_all(batch: int = 128, reps: int = 5, warmup: int = 1, only: list[str
             continue
         torch.manual_seed(0)
         net, shape, classes = build(case)
-        times = time_step(net, shape, classes, batch, reps, warmup)
         key = f"{case['name']}_{case['data']}_{'x'.join(map(str, shape))}"
-        out[key] = {**case, "input_shape": list(shape), "num_classes": classes,
+        out[key] = {**case, "input_shape": list(shape), "num_classes": classes, "batch": batch,
                     "params": sum(p.numel() for p in net.parameters()),
-                    "median_s": statistics.median(times), "min_s": min(times), "reps": reps}
+                    **time_step(net, shape, classes, batch, reps, warmup, device)}
         if log is not None:
             print(f"{key:>40} {out[key]['params']:>11,d} params {out[key]['median_s']:.3f} s/step", file=log, flush=True)
     return out
@@ -88,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the note's numbers: 2 cores)")
     p.add_argument("--only", nargs="*", help="restrict to these net names")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = measure_all(args.batch, args.reps, args.warmup, args.only)
+    results = measure_all(args.batch, args.reps, args.warmup, args.only, device=args.device)
     json.dump({"benchmark": "nets_cost", "step": "forward + cross-entropy + backward, train mode",
                "batch": args.batch, "reps": args.reps, "warmup": args.warmup, "threads": args.threads,
+               "device": args.device,
                "torch": torch.__version__, "platform": platform.platform(), "results": results},
               sys.stdout, indent=2)
     print()
