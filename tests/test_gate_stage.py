@@ -251,6 +251,15 @@ def test_train_last_k_keeps_the_cert_body(runs):
     assert body and all(torch.equal(gate[k], cert[k]) for k in body)
 
 
+def test_a_gate_of_another_architecture_trains_from_scratch_when_asked(runs):
+    """init_from_cert=false: any gate architecture (here a fully connected one) is allowed."""
+    manifest = run_stage(compose_cfg(runs, GATE + ["stage.gate_net={name: fc, kind: cert, hidden: 50}",
+                                                   "stage.init_from_cert=false"]))
+    assert manifest["status"] == "complete" and manifest["net"]["name"] == "fc"
+    gate = torch.load(runs / "run" / "gate" / "gate.pt", weights_only=True)
+    assert gate[final_linear_name(build_net(manifest["net"], _info())) + ".weight"].shape[0] == 1
+
+
 def test_missing_cert_stage_names_it(tmp_path):
     with pytest.raises(StageInputError, match="needs stage 'cert'"):
         run_stage(compose_cfg(tmp_path, GATE))

@@ -208,17 +208,19 @@ def spec_from_run(run_dir: Path, selection: str = "gate") -> tuple[dict, dict]:
     run_dir = Path(run_dir)
     core = require_stage(run_dir, "core", "certify")
     cert = require_stage(run_dir, "cert", "certify")
+    selector = require_stage(run_dir, "gate" if selection == "gate" else "entropy", "certify")
+    for name, manifest in (("core", core), ("cert", cert)):
+        if "net" not in manifest:
+            raise ValueError(f"{run_dir / name / 'manifest.json'} does not say which net it trained (no 'net')")
     paths = {"core": run_dir / "core" / core["outputs"]["weights"]["path"]}
     branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"]}
     if selection == "gate":
-        gate = require_stage(run_dir, "gate", "certify")
         paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
-        paths["gate_0"] = run_dir / "gate" / gate["outputs"]["weights"]["path"]
-        branch["gate_net"] = {**gate["net"], "kind": "gate"}
+        paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
+        branch["gate_net"] = {**selector["net"], "kind": "gate"}
     else:
-        ent = require_stage(run_dir, "entropy", "certify")
-        paths["cert_0"] = run_dir / "entropy" / ent["outputs"]["weights"]["path"]
-        branch["cert_net"] = ent.get("net", cert["net"])
+        paths["cert_0"] = run_dir / "entropy" / selector["outputs"]["weights"]["path"]
+        branch["cert_net"] = selector.get("net", cert["net"])
     data = dict(cert["data"])
     if core["data"]["name"] != data["name"]:
         raise ValueError(f"run folder mixes datasets: core on {core['data']['name']}, cert on {data['name']}")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from ace_lightning.atomic import atomic_write
 from ace_lightning.sweep import (
     METRICS,
     SWEEP_COLUMNS,
@@ -155,18 +155,7 @@ def plot_pareto(path: str, rows_test: Sequence[Mapping[str, float]] | None,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=PLOT_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
 
 
 def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records, Mapping[str, Any]],
@@ -191,10 +180,11 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
     os.makedirs(out_dir, exist_ok=True)
     written: dict[str, Any] = {}
     rows: dict[str, list[dict[str, float]]] = {}
+    for name in parts:  # every sweep before the first file is touched: a bad grid loses nothing
+        rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)
     for name, filename in SWEEP_FILES.items():
         path = os.path.join(out_dir, filename)
-        if name in parts:
-            rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)
+        if name in rows:
             written[f"sweep_{name}"] = _write_sweep_csv(path, rows[name])
         elif os.path.exists(path):
             os.unlink(path)

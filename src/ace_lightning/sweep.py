@@ -25,11 +25,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import time
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
+
+from ace_lightning.atomic import atomic_write_text
 
 NO_RECORDS = "threshold sweep with no records: run certify first"
 METRICS = ("nat_acc", "cert_acc", "cert_route_rate", "cert_route_certified_rate", "undecided_rate")
@@ -234,23 +235,6 @@ def save_records(records: Union[Records, Mapping[str, Any]], path: Union[str, os
         writer.writerow(names)
         writer.writerows([text(v) for v in row] for row in zip(*(cols[n].tolist() for n in names)))
     return atomic_write_text(path, write)
-
-
-def atomic_write_text(path: Union[str, os.PathLike], write) -> str:
-    """Write via a temp file in the same folder + os.replace: readers never see a partial file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------- the rule

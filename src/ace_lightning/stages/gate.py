@@ -15,7 +15,8 @@ s(e) = 1 - clip((e - 0.1N)/(0.7N), 0, sigma), c0 = (1 - p)/p (p: the fraction of
 (fractional) epoch of N; ``pos_weight: balanced`` keeps c0 (with p far from 1/2 the unweighted end of
 the slide moves the operating point at T towards one class).
 Core and cert-net are frozen (neither is in this module). ``train_last_k`` trains only the last k
-Linear layers of the gate.
+Linear layers of the gate; ``init_from_cert: false`` starts the gate (of any architecture,
+``gate_net``) from scratch instead of from the cert-net.
 
 Validation/test at the target eps and threshold T (``stage.threshold``, default 0):
 - gate_acc: [g(x) >= T] == label, on labelled inputs;
@@ -461,7 +462,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         check_same_data(info, cert_manifest, cert_stage, stage)
         cert_net = build_net(cert_manifest["net"], info)
         load_weights(cert_net, cert_path, f"stage '{stage}': cert-net of stage '{cert_stage}'")
-        init_gate_from_cert(net, cert_net)  # ValueError naming the first mismatching layer
+        if st.get("init_from_cert", True):
+            init_gate_from_cert(net, cert_net)  # ValueError naming the first mismatching layer
         for g in earlier:
             g.net = load_weights(build_net(g.net_cfg, info), g.path, f"stage '{stage}': gate of stage '{g.name}'")
         dm.prepare_data()
