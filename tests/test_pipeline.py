@@ -48,6 +48,30 @@ def test_multirun_chains_the_stages_and_sweeps_eps(tmp_path):
     assert "natural" in res.stdout and "certified" in res.stdout  # the table is printed
 
 
+def test_every_stage_under_ddp_with_two_gloo_processes(tmp_path):
+    """trainer=ddp_cpu (2 ranks, gloo) for core, cert, gate and certify in one multirun. Real `ddp`
+    re-executes the command line, so this runs in a subprocess; each multirun job runs as its own
+    single run (else the ranks' re-executed command would be the whole sweep again)."""
+    tiny = [t for t in TINY if not t.startswith("eps=")] + ["eps=0.005", "trainer=ddp_cpu"]
+    res = _train(["-m", "stage=core,cert,gate,certify", *tiny], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert out.count("Starting with 2 processes") >= 4 * 2  # every stage, both ranks
+    run = tmp_path / "synthetic" / "eps_0.005"
+    for stage in ("core", "cert", "gate"):
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete", stage
+        assert sorted(p.name for p in (run / stage / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        assert out.count(f"[ace] stage '{stage}' complete") == 1  # one rank writes
+    gate = json.loads((run / "gate" / "manifest.json").read_text())
+    assert gate["gate_status"] == "trained", gate["labels"]
+    records = (run / "certify" / "records.csv").read_text().splitlines()
+    header = records[0].split(",")
+    keys = [(r.split(",")[header.index("split")], r.split(",")[header.index("index")]) for r in records[1:]]
+    assert len(keys) == len(set(keys)) == 48 + 64  # every val and test input exactly once
+    assert json.loads((run / "certify" / "manifest.json").read_text())["status"] == "complete"
+
+
 def test_a_missing_stage_is_named_in_a_one_line_error(tmp_path):
     res = _train(["stage=gate", *TINY], tmp_path)
     assert res.returncode == 2

@@ -22,9 +22,37 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def ddp_job_in_multirun(cfg: DictConfig) -> bool:
+    """Lightning's ``ddp`` starts the other ranks by re-running the command line; inside a Hydra
+    multirun that would be the whole sweep again. Such jobs run as a single-run subprocess."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str((cfg.get("trainer") or {}).get("strategy", "auto"))
+    return (HydraConfig.get().mode == RunMode.MULTIRUN and strategy.startswith("ddp")
+            and "spawn" not in strategy and "LOCAL_RANK" not in os.environ)
+
+
+def run_job_as_single_run() -> int:
+    """This multirun job's overrides, as ``python -m ace_lightning.train`` in its own process."""
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    cmd = [sys.executable, "-m", "ace_lightning.train", *hc.overrides.task,
+           f"hydra.run.dir={hc.runtime.output_dir}"]
+    return subprocess.run(cmd).returncode
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    if ddp_job_in_multirun(cfg):
+        code = run_job_as_single_run()
+        if code:
+            sys.exit(code)  # the job printed its own error line
+        return
     from ace_lightning.stages import run_stage
 
     try:

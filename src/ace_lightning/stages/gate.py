@@ -294,9 +294,11 @@ class GateStage(StageModule):
         return kappa * bce(g, target, pos_weight=pw) + (1.0 - kappa) * robust, robust, g
 
     def training_step(self, batch, batch_idx):
-        if self.constant_output is not None:
-            return None  # an empty label class: the gate is a constant, nothing to learn
         x, _, label = batch
+        if self.constant_output is not None:
+            # an empty label class: the gate is a constant, nothing to learn. A zero loss (not None:
+            # DDP cannot skip a step) gives zero gradients, so Adam leaves the weights unchanged.
+            return 0.0 * self.net(x[:1]).sum()
         keep = label >= 0
         if not bool(keep.all()):  # inputs taken by earlier cascade pairs (normally dropped already)
             x, label = x[keep], label[keep]
