@@ -39,7 +39,7 @@ def test_multirun_chains_the_stages_and_sweeps_eps(tmp_path):
             manifest = json.loads((run / stage / "manifest.json").read_text())
             assert manifest["status"] == "complete", (eps, stage)
         certify = run / "certify"
-        for name in ("records.csv", "sweep_val.csv", "sweep_test.csv", "operating_points.json",
+        for name in ("records.csv", "records.parquet", "sweep_val.csv", "sweep_test.csv", "operating_points.json",
                      "pareto.png", "ace_model.pt", "table.txt"):
             assert (certify / name).is_file(), name
     summary = (tmp_path / "summary.csv").read_text().splitlines()

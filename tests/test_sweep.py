@@ -284,6 +284,18 @@ def test_csv_round_trip(tmp_path):
     assert len(val) == int(np.sum(cols["split"] == "val")) and val.splits == {"val"}
 
 
+def test_parquet_round_trip_equals_csv(tmp_path):
+    """Parquet is part of the install ([test] extra), so this path is exercised in CI."""
+    cols = synthetic_records(50, seed=11, decimals=None)
+    cols["lb_g"][2] = -math.inf
+    csv_rec = load_records(save_records(cols, tmp_path / "records.csv"))
+    pq_rec = load_records(save_records(cols, tmp_path / "records.parquet"))
+    for name in cols:
+        assert np.array_equal(np.asarray(pq_rec[name]), np.asarray(csv_rec[name])), name
+    assert pq_rec.splits == csv_rec.splits
+    assert sweep(pq_rec) == sweep(csv_rec)
+
+
 def test_write_sweep_outputs(tmp_path):
     import matplotlib.image
 

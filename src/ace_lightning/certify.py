@@ -198,7 +198,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     from ace_lightning.stages.common import (atomic_write_text, config_hash, read_manifest, sha256_file,
                                              write_manifest)
     from ace_lightning.stages.runner import datamodule_from, to_dict
-    from ace_lightning.sweep import load_records, save_records
+    from ace_lightning.sweep import load_records, parquet_available, save_records
 
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
@@ -241,6 +241,11 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     n_test = int(np.sum(cols["split"] == "test"))
     records_path = stage_dir / "records.csv"
     save_records(cols, records_path)
+    parquet = stage_dir / "records.parquet"
+    if parquet_available():  # the same records for pandas/polars/duckdb users
+        save_records(cols, parquet)
+    else:
+        parquet.unlink(missing_ok=True)  # never leave records of an earlier pass beside the new CSV
     t0 = time.perf_counter()
     written = write_sweep_outputs(records_path, stage_dir, grid=st.get("grid", 101))
     t_sweep = time.perf_counter() - t0
@@ -298,7 +303,8 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     manifest = write_manifest(stage_dir, {
         "stage": "certify", "status": "complete", "config_hash": ident_hash, "config": ident,
         "eps": eps, "selection": selection,
-        "outputs": {"records": "records.csv", "sweep_val": "sweep_val.csv", "sweep_test": "sweep_test.csv",
+        "outputs": {"records": "records.csv", **({"records_parquet": parquet.name} if parquet.is_file() else {}),
+                    "sweep_val": "sweep_val.csv", "sweep_test": "sweep_test.csv",
                     "operating_points": "operating_points.json", "pareto": "pareto.png",
                     "table": "table.txt", "model": {"path": "ace_model.pt",
                                                     "sha256": sha256_file(stage_dir / "ace_model.pt")}},

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
-from ace_lightning.atomic import atomic_write_text
+from ace_lightning.atomic import atomic_write, atomic_write_text
 
 NO_RECORDS = "threshold sweep with no records: run certify first"
 METRICS = ("nat_acc", "cert_acc", "cert_route_rate", "cert_route_certified_rate", "undecided_rate")
@@ -220,10 +220,28 @@ def load_records(path: Union[str, os.PathLike], split: str | None = None) -> Rec
     return records.split(split) if split is not None else records
 
 
+def parquet_available() -> bool:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_records(records: Union[Records, Mapping[str, Any]], path: Union[str, os.PathLike]) -> str:
-    """Write records as CSV atomically; floats with repr so every value reads back bit-exact."""
+    """Write records atomically: CSV (floats with repr, so every value reads back bit-exact), or
+    Parquet when ``path`` ends in .parquet (needs pyarrow)."""
     cols = records.columns if isinstance(records, Records) else {k: np.asarray(v) for k, v in records.items()}
     names = list(cols)
+    if os.fspath(path).endswith(".parquet"):
+        if not parquet_available():
+            raise ValueError(f"writing {path} needs pyarrow (pip install pyarrow), or write the records as CSV")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({n: np.asarray(cols[n]) for n in names})
+        return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
     def text(v: Any) -> str:
         if isinstance(v, (bool, np.bool_)):
             return str(int(v))
