@@ -77,6 +77,17 @@ class StageModule(L.LightningModule):
         beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
         return self.schedule.eps(step), self.schedule.kappa(step), beta
 
+    def log_train_step(self, shown: Mapping[str, Any], quiet: Mapping[str, Any] = {}) -> None:
+        """Per-step training values (``shown`` also in the progress bar), handed to Lightning only
+        on the steps its loggers write (trainer.log_every_n_steps): the self.log machinery costs
+        about 3 ms a step, 15% of a small cert-net's IBP step on 2 CPU cores (make bench)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
+        self.log_dict(dict(shown), prog_bar=True, on_step=True, on_epoch=False)
+        if quiet:
+            self.log_dict(dict(quiet), on_step=True, on_epoch=False)
+
     def update_metrics(self, split: str, values: Mapping[str, torch.Tensor]) -> None:
         """values: name -> per-input 0/1 tensor (weights every input equally across batches/ranks)."""
         for name, v in values.items():

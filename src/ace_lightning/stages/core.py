@@ -51,7 +51,7 @@ class CoreStage(StageModule):
         if self.l1:
             loss = loss + self.l1 * l1_penalty(self.net)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_train_step({"train/loss": loss, "train/acc": acc})
         return loss
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -101,10 +101,9 @@ class EntropyStage(CertStage):
         if self.l1:
             loss = loss + self.l1 * l1_penalty(self.net)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_dict({"train/loss": loss, "train/robust_loss": robust, "train/entropy_loss": l_ent,
-                       "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict({"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0},
-                      on_step=True, on_epoch=False)
+        self.log_train_step({"train/loss": loss, "train/robust_loss": robust, "train/entropy_loss": l_ent,
+                             "train/acc": acc},
+                            {"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0})
         return loss
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
