@@ -287,12 +287,16 @@ def test_labels_made_for_another_eps_are_refused(runs):
 
 def test_no_certified_input_gives_a_gate_that_selects_nothing(runs):
     with pytest.warns(UserWarning, match="certifies none of the 128 training inputs.*select nothing"):
-        manifest = run_stage(compose_cfg(runs, GATE + ["eps=0.5"]))
+        # weight decay would move a constant head if its zero steps were taken at the configured lr
+        manifest = run_stage(compose_cfg(runs, GATE + ["eps=0.5", "stage.optimizer.weight_decay=0.1"]))
     assert manifest["gate_status"] == "selects_nothing" and manifest["labels"]["train"]["positives"] == 0
     assert manifest["metrics"]["test/selection_rate"] == 0.0
     assert manifest["metrics"]["test/certified_rejection_rate"] == 1.0
     gate = build_net(manifest["net"], _info())
-    gate.load_state_dict(torch.load(runs / "run" / "gate" / "gate.pt", weights_only=True))
+    state = torch.load(runs / "run" / "gate" / "gate.pt", weights_only=True)
+    gate.load_state_dict(state)
+    head = final_linear_name(gate)
+    assert (state[head + ".weight"] == 0).all() and (state[head + ".bias"] == -1e4).all()
     lb, ub = output_bounds(gate.eval(), torch.rand(4, 1, 16, 16), 0.5, "IBP")
     assert (ub < -1e3).all() and (lb == ub).all()
 

@@ -209,6 +209,7 @@ class GateStage(StageModule):
         if self.constant_output is not None:
             set_constant_output(self.net, self.constant_output)
             freeze_all_but_last_linear(self.net, 1)
+            self.optimizer_cfg["lr"] = 0.0  # the zero steps below stay zero whatever weight decay says
         else:
             freeze_all_but_last_linear(self.net, train_last_k)
         # BatchNorm layers with frozen parameters keep their running statistics too (eval mode)
@@ -297,7 +298,7 @@ class GateStage(StageModule):
         x, _, label = batch
         if self.constant_output is not None:
             # an empty label class: the gate is a constant, nothing to learn. A zero loss (not None:
-            # DDP cannot skip a step) gives zero gradients, so Adam leaves the weights unchanged.
+            # DDP cannot skip a step) at learning rate 0 leaves the weights unchanged.
             return 0.0 * self.net(x[:1]).sum()
         keep = label >= 0
         if not bool(keep.all()):  # inputs taken by earlier cascade pairs (normally dropped already)
