@@ -63,7 +63,7 @@ FEATURES = {
         from ace_lightning.nets.layers import Normalize
         net = torch.nn.Sequential(torch.nn.AvgPool2d(2), Normalize([0.5], [0.2]), torch.nn.Conv2d(1, 2, 3, 1, 1),
                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
-        output_bounds(net, torch.rand(2, 1, 4, 4), 0.05, "CROWN")
+        output_bounds(net, torch.rand(2, 1, 4, 4), 0.3, "CROWN")  # eps 0.05 left every ReLU stable on some draws
     """),
     "eval_grad": textwrap.dedent("""
         from ace_lightning.bounds import margin_lower_bounds
@@ -92,6 +92,7 @@ def _run(feature: str, skip: tuple[str, ...]) -> subprocess.CompletedProcess:
     code = (
         "import warnings; warnings.simplefilter('ignore')\n"
         "import torch\n"
+        "torch.manual_seed(0)\n"  # the same nets and inputs every run (features must not be flaky)
         "from ace_lightning.bounds import compat\n"
         "compat.apply()\n" + FEATURES[feature]
     )
