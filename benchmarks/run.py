@@ -18,10 +18,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ace_lightning.atomic import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,14 +33,6 @@ import nets_cost  # noqa: E402
 from timing import device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # (net, input shape, classes, eps) per case
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[bench] GPU section forced onto {device}: exercises its code path, not a GPU run")
         result["gpu"] = gpu_section(device, wanted, args.batch, args.reps, args.large)
     path = args.out or RESULTS / f"{dt.date.today().isoformat()}.json"
-    _atomic_write(path, json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     print_tables(sections, "CPU")
     if "sections" in result["gpu"]:
         print_tables(result["gpu"]["sections"], f"GPU section on {result['gpu']['device']} "

@@ -195,11 +195,7 @@ def load_records(path: Union[str, os.PathLike], split: str | None = None) -> Rec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"records file not found: {path} (run certify first)")
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow), or write the records as CSV") from None
-        table = pq.read_table(path)
+        table = _parquet("reading", path).read_table(path)
         columns = {name: np.asarray(table.column(name).to_numpy()) for name in table.column_names}
         if table.num_rows == 0:
             raise ValueError(NO_RECORDS)
@@ -228,16 +224,23 @@ def parquet_available() -> bool:
     return True
 
 
+def _parquet(verb: str, path: str):
+    """pyarrow.parquet, or the one-line error saying how to get it."""
+    if not parquet_available():
+        raise ValueError(f"{verb} {path} needs pyarrow (pip install pyarrow), or use CSV records")
+    import pyarrow.parquet as pq
+
+    return pq
+
+
 def save_records(records: Union[Records, Mapping[str, Any]], path: Union[str, os.PathLike]) -> str:
     """Write records atomically: CSV (floats with repr, so every value reads back bit-exact), or
     Parquet when ``path`` ends in .parquet (needs pyarrow)."""
     cols = records.columns if isinstance(records, Records) else {k: np.asarray(v) for k, v in records.items()}
     names = list(cols)
     if os.fspath(path).endswith(".parquet"):
-        if not parquet_available():
-            raise ValueError(f"writing {path} needs pyarrow (pip install pyarrow), or write the records as CSV")
+        pq = _parquet("writing", os.fspath(path))
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = pa.table({n: np.asarray(cols[n]) for n in names})
         return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
