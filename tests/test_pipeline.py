@@ -146,3 +146,23 @@ def test_reproduce_cifar_smoke_on_generated_cifar_files(tmp_path):
         assert 0 <= r["nat_within_1pt"]["nat_acc"] <= 1 and r["expected_nat"] > 0
     assert "90.1 / 27.5" in res.stdout and "SMOKE" in res.stdout
     assert (runs / "cifar10_aceentropy_ibp" / "eps_2_255" / "certify_entropy" / "manifest.json").is_file()
+
+
+def test_entropy_selection_on_the_cert_stages_own_selection_co_trained_net(tmp_path):
+    """cert with selection co-training, then certify with entropy selection on cert/ itself
+    (stage.entropy_stage=cert): no entropy stage needed, records in certify_entropy_cert/."""
+    res = _train(["-m", "stage=core,cert,certify", *TINY, "++stage_overrides.cert.epochs=2",
+                  "+stage_overrides.cert.select_weight=0.5", "+stage_overrides.certify.selection=entropy",
+                  "+stage_overrides.certify.entropy_stage=cert"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "synthetic" / "eps_0.03"
+    cert = json.loads((run / "cert" / "manifest.json").read_text())
+    assert cert["outputs"]["best_checkpoint"] is None  # co-trained: the last weights are exported
+    manifest = json.loads((run / "certify_entropy_cert" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["selection"] == "entropy"
+    assert not (run / "entropy").exists() and not (run / "certify").exists()
+    header = (run / "certify_entropy_cert" / "records.csv").read_text().splitlines()[0].split(",")
+    assert {"g", "lb_g", "ub_g", "cert_ok"} <= set(header)
+    # without entropy_stage=cert the certify stage names the missing entropy stage
+    res = _train(["stage=certify", *TINY, "stage.selection=entropy"], tmp_path)
+    assert res.returncode != 0 and "entropy" in res.stderr.strip().splitlines()[-1]

@@ -133,11 +133,76 @@ def test_completed_stage_is_skipped_and_a_different_config_is_refused(tmp_path, 
     (["stage.kappa_end=1.5"], "kappa_end must be in"),
     (["stage.method=CROWN"], "training method must be one of"),
     (["eps=1.5"], "eps must be in"),
+    (["stage.select_weight=1.5"], "select_weight"),
+    (["stage.select_weight=0.5", "stage.select_margin=0"], "select_margin must be positive"),
+    (["stage.select_weight=0.5", "stage.loss_fusion=true"], "loss_fusion: false"),
+    (["stage.select_weight=0.5", "stage.select_start_epoch=1"], "inside the eps schedule"),
+    (["stage.select_weight=0.5", "stage.select_start_epoch=2"], "would never run"),
+    (["stage.select_weight=0.5", "stage.select_lr=0"], "select_lr must be positive"),
 ])
 def test_bad_cert_config_fails_before_training(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run_stage(compose_cfg(tmp_path, CERT_TINY + override))
     assert not (Path(tmp_path) / "synthetic").exists() or not any(Path(tmp_path).rglob("*.ckpt"))
+
+
+def test_selection_margin_loss_values_and_gradients():
+    from ace_lightning.stages.cert import selection_margin_loss
+    # input 0 certified with margin 1 (target 4): 3/4; input 1 certified beyond the target: 0;
+    # input 2 not certified, natural top-2 gap 2 (x weight 0.5): 1/4
+    lb = torch.tensor([[1.0, 2.0], [5.0, 6.0], [-1.0, 3.0]], requires_grad=True)
+    logits = torch.tensor([[3.0, 0.0, 0.0], [9.0, 0.0, 1.0], [1.0, 3.0, 1.0]], requires_grad=True)
+    loss = selection_margin_loss(lb, logits, margin=4.0, uncertified_weight=0.5)
+    assert loss.item() == pytest.approx((3 / 4 + 0 + 1 / 4) / 3)
+    loss.backward()
+    # gradient descent raises the certified input's smallest margin and shrinks the uncertified
+    # input's natural gap; nothing else moves
+    assert lb.grad[0, 0] < 0 and lb.grad[0, 1] == 0 and not lb.grad[1].any() and not lb.grad[2].any()
+    assert logits.grad[2, 1] > 0 and logits.grad[2, 0] + logits.grad[2, 2] < 0
+    assert not logits.grad[:2].any()
+
+
+def test_selection_co_training_starts_after_the_ramp(tmp_path):
+    cfg = compose_cfg(tmp_path, CERT_TINY + ["stage.epochs=3", "stage.select_weight=0.5"])
+    manifest = run_stage(cfg)
+    assert manifest["status"] == "complete"
+    rows = [r for r in _rows(Path(cfg.run_dir).resolve() / "cert" / "metrics.csv") if r.get("train/eps")]
+    eps_train = 0.03 * 1.05
+    during = [r for r in rows if float(r["train/eps"]) < eps_train * (1 - 1e-6)]
+    after = [r for r in rows if float(r["train/eps"]) >= eps_train * (1 - 1e-6)]
+    assert during and after
+    assert not any(r.get("train/selection_loss") for r in during)
+    assert all(0.0 <= float(r["train/selection_loss"]) for r in after)
+    # the co-trained (last) weights are exported, not the best val cert_acc from before co-training
+    assert manifest["outputs"]["best_checkpoint"] is None
+    last = torch.load(Path(cfg.run_dir).resolve() / "cert" / "checkpoints" / "last.ckpt", weights_only=False)
+    exported = torch.load(Path(cfg.run_dir).resolve() / "cert" / "cert.pt", weights_only=True)
+    for name, value in exported.items():
+        assert torch.equal(value, last["state_dict"][f"net.{name}"]), name
+
+
+def test_selection_co_training_lr_warm_restart():
+    from ace_lightning.stages.cert import CertStage
+    net = build_net({"name": "small", "kind": "cert"}, get_dataset_info("synthetic"))
+    common = dict(optimizer={"name": "adam", "lr": 1e-3}, lr_schedule={"step_epochs": 5, "gamma": 0.5},
+                  eps=0.03, warmup_epochs=1, ramp_epochs=10, epochs=34)
+    plain = CertStage(net, **common)
+    restart = CertStage(net, **common, select_weight=0.8, select_start_epoch=24, select_lr=5e-4,
+                        select_lr_step_epochs=3)
+    assert [plain.lr_factor(e) for e in (0, 10, 11, 16, 21, 23)] == [1, 1, 1, 0.5, 0.25, 0.25]
+    for e in range(24):  # the certified-training phase is untouched
+        assert restart.lr_factor(e) == plain.lr_factor(e)
+    assert [restart.lr_factor(e) for e in (24, 26, 27, 30, 33)] == [0.5, 0.5, 0.25, 0.125, 0.0625]
+
+
+def test_selection_co_training_can_start_later(tmp_path):
+    cfg = compose_cfg(tmp_path, CERT_TINY + ["stage.epochs=3", "stage.select_weight=0.5",
+                                             "stage.select_start_epoch=2"])
+    run_stage(cfg)
+    rows = [r for r in _rows(Path(cfg.run_dir).resolve() / "cert" / "metrics.csv") if r.get("train/eps")]
+    per_epoch = max(int(r["step"]) for r in rows if r["epoch"] == "0") + 1
+    with_loss = sorted(int(r["step"]) for r in rows if r.get("train/selection_loss"))
+    assert with_loss and with_loss[0] == 2 * per_epoch
 
 
 def test_cert_net_the_bound_layer_cannot_handle_fails_before_training(tmp_path, monkeypatch):

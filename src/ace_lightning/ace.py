@@ -198,9 +198,10 @@ class ACEModel(nn.Module):
         return model
 
 
-def spec_from_run(run_dir: Path, selection: str = "gate") -> tuple[dict, dict]:
+def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> tuple[dict, dict]:
     """(spec, weight paths) of the composed model from the stage manifests of a run folder:
-    core/, cert/ and gate/ (selection network) or entropy/ (entropy selection, co-trained cert-net)."""
+    core/, cert/ and gate/ (selection network) or, for entropy selection, the cert-net of
+    ``entropy_stage`` (entropy/: co-trained by the entropy stage; cert/: the cert stage's net as is)."""
     from ace_lightning.stages.common import require_stage
 
     if selection not in SELECTIONS:
@@ -208,7 +209,7 @@ def spec_from_run(run_dir: Path, selection: str = "gate") -> tuple[dict, dict]:
     run_dir = Path(run_dir)
     core = require_stage(run_dir, "core", "certify")
     cert = require_stage(run_dir, "cert", "certify")
-    selector = require_stage(run_dir, "gate" if selection == "gate" else "entropy", "certify")
+    selector = require_stage(run_dir, "gate" if selection == "gate" else entropy_stage, "certify")
     for name, manifest in (("core", core), ("cert", cert)):
         if "net" not in manifest:
             raise ValueError(f"{run_dir / name / 'manifest.json'} does not say which net it trained (no 'net')")
@@ -219,7 +220,7 @@ def spec_from_run(run_dir: Path, selection: str = "gate") -> tuple[dict, dict]:
         paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
         branch["gate_net"] = {**selector["net"], "kind": "gate"}
     else:
-        paths["cert_0"] = run_dir / "entropy" / selector["outputs"]["weights"]["path"]
+        paths["cert_0"] = run_dir / entropy_stage / selector["outputs"]["weights"]["path"]
         branch["cert_net"] = selector.get("net", cert["net"])
     data = dict(cert["data"])
     if core["data"]["name"] != data["name"]:
@@ -229,11 +230,11 @@ def spec_from_run(run_dir: Path, selection: str = "gate") -> tuple[dict, dict]:
     return spec, paths
 
 
-def model_from_run(run_dir: Path, selection: str = "gate") -> ACEModel:
+def model_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> ACEModel:
     """The composed model with trained weights (weights-only loading) and threshold 0."""
     from ace_lightning.stages.common import load_weights
 
-    spec, paths = spec_from_run(run_dir, selection)
+    spec, paths = spec_from_run(run_dir, selection, entropy_stage)
     model = ACEModel.from_spec(spec)
     load_weights(model.core, paths["core"], "core")
     load_weights(model.certs[0], paths["cert_0"], "cert-net")

@@ -188,6 +188,13 @@ def _attack_split(model: ACEModel, loader: DataLoader, eps: float, attack: Mappi
     return ok[np.argsort(idx)][np.argsort(np.argsort(target_index))] if target_index is not None else ok
 
 
+def certify_folder(selection: str, entropy_stage: str = "entropy") -> str:
+    """certify/ (gate), certify_entropy/ (the entropy stage's cert-net), certify_entropy_<stage>/."""
+    if selection == "gate":
+        return "certify"
+    return "certify_entropy" if entropy_stage == "entropy" else f"certify_entropy_{entropy_stage}"
+
+
 def run_certify(cfg: Mapping[str, Any]) -> dict:
     """Certify a run folder's composed model (see conf/stage/certify.yaml)."""
     import json
@@ -204,8 +211,9 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     eps = float(cfg["eps"])
     run_dir = Path(cfg["run_dir"]).resolve()
     selection = st.get("selection", "gate")
-    stage_dir = run_dir / ("certify" if selection == "gate" else f"certify_{selection}")
-    spec, paths = spec_from_run(run_dir, selection)
+    entropy_stage = str(st.get("entropy_stage") or "entropy")
+    stage_dir = run_dir / certify_folder(selection, entropy_stage)
+    spec, paths = spec_from_run(run_dir, selection, entropy_stage)
     data_name = to_dict(cfg["data"])["name"]
     if data_name != spec["data"]["name"]:
         raise ValueError(f"records would come from dataset '{data_name}' but {run_dir} was trained on "
@@ -219,7 +227,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
         return done
 
     started = time.perf_counter()
-    model = model_from_run(run_dir, selection)
+    model = model_from_run(run_dir, selection, entropy_stage)
     dm = datamodule_from(cfg)
     loaders = _loaders(dm, st.get("splits", list(SPLITS)), int(st.get("batch_size", 256)))
     trainer_cfg = {k: v for k, v in to_dict(cfg["trainer"]).items()

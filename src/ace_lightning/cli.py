@@ -99,13 +99,15 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     the run folder's manifests (data settings, eps, seed; the last certify's settings), the knobs of
     conf/certify.yaml, the command line's data/trainer overrides, then ``cfg.overrides``."""
     from ace_lightning.ace import spec_from_run
+    from ace_lightning.certify import certify_folder
     from ace_lightning.stages.common import read_manifest
 
     run_dir = Path(_required(cfg, "run_dir", "run folder")).resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     selection = cfg.selection or next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate")
-    spec_from_run(run_dir, selection)  # every stage the composed model needs, before anything runs
+    entropy_stage = str(cfg.get("entropy_stage") or "entropy")
+    spec_from_run(run_dir, selection, entropy_stage)  # every stage the composed model needs, before anything runs
     cert = read_manifest(run_dir / "cert")
     trained = dict(cert.get("config", {}).get("data") or {"name": cert["data"]["name"]})
     data = groups.get("data") or trained["name"]
@@ -121,11 +123,12 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
         out += _dotted("data", {k: v for k, v in trained.items() if k != "name"})
     if cert.get("config", {}).get("seed") is not None:
         out.append(f"seed={int(cert['config']['seed'])}")
-    last = read_manifest(run_dir / ("certify" if selection == "gate" else f"certify_{selection}"))
+    last = read_manifest(run_dir / certify_folder(selection, entropy_stage))
     if last and isinstance(last.get("config", {}).get("stage"), dict):
         out += _dotted("stage", {k: v for k, v in last["config"]["stage"].items()
                                  if k not in ("name", "epochs", "grad_clip")})
-    knobs = {"selection": selection, "methods": _plain(cfg.methods), "batch_size": cfg.batch_size,
+    knobs = {"selection": selection, "entropy_stage": entropy_stage if selection == "entropy" else None,
+             "methods": _plain(cfg.methods), "batch_size": cfg.batch_size,
              "grid": _grid(cfg.grid)}
     out += [o for k, v in knobs.items() if v is not None for o in _dotted(f"stage.{k}", v)]
     out.append(f"overwrite={_override_value(bool(cfg.overwrite))}")

@@ -45,15 +45,14 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = build_optimizer(self.net.parameters(), self.optimizer_cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of the configured lr in ``epoch``: step decay after lr_decay_start_epoch."""
         every = int(self.lr_schedule_cfg.get("step_epochs", 0) or 0)
         gamma = float(self.lr_schedule_cfg.get("gamma", 1.0))
-        start = self.lr_decay_start_epoch
-
-        def factor(epoch: int) -> float:
-            return step_decay(epoch, start, every, gamma)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return step_decay(epoch, self.lr_decay_start_epoch, every, gamma)
 
     # -- the eps/kappa/beta ramp of the certified stages (cert, entropy, gate) ------------------
     # Stages using it set eps, eps_factor, warmup_epochs, ramp_epochs, kappa_end, ramp_shape, method,

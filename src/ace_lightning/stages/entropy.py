@@ -34,12 +34,9 @@ from ace_lightning.bounds import (
     entropy_gate_bounds,
     entropy_selection_loss,
     entropy_selection_loss_from_margins,
-    margin_spec,
-    output_bounds,
     robust_ce_loss,
 )
 from ace_lightning.bounds.entropy import ROUTES
-from ace_lightning.nets import final_linear_name
 from ace_lightning.stages.cert import CertStage
 from ace_lightning.stages.common import l1_penalty, load_weights, require_stage, write_manifest
 from ace_lightning.stages.gate_labels import check_same_data, stage_weights
@@ -63,7 +60,6 @@ class EntropyStage(CertStage):
         self.check_entropy_config(lam, tau, route)
         super().__init__(net, optimizer, lr_schedule, eps, **cert_kwargs)
         self.lam, self.tau, self.route = float(lam), float(tau), str(route).lower()
-        self.num_classes = int(net.get_submodule(final_linear_name(net)).out_features)
         self.save_hyperparameters(ignore=["net"])
 
     @staticmethod
@@ -90,12 +86,7 @@ class EntropyStage(CertStage):
             l_cert = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
             l_ent = entropy_selection_loss(self.net, x, y, eps_t, self.method, beta=beta)
         else:  # one bound pass: margins z_y - z_j, both sides
-            C = margin_spec(y, self.num_classes, dtype=x.dtype)
-            lb_d, ub_d, logits = output_bounds(self.net, x, eps_t, self.method, beta=beta, C=C,
-                                               return_logits=True)
-            worst = torch.cat([torch.zeros_like(lb_d[:, :1]), -lb_d], dim=1)
-            robust = nn.functional.cross_entropy(worst, torch.zeros_like(y))
-            l_cert = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
+            l_cert, robust, logits, lb_d, ub_d = self.margin_pass(x, y, eps_t, kappa, beta)
             l_ent = entropy_selection_loss_from_margins(lb_d, ub_d, y, logits.argmax(-1) == y)
         loss = (1.0 - self.lam) * l_cert + self.lam * l_ent
         if self.l1:

@@ -47,9 +47,16 @@ def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
                          warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
                          ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
                          loss_fusion=st["loss_fusion"], l1=st["l1"], epochs=st["epochs"],
-                         val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"])
+                         val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"],
+                         select_weight=st.get("select_weight", 0.0), select_margin=st.get("select_margin", 4.0),
+                         select_uncertified_weight=st.get("select_uncertified_weight", 1.0),
+                         select_start_epoch=st.get("select_start_epoch"), select_lr=st.get("select_lr"),
+                         select_lr_step_epochs=st.get("select_lr_step_epochs", 3))
 
-    return run_training_stage(cfg, "cert", make, "cert_net", CertStage.key_metric, "cert.pt",
+    # selection co-training trades a little certified accuracy for selectability: the best val
+    # cert_acc would pick a checkpoint from before it, so the last weights are exported instead
+    key = None if float(st.get("select_weight", 0.0) or 0.0) > 0 else CertStage.key_metric
+    return run_training_stage(cfg, "cert", make, "cert_net", key, "cert.pt",
                               pre_check=check_boundable, callbacks=callbacks)
 
 

@@ -107,7 +107,7 @@ def run_training_stage(
     stage: str,
     make_module: Callable[[Any, ACEDataModule], L.LightningModule],
     net_cfg_key: str,
-    key_metric: str,
+    key_metric: Optional[str],
     weights_name: str,
     inputs: Optional[Mapping[str, Any]] = None,
     mixed_precision: bool = False,
