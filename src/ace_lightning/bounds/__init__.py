@@ -18,6 +18,7 @@ from ace_lightning.bounds.lirpa import (
     margin_spec,
     normalize_method,
     output_bounds,
+    worst_case_ce,
     robust_ce_loss,
     validate_ball,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "margin_threshold_for_entropy",
     "normalize_method",
     "output_bounds",
+    "worst_case_ce",
     "robust_ce_loss",
     "validate_ball",
 ]

@@ -330,6 +330,14 @@ def margin_lower_bounds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     return (lb, logits) if return_logits else lb
 
 
+def worst_case_ce(lb_margins: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the negated margin lower bounds [B, K-1] (true-class entry 0): an upper bound of
+    the worst-case cross-entropy over the ball (ace-method.md section 6)."""
+    worst = torch.cat([torch.zeros_like(lb_margins[:, :1]), -lb_margins], dim=1)
+    target = torch.zeros(lb_margins.shape[0], dtype=torch.long, device=lb_margins.device)
+    return nn.functional.cross_entropy(worst, target)
+
+
 def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                    method: str = "IBP", *, beta: Optional[float] = None, loss_fusion: bool = False,
                    return_logits: bool = False):
@@ -341,8 +349,7 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     if not loss_fusion:
         out = margin_lower_bounds(net, x, y, eps, method, beta=beta, return_logits=return_logits)
         lb, logits = out if return_logits else (out, None)
-        worst = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
-        loss = nn.functional.cross_entropy(worst, torch.zeros_like(y.view(-1)).long())
+        loss = worst_case_ce(lb)
         return (loss, logits) if return_logits else loss
     method = normalize_method(method)
     beta = _check_beta(method, beta)

@@ -23,13 +23,17 @@ import torch
 from torch import nn
 
 from ace_lightning.attacks import adversarial_correct
-from ace_lightning.bounds import margin_lower_bounds, margin_spec, normalize_method, output_bounds, robust_ce_loss
+from ace_lightning.bounds import (margin_lower_bounds, margin_spec, normalize_method, output_bounds,
+                                  robust_ce_loss, worst_case_ce)
 from ace_lightning.nets import final_linear_name
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import l1_penalty
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress
 
 TRAIN_METHODS = ("IBP", "CROWN-IBP")
+# the selection co-training knobs of conf/stage/cert.yaml (CertStage keyword arguments)
+SELECT_OPTIONS = ("select_weight", "select_margin", "select_uncertified_weight", "select_start_epoch",
+                  "select_lr", "select_lr_step_epochs")
 
 
 def certified_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -169,13 +173,18 @@ class CertStage(StageModule):
 
     # -- schedules ---------------------------------------------------------------------------
 
-    def margin_pass(self, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float, beta: Optional[float]):
+    def margin_pass(self, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float, beta: Optional[float],
+                    upper: bool = False):
         """One bound pass over the margins z_y - z_j: (L_cert, robust CE, logits, lb, ub of the
-        margins), for the co-training losses that need the margins themselves."""
-        C = margin_spec(y, self.num_classes, dtype=x.dtype)
-        lb_d, ub_d, logits = output_bounds(self.net, x, eps, self.method, beta=beta, C=C, return_logits=True)
-        worst = torch.cat([torch.zeros_like(lb_d[:, :1]), -lb_d], dim=1)
-        robust = nn.functional.cross_entropy(worst, torch.zeros_like(y))
+        margins; ub only with ``upper``, else None), for the co-training losses that need the
+        margins themselves."""
+        if upper:
+            C = margin_spec(y, self.num_classes, dtype=x.dtype)
+            lb_d, ub_d, logits = output_bounds(self.net, x, eps, self.method, beta=beta, C=C, return_logits=True)
+        else:
+            (lb_d, logits), ub_d = margin_lower_bounds(self.net, x, y, eps, self.method, beta=beta,
+                                                       return_logits=True), None
+        robust = worst_case_ce(lb_d)
         l_cert = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
         return l_cert, robust, logits, lb_d, ub_d
 

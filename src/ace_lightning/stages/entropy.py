@@ -86,7 +86,7 @@ class EntropyStage(CertStage):
             l_cert = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
             l_ent = entropy_selection_loss(self.net, x, y, eps_t, self.method, beta=beta)
         else:  # one bound pass: margins z_y - z_j, both sides
-            l_cert, robust, logits, lb_d, ub_d = self.margin_pass(x, y, eps_t, kappa, beta)
+            l_cert, robust, logits, lb_d, ub_d = self.margin_pass(x, y, eps_t, kappa, beta, upper=True)
             l_ent = entropy_selection_loss_from_margins(lb_d, ub_d, y, logits.argmax(-1) == y)
         loss = (1.0 - self.lam) * l_cert + self.lam * l_ent
         if self.l1:

@@ -35,7 +35,7 @@ def check_boundable(net: torch.nn.Module, dm) -> None:
 
 
 def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.cert import CertStage
+    from ace_lightning.stages.cert import SELECT_OPTIONS, CertStage
 
     st = to_dict(cfg["stage"])
     # validate before any data is loaded
@@ -48,10 +48,7 @@ def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
                          ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
                          loss_fusion=st["loss_fusion"], l1=st["l1"], epochs=st["epochs"],
                          val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"],
-                         select_weight=st.get("select_weight", 0.0), select_margin=st.get("select_margin", 4.0),
-                         select_uncertified_weight=st.get("select_uncertified_weight", 1.0),
-                         select_start_epoch=st.get("select_start_epoch"), select_lr=st.get("select_lr"),
-                         select_lr_step_epochs=st.get("select_lr_step_epochs", 3))
+                         **{k: st[k] for k in SELECT_OPTIONS if k in st})
 
     # selection co-training trades a little certified accuracy for selectability: the best val
     # cert_acc would pick a checkpoint from before it, so the last weights are exported instead
