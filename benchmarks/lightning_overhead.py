@@ -84,7 +84,7 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
     stamp_cb = _Stamps(device)
     on_gpu = device.type == "cuda"
     trainer = L.Trainer(max_steps=steps + 1, accelerator="gpu" if on_gpu else "cpu",
-                        devices=[device.index or 0] if on_gpu else 1, logger=False,
+                        devices=[torch.cuda.current_device() if device.index is None else device.index] if on_gpu else 1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=10.0, callbacks=[stamp_cb],
                         limit_val_batches=0, num_sanity_val_steps=0)

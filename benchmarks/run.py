@@ -96,6 +96,7 @@ def gpu_section(device: torch.device, wanted, batch: int, reps: int, large: bool
     is_gpu = device.type == "cuda"
     out = {"device": str(device), "device_name": device_name(device), "is_gpu_run": is_gpu}
     if not is_gpu:
+        print(f"[bench] GPU section forced onto {device}: exercises its code path, not a GPU run")
         out["note"] = f"forced with --gpu-device {device}: the GPU section's code path, not a GPU run"
     out["sections"] = measure_sections(wanted, batch, reps, device, large,
                                        {**BOUND_CASES, **(C5_CASE if large else {})})
@@ -159,10 +160,8 @@ def main(argv: list[str] | None = None) -> Path:
         result["gpu"] = {"skipped": "CUDA not available"}
     else:
         device = torch.device(gpu)
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cuda" and device.index is None:  # the JSON names the card
             device = torch.device("cuda", torch.cuda.current_device())
-        elif device.type != "cuda":
-            print(f"[bench] GPU section forced onto {device}: exercises its code path, not a GPU run")
         result["gpu"] = gpu_section(device, wanted, args.batch, args.reps, args.large)
     path = args.out or RESULTS / f"{dt.date.today().isoformat()}.json"
     atomic_write_text(path, json.dumps(result, indent=2))
