@@ -232,9 +232,13 @@ def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "
 
 def model_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> ACEModel:
     """The composed model with trained weights (weights-only loading) and threshold 0."""
+    return load_model(*spec_from_run(run_dir, selection, entropy_stage))
+
+
+def load_model(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> ACEModel:
+    """The composed model of ``spec`` with the weights at ``paths`` (from spec_from_run), threshold 0."""
     from ace_lightning.stages.common import load_weights
 
-    spec, paths = spec_from_run(run_dir, selection, entropy_stage)
     model = ACEModel.from_spec(spec)
     load_weights(model.core, paths["core"], "core")
     load_weights(model.certs[0], paths["cert_0"], "cert-net")

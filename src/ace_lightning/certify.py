@@ -200,7 +200,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     import json
     import time
 
-    from ace_lightning.ace import composed_certified, model_from_run, spec_from_run
+    from ace_lightning.ace import composed_certified, load_model, spec_from_run
     from ace_lightning.report import format_table, write_sweep_outputs
     from ace_lightning.stages.common import (atomic_write_text, config_hash, read_manifest, sha256_file,
                                              write_manifest)
@@ -227,7 +227,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
         return done
 
     started = time.perf_counter()
-    model = model_from_run(run_dir, selection, entropy_stage)
+    model = load_model(spec, paths)
     dm = datamodule_from(cfg)
     loaders = _loaders(dm, st.get("splits", list(SPLITS)), int(st.get("batch_size", 256)))
     trainer_cfg = {k: v for k, v in to_dict(cfg["trainer"]).items()

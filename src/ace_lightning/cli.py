@@ -105,8 +105,9 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     run_dir = Path(_required(cfg, "run_dir", "run folder")).resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    selection = cfg.selection or next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate")
     entropy_stage = str(cfg.get("entropy_stage") or "entropy")
+    selection = cfg.selection or ("entropy" if cfg.get("entropy_stage") else
+                                  next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate"))
     spec_from_run(run_dir, selection, entropy_stage)  # every stage the composed model needs, before anything runs
     cert = read_manifest(run_dir / "cert")
     trained = dict(cert.get("config", {}).get("data") or {"name": cert["data"]["name"]})
@@ -148,7 +149,7 @@ def run_certify_action(cfg: DictConfig) -> dict:
 
 def run_sweep_action(cfg: DictConfig) -> dict:
     from ace_lightning.report import format_table, write_sweep_outputs
-    from ace_lightning.sweep import _split_set, load_records, sweep
+    from ace_lightning.sweep import _split_set, load_records
 
     path = _required(cfg, "records", "records.csv")
     grid = _grid(cfg.grid)
@@ -163,8 +164,6 @@ def run_sweep_action(cfg: DictConfig) -> dict:
             raise ValueError(f"records in {path} hold split(s) {_split_set(records.splits)}, not "
                              f"{cfg.split!r}: pass split=null or certify the {cfg.split} split")
         records = records.split(cfg.split)
-    for name in sorted(records.splits & set(SPLITS)):  # every sweep error before the first write
-        sweep(records.split(name), grid)
     out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,7 +227,6 @@ def run_plot_action(cfg: DictConfig) -> str:
     rows_val = read_sweep_csv(str(cfg.sweep_val)) if cfg.sweep_val else None
     refs, points = read_points(str(cfg.points), "test" if cfg.sweep else "val") if cfg.points else ([], [])
     out = str(cfg.out or os.path.join(os.path.dirname(os.path.abspath(str(cfg.sweep or cfg.sweep_val))), PLOT_FILE))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     plot_pareto(out, rows_test, rows_val, refs, points)
     print(f"[ace] wrote {out}")
     return out

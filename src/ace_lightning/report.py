@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from ace_lightning.atomic import atomic_write
+from ace_lightning.atomic import atomic_write, atomic_write_text
 from ace_lightning.sweep import (
     METRICS,
     SWEEP_COLUMNS,
@@ -22,7 +22,6 @@ from ace_lightning.sweep import (
     Threshold,
     _split_set,
     as_records,
-    atomic_write_text,
     choose_operating_points,
     reference_points,
     report_at,
@@ -176,12 +175,12 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
     parts = {name: rec.split(name) for name in ("val", "test") if name in rec.splits}
     if not parts:
         raise ValueError(f"records hold split(s) {_split_set(rec.splits)}, need 'val' and/or 'test'")
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    written: dict[str, Any] = {}
     rows: dict[str, list[dict[str, float]]] = {}
     for name in parts:  # every sweep before the first file is touched: a bad grid loses nothing
         rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    written: dict[str, Any] = {}
     for name, filename in SWEEP_FILES.items():
         path = os.path.join(out_dir, filename)
         if name in rows:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import ace_lightning
-from ace_lightning.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from ace_lightning.atomic import atomic_torch_save, atomic_write_text  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 
