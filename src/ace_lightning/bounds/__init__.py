@@ -3,24 +3,34 @@
 Public API (later stages build on these names):
 - ``output_bounds(net, x, eps, method)`` -> (lb, ub) over B(x) intersected with [0, 1];
 - ``margin_lower_bounds(net, x, y, eps, method)`` -> Tensor[B, K-1], lower bounds of z_y - z_j;
-- ``robust_ce_loss(net, x, y, eps, method, beta=..., loss_fusion=...)`` for certified training.
+- ``robust_ce_loss(net, x, y, eps, method, beta=..., loss_fusion=...)`` for certified training;
+- ``box_bounds(net, lower, upper, method)`` / ``box_margin_lower_bounds`` over an arbitrary box
+  (SABR's small box).
+Every bound is computed in full precision (``full_precision``: autocast off, no TF32/bf16 float32
+kernels) in float32 or float64 (``dtype=``), whatever the caller's context.
 - ``entropy_bounds(net, x, eps, method, route)`` -> (lb_H, ub_H) for the entropy gate, and
   ``entropy_gate_bounds`` -> (g, lb_g, ub_g) with g = -H; ``entropy_selection_loss`` for
   co-training (bounds/entropy.py).
 Methods: "IBP", "CROWN-IBP", "CROWN", "alpha-CROWN".
 """
 from ace_lightning.bounds.lirpa import (
+    DTYPES,
     METHODS,
+    box_bounds,
+    box_margin_lower_bounds,
     bounded_module,
     clear_cache,
+    full_precision,
     input_box,
     margin_lower_bounds,
     margin_spec,
     normalize_method,
     output_bounds,
+    resolve_dtype,
     worst_case_ce,
     robust_ce_loss,
     validate_ball,
+    validate_box,
 )
 from ace_lightning.bounds.entropy import (
     entropy,
@@ -36,7 +46,10 @@ from ace_lightning.bounds.entropy import (
 )
 
 __all__ = [
+    "DTYPES",
     "METHODS",
+    "box_bounds",
+    "box_margin_lower_bounds",
     "bounded_module",
     "clear_cache",
     "entropy",
@@ -48,13 +61,16 @@ __all__ = [
     "entropy_selection_loss_from_margins",
     "entropy_upper_bound_interval",
     "entropy_upper_bound_margin",
+    "full_precision",
     "input_box",
     "margin_lower_bounds",
     "margin_spec",
     "margin_threshold_for_entropy",
     "normalize_method",
     "output_bounds",
+    "resolve_dtype",
     "worst_case_ce",
     "robust_ce_loss",
     "validate_ball",
+    "validate_box",
 ]

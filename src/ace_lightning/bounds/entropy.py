@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ace_lightning.bounds.lirpa import bounded_module, margin_spec, normalize_method, output_bounds
+from ace_lightning.bounds.lirpa import (_working, bounded_module, margin_spec, normalize_method, output_bounds,
+                                       precise)
 
 ROUTES = ("box", "margin", "interval")
 
@@ -243,6 +244,7 @@ def _relative_box(lb_d: torch.Tensor, ub_d: torch.Tensor, ref: torch.Tensor):
     return w_lo, w_hi
 
 
+@precise
 def entropy_bounds_from_margins(lb_d: torch.Tensor, ub_d: Optional[torch.Tensor], ref: torch.Tensor,
                                 route: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
     """(lb_H, ub_H) from bounds [lb_d, ub_d] (Tensor[B, K-1]) of the margins z_ref - z_j over the
@@ -297,10 +299,11 @@ def _margin_pass(net, x, ref, eps, method, beta):
     return output_bounds(net, x, eps, method, beta=beta, C=C, return_logits=True)
 
 
-def _entropy_bounds(net, x, eps, method, route, beta):
+def _entropy_bounds(net, x, eps, method, route, beta, dtype=None):
     route = str(route).lower()
     if route not in ROUTES:
         raise ValueError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
+    net, x, _ = _working(net, x, dtype)
     if route == "interval":
         lb, ub, logits = output_bounds(net, x, eps, method, beta=beta, return_logits=True)
         h_lo, h_hi = _interval_entropy_bounds(lb, ub)
@@ -311,26 +314,30 @@ def _entropy_bounds(net, x, eps, method, route, beta):
     return h_lo, h_hi, logits
 
 
+@precise
 def entropy_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IBP",
-                   route: str = "box", *, beta: Optional[float] = None
+                   route: str = "box", *, beta: Optional[float] = None, dtype=None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lb_H, ub_H), Tensor[B] each, bounds of H(softmax(net(x'))) over x' in B(x) intersected with
     [0, 1]. Routes "margin" and "box" make one bound pass for both sides of the K-1 margins of the
     class predicted at x (see entropy_bounds_from_margins); "interval" bounds the logits and uses
-    interval arithmetic on that box (the reference route, with the tighter of two interval forms)."""
-    h_lo, h_hi, _ = _entropy_bounds(net, x, eps, method, route, beta)
+    interval arithmetic on that box (the reference route, with the tighter of two interval forms).
+    Full precision in ``dtype`` like every bound (bounds/lirpa.py)."""
+    h_lo, h_hi, _ = _entropy_bounds(net, x, eps, method, route, beta, dtype)
     return h_lo, h_hi
 
 
+@precise
 def entropy_gate_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IBP",
-                        route: str = "box", *, beta: Optional[float] = None
+                        route: str = "box", *, beta: Optional[float] = None, dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g, lb_g, ub_g) for the gate g = -H(softmax(net(x))) (ace-method.md section 2b: select the
     cert-net iff g >= T = -tau): lb_g = -ub_H, ub_g = -lb_H; g from the same forward pass."""
-    h_lo, h_hi, logits = _entropy_bounds(net, x, eps, method, route, beta)
+    h_lo, h_hi, logits = _entropy_bounds(net, x, eps, method, route, beta, dtype)
     return -entropy(logits), -h_hi, -h_lo
 
 
+@precise
 def entropy_selection_loss_from_margins(lb_d: torch.Tensor, ub_d: torch.Tensor, y: torch.Tensor,
                                         correct: torch.Tensor) -> torch.Tensor:
     """L_ent from bounds of the margins z_y - z_j (margin_spec(y) rows), so a trainer can share
@@ -341,6 +348,7 @@ def entropy_selection_loss_from_margins(lb_d: torch.Tensor, ub_d: torch.Tensor, 
     return (torch.where(correct.view(-1).bool(), h_hi, log_k - h_lo) / log_k).mean()
 
 
+@precise
 def entropy_selection_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                            method: str = "IBP", *, beta: Optional[float] = None) -> torch.Tensor:
     """Worst-case entropy loss for co-training the cert-net with the entropy gate (ace-method.md

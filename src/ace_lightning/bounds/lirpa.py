@@ -8,15 +8,21 @@ else asks for "output bounds of this net on this ball" or "margin lower bounds".
 - auto_LiRPA copies buffers: BatchNorm running statistics would be updated in the wrapper's copy
   only. We alias the wrapper's buffers to the user's tensors so there is one copy;
 - building a BoundedModule runs the net twice; in train mode that would move the running
-  statistics, so they are restored afterwards.
+  statistics, so they are restored afterwards;
+- every bound is computed in full precision whatever the caller's context (ace-method.md section
+  12): autocast off, TF32 / bf16 float32 kernels off during the call (restored afterwards, also
+  on error), inputs and net in float32 or float64 (``dtype``). Bounds computed under bfloat16
+  autocast came back as float32 tensors with lower bounds that were too high: false certificates.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -48,6 +54,106 @@ _FUSION_OPS = frozenset({"BoundExp", "BoundReduceSum", "BoundGatherElements", "B
 _STRICT_AVGPOOL = True  # 0.3 is unsound on overlapping windows (tests/test_bounds_reference.py)
 ALPHA_CROWN_ITERATIONS = 20
 ALPHA_CROWN_LR = 0.5
+
+# -- full precision, whatever the caller set ------------------------------------------------------
+# Backends whose float32 kernels may silently run in TF32 or bfloat16 (torch >= 2.9 API; the legacy
+# allow_tf32 flags and set_float32_matmul_precision read through these, so restoring them
+# restores every reading).
+_FP32_KNOBS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
+               ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_F = TypeVar("_F", bound=Callable)
+
+
+def _fp32_knobs() -> list:
+    knobs = []
+    for backend, op in _FP32_KNOBS:
+        obj = getattr(getattr(torch.backends, backend, None), op, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            knobs.append(obj)
+    return knobs
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Autocast off on every device type and IEEE float32 kernels (no TF32, no bf16) for the
+    duration; the caller's settings come back afterwards, also when the body raises."""
+    knobs = _fp32_knobs()
+    saved = [(k, k.fp32_precision) for k in knobs]
+    legacy = []
+    if not knobs:  # torch < 2.9: the allow_tf32 flags
+        legacy = [(torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32),
+                  (torch.backends.cudnn, torch.backends.cudnn.allow_tf32)]
+    try:
+        for k, _ in saved:
+            k.fp32_precision = "ieee"
+        for obj, _ in legacy:
+            obj.allow_tf32 = False
+        with contextlib.ExitStack() as stack:
+            for device in _AUTOCAST_DEVICES:
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            yield
+    finally:
+        for k, value in reversed(saved):
+            k.fp32_precision = value
+        for obj, value in legacy:
+            obj.allow_tf32 = value
+
+
+def precise(fn: _F) -> _F:
+    """Decorator: run a bound function under ``full_precision``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with full_precision():
+            return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], x: Optional[torch.Tensor] = None,
+                  net: Optional[nn.Module] = None) -> torch.dtype:
+    """float32 or float64. None: float64 when x or the net already is, else float32 (half and
+    bfloat16 inputs or nets are lifted to float32: a bound is never computed in less)."""
+    if dtype is None:
+        wide = (x is not None and x.dtype == torch.float64) or (
+            net is not None and any(p.dtype == torch.float64 for p in net.parameters()))
+        return torch.float64 if wide else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"bound dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"bound dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+_SHADOWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def net_in_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` itself when its floating tensors already are ``dtype``; otherwise a cached copy in
+    ``dtype`` holding the net's current weights, buffers and mode. Bounds through a copy carry no
+    gradient to the net's parameters (float64 is an evaluation precision)."""
+    tensors = list(net.parameters()) + list(net.buffers())
+    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors):
+        return net
+    shadow = _SHADOWS.setdefault(net, {}).get(dtype)
+    if shadow is None:
+        shadow = copy.deepcopy(net).to(dtype)
+        for p in shadow.parameters():
+            p.requires_grad_(False)
+        _SHADOWS[net][dtype] = shadow
+    with torch.no_grad():
+        for dst, src in zip(shadow.parameters(), net.parameters()):
+            dst.copy_(src)
+        for dst, src in zip(shadow.buffers(), net.buffers()):
+            dst.copy_(src)
+    return shadow.train(net.training)
+
+
+def _working(net: nn.Module, x: torch.Tensor, dtype) -> tuple[nn.Module, torch.Tensor, torch.dtype]:
+    dtype = resolve_dtype(dtype, x, net)
+    return net_in_dtype(net, dtype), x.to(dtype), dtype
 
 
 def normalize_method(method: str) -> str:
@@ -211,9 +317,31 @@ def clear_cache(net: Optional[nn.Module] = None) -> None:
         _CACHE.pop(net, None)
 
 
-def _bounded_input(x: torch.Tensor, eps: float) -> BoundedTensor:
-    x_l, x_u = input_box(x, eps)
-    return BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_l, x_U=x_u))
+def _bounded_input(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> BoundedTensor:
+    """x (the clean point: the forward pass and train-mode BN statistics) perturbed over the box."""
+    eps = float((upper - lower).max()) / 2 if upper.numel() else 0.0
+    return BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower, x_U=upper))
+
+
+def validate_box(lower: torch.Tensor, upper: torch.Tensor, x: Optional[torch.Tensor] = None) -> None:
+    """Check a box [lower, upper] inside the pixel box [0, 1] (and x inside it, when given)."""
+    for name, t in (("lower", lower), ("upper", upper)):
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise ValueError(f"box {name} corner must be a floating-point tensor of images in [0, 1]")
+    if lower.shape != upper.shape:
+        raise ValueError(f"box corners differ in shape: {tuple(lower.shape)} vs {tuple(upper.shape)}")
+    if lower.numel() == 0:
+        return
+    if lower.min() < 0 or upper.max() > 1:
+        raise ValueError(f"box must lie in the pixel box [0, 1] (got values in [{lower.min().item():.4g}, "
+                         f"{upper.max().item():.4g}]); normalisation belongs inside the net")
+    if (lower > upper).any():
+        raise ValueError("box lower corner exceeds its upper corner somewhere (need lower <= upper)")
+    if x is not None:
+        if x.shape != lower.shape:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the box {tuple(lower.shape)}")
+        if (x < lower).any() or (x > upper).any():
+            raise ValueError("x must lie inside the box [lower, upper]")
 
 
 def _check_beta(method: str, beta: Optional[float]) -> Optional[float]:
@@ -294,39 +422,98 @@ def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
     return logits, lb, ub
 
 
+def _check_c(C: Optional[torch.Tensor], batch: int) -> None:
+    if C is not None and (C.dim() != 3 or C.shape[0] != batch):
+        raise ValueError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
+
+
+def _labels(y, batch: int, num_classes: int, device) -> torch.Tensor:
+    y = torch.as_tensor(y, device=device).long().view(-1)
+    if y.shape[0] != batch or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
+        raise ValueError(f"labels must be {batch} class indices in [0, {num_classes})")
+    return y
+
+
+def _box_pass(net: nn.Module, x: torch.Tensor, box, method: str, beta: Optional[float], C, y,
+              lower_side: bool, upper_side: bool, dtype):
+    """The one place a bound is computed: net and box in the working dtype (``box``: eps of the
+    ball around x, or the corners (lower, upper)), C from ``C`` or the margin rows of ``y``.
+    Returns (logits at x, lb, ub). Caller holds full_precision."""
+    net, x, dtype = _working(net, x, dtype)
+    lower, upper = input_box(x, box) if isinstance(box, float) else (box[0].to(dtype), box[1].to(dtype))
+    bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
+    if y is not None:
+        y = _labels(y, x.shape[0], bounded.ace_num_outputs, x.device)
+        C = margin_spec(y, bounded.ace_num_outputs, dtype=dtype)
+    elif C is not None:
+        C = C.to(dtype)
+    return _compute(bounded, _bounded_input(x, lower, upper), C, method, beta, lower_side, upper_side)
+
+
+@precise
 def output_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IBP", *,
                   beta: Optional[float] = None, C: Optional[torch.Tensor] = None,
-                  return_logits: bool = False):
+                  return_logits: bool = False, dtype: Union[None, str, torch.dtype] = None):
     """Elementwise bounds ``(lb, ub)`` of ``net(x')`` (or of ``C @ net(x')``, C: [B, S, K]) over
     x' in B(x) intersected with [0, 1]. Differentiable w.r.t. the net's parameters (except
-    alpha-CROWN). With ``return_logits`` also returns net(x), from the same forward pass (so BN
-    statistics in train mode move exactly once)."""
+    alpha-CROWN, and a ``dtype`` other than the net's own). With ``return_logits`` also returns
+    net(x), from the same forward pass (so BN statistics in train mode move exactly once).
+    Full precision whatever the caller's autocast/TF32 settings; results in ``dtype`` (float32,
+    or float64 when x or the net is float64)."""
     method = normalize_method(method)
     beta = _check_beta(method, beta)
     eps = validate_ball(x, eps)
-    if C is not None and (C.dim() != 3 or C.shape[0] != x.shape[0]):
-        raise ValueError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
-    bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
-    logits, lb, ub = _compute(bounded, _bounded_input(x, eps), C, method, beta, True, True)
+    _check_c(C, x.shape[0])
+    logits, lb, ub = _box_pass(net, x, eps, method, beta, C, None, True, True, dtype)
     return (lb, ub, logits) if return_logits else (lb, ub)
 
 
+@precise
+def box_bounds(net: nn.Module, lower: torch.Tensor, upper: torch.Tensor, method: str = "IBP", *,
+               x: Optional[torch.Tensor] = None, beta: Optional[float] = None,
+               C: Optional[torch.Tensor] = None, return_logits: bool = False,
+               dtype: Union[None, str, torch.dtype] = None):
+    """``(lb, ub)`` of net(x') (or C @ net(x')) over an arbitrary box [lower, upper] inside [0, 1],
+    e.g. SABR's small box around an adversarial point; the same checks and precision as
+    output_bounds. ``x``: the point the clean forward runs at (logits, train-mode BN statistics),
+    inside the box; the box centre by default."""
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    validate_box(lower, upper, x)
+    _check_c(C, lower.shape[0])
+    point = (lower + upper) / 2 if x is None else x
+    logits, lb, ub = _box_pass(net, point, (lower, upper), method, beta, C, None, True, True, dtype)
+    return (lb, ub, logits) if return_logits else (lb, ub)
+
+
+@precise
+def box_margin_lower_bounds(net: nn.Module, lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor,
+                            method: str = "IBP", *, x: Optional[torch.Tensor] = None,
+                            beta: Optional[float] = None, return_logits: bool = False,
+                            dtype: Union[None, str, torch.dtype] = None):
+    """margin_lower_bounds over the box [lower, upper] instead of a ball: Tensor[B, K-1] of lower
+    bounds of z_y - z_j (SABR's robust loss). Not a certificate of the ball unless the box
+    contains it."""
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    validate_box(lower, upper, x)
+    point = (lower + upper) / 2 if x is None else x
+    logits, lb, _ = _box_pass(net, point, (lower, upper), method, beta, None, y, True, False, dtype)
+    return (lb, logits) if return_logits else lb
+
+
+@precise
 def margin_lower_bounds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                         method: str = "IBP", *, beta: Optional[float] = None,
-                        return_logits: bool = False):
+                        return_logits: bool = False, dtype: Union[None, str, torch.dtype] = None):
     """Lower bounds of z_y - z_j for every j != y over the ball: Tensor[B, K-1]. All positive
     means certified. The specification is folded into the last linear layer by auto_LiRPA
-    (exact for IBP too, which would otherwise lose the correlation between z_y and z_j)."""
+    (exact for IBP too, which would otherwise lose the correlation between z_y and z_j).
+    Full precision and ``dtype`` as in output_bounds."""
     method = normalize_method(method)
     beta = _check_beta(method, beta)
     eps = validate_ball(x, eps)
-    bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
-    num_classes = bounded.ace_num_outputs
-    y = torch.as_tensor(y, device=x.device).long().view(-1)
-    if y.shape[0] != x.shape[0] or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
-        raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {num_classes})")
-    C = margin_spec(y, num_classes, dtype=x.dtype)
-    logits, lb, _ = _compute(bounded, _bounded_input(x, eps), C, method, beta, True, False)
+    logits, lb, _ = _box_pass(net, x, eps, method, beta, None, y, True, False, dtype)
     return (lb, logits) if return_logits else lb
 
 
@@ -338,6 +525,7 @@ def worst_case_ce(lb_margins: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(worst, target)
 
 
+@precise
 def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                    method: str = "IBP", *, beta: Optional[float] = None, loss_fusion: bool = False,
                    return_logits: bool = False):
@@ -345,7 +533,8 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     the negated margin lower bounds (true-class entry 0), ace-method.md section 6. With
     ``loss_fusion`` the CE itself is bounded (sum_j exp(z_j - z_y) from above), which costs one
     bound row instead of K-1 (much cheaper with CROWN-IBP and many classes). In fusion mode
-    ``return_logits`` runs the plain net once more for the clean logits."""
+    ``return_logits`` runs the plain net once more for the clean logits. A training loss: always
+    in the net's own precision (float32 under mixed precision), so gradients reach it."""
     if not loss_fusion:
         out = margin_lower_bounds(net, x, y, eps, method, beta=beta, return_logits=return_logits)
         lb, logits = out if return_logits else (out, None)
@@ -356,10 +545,10 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     if method not in ("IBP", "CROWN-IBP"):
         raise ValueError(f"loss fusion is a training method: use IBP or CROWN-IBP, not {method}")
     eps = validate_ball(x, eps)
+    net, x, _ = _working(net, x, None)
     y = torch.as_tensor(y, device=x.device).long().view(-1)
     bounded = bounded_module(net, x, "fusion")
-    x_l, x_u = input_box(x, eps)
-    bx = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_l, x_U=x_u))
+    bx = _bounded_input(x, *input_box(x, eps))
     with _default_dtype(x.dtype):
         bounded(bx, y)
         if method == "IBP" or (beta is not None and beta < 1e-8):
