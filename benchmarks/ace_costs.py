@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ace_lightning.ace import ACEModel, model_from_run
-from ace_lightning.certify import certify_batch
+from ace_lightning.ace import CertifySettings, certify_batch
 from ace_lightning.sweep import Records, sweep_cost
 from timing import time_fn
 
@@ -78,7 +78,8 @@ def measure(run_dir: Path = DEMO_RUN, n: int = 1024, batch: int = 256, eps: floa
 
     def certify(methods):
         def run():
-            parts = [certify_batch(model, xb, yb, eps, methods) for xb, yb in batches]
+            settings = CertifySettings(methods=methods, gate_methods=methods, refine_methods=())
+            parts = [certify_batch(model, xb, yb, eps, settings) for xb, yb in batches]
             records[tuple(methods)] = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
         return run
 

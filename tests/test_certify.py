@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from ace_lightning.ace import ACEModel, composed_certified
+from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, composed_certified
 from ace_lightning.attacks.composed import attack_composed
 from ace_lightning.bounds import margin_lower_bounds, output_bounds, robust_ce_loss
 from ace_lightning.nets import init_gate_from_cert
-from ace_lightning.certify import certify_batch
 from ace_lightning.sweep import Records, evaluate, exact_thresholds
 
 SHAPE, K = (1, 6, 6), 3
@@ -148,7 +147,7 @@ def test_no_certified_input_is_broken_by_the_attack(trained, selection):
         model = ACEModel(trained.core, [trained.certs[0]], [None], [0.0], _spec("entropy")).eval()
     x, y = _data(96, 11)
     eps = EPS
-    rec = certify_batch(model, x, y, eps, ["IBP", "CROWN-IBP"])
+    rec = certify_batch(model, x, y, eps, CertifySettings(methods=("IBP", "CROWN-IBP"), refine_methods=()))
     assert rec["cert_ok"].any(), "the tiny cert-net should certify something"
     records = Records({k: v.numpy() for k, v in rec.items()} | {"index": np.arange(96), "split": np.array(["test"] * 96)})
     g = rec["g"].numpy()

@@ -208,3 +208,72 @@ def test_box_bounds_contain_the_box_and_check_their_input():
         box_bounds(net, lo, hi, x=hi + 0.01)
     with pytest.raises(ValueError, match="differ in shape"):
         box_bounds(net, lo, hi[:2])
+
+
+# -- stages and certification under mixed precision --------------------------------------------------
+
+def test_cert_stage_under_bf16_mixed_reports_full_precision_metrics(tmp_path):
+    """Lightning's bf16-mixed (CPU autocast) for the cert stage: training runs, and the test metrics
+    in the manifest are those of the exported weights evaluated in float32."""
+    from ace_lightning.nets import build_net
+    from ace_lightning.stages import run_stage
+    from ace_lightning.stages.runner import datamodule_from
+    from stage_utils import CERT_TINY, compose_cfg
+
+    cfg = compose_cfg(tmp_path, CERT_TINY + ["trainer.precision=bf16-mixed", "stage.val_pgd_steps=0"])
+    manifest = run_stage(cfg)
+    dm = datamodule_from(cfg)
+    dm.setup("test")
+    net = build_net(manifest["net"], dm.info)
+    net.load_state_dict(torch.load(tmp_path / manifest["config"]["data"]["name"] / "eps_0.03" / "cert" / "cert.pt",
+                                   weights_only=True))
+    net.eval()
+    nat, ibp, n = 0, 0, 0
+    for x, y in dm.test_dataloader():
+        with torch.no_grad():
+            nat += int((net(x).argmax(-1) == y).sum())
+        ibp += int((margin_lower_bounds(net, x, y, 0.03, "IBP").min(1).values > 0).sum())
+        n += len(y)
+    assert manifest["metrics"]["test/nat_acc"] == pytest.approx(nat / n, abs=1e-6)
+    assert manifest["metrics"]["test/ibp_cert_acc"] == pytest.approx(ibp / n, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["cert", "gate", "entropy"])
+def test_half_precision_weights_are_refused_for_certified_training(tmp_path, stage):
+    from ace_lightning.stages import run_stage
+    from stage_utils import compose_cfg
+
+    overrides = [f"stage={stage}", "eps=0.03", "trainer.precision=bf16-true"]
+    with pytest.raises(ValueError, match="need float32 weights") as err:
+        run_stage(compose_cfg(tmp_path, overrides))
+    assert "\n" not in str(err.value)
+
+
+def test_certify_stage_records_are_identical_under_bf16_mixed(tmp_path):
+    """The whole certify stage with trainer.precision=bf16-mixed writes the records of the float32
+    run, byte for byte; the manifest says what was re-checked in float64."""
+    from ace_lightning.stages import run_stage
+    from stage_utils import compose_cfg
+
+    base = ["data.subset=96", "data.dataset_kwargs.num_classes=3", "data.dataset_kwargs.input_shape=[1,12,12]",
+            "eps=0.05", "net@cert_net=fc", "net@core_net=fc", "run_name=run"]
+    run_stage(compose_cfg(tmp_path, base + ["stage=core", "stage.epochs=1", "stage.eval_pgd_steps=0"]))
+    run_stage(compose_cfg(tmp_path, base + ["stage=cert", "stage.epochs=2", "stage.warmup_epochs=0",
+                                             "stage.ramp_epochs=1", "stage.val_pgd_steps=0"]))
+    run_stage(compose_cfg(tmp_path, base + ["stage=gate", "stage.epochs=1", "stage.ramp_epochs=1"]))
+    certify = base + ["stage=certify", "stage.attack.steps=2", "stage.methods=[IBP,CROWN-IBP,CROWN]",
+                      "stage.refine_methods=[CROWN]"]
+    first = run_stage(compose_cfg(tmp_path, certify))
+    records = (tmp_path / "run" / "certify" / "records.csv").read_bytes()
+    again = run_stage(compose_cfg(tmp_path, certify + ["trainer.precision=bf16-mixed", "overwrite=true"]))
+    assert (tmp_path / "run" / "certify" / "records.csv").read_bytes() == records
+    header = records.decode().splitlines()[0].split(",")
+    for column in ("cert_margin", "cert_method", "gate_method", "rechecked", "recheck_flipped", "dtype"):
+        assert column in header
+    prec = again["precision"]
+    assert prec["dtype"] == "float32" and prec["recheck_tol"] == 1e-4
+    assert prec["trainer_precision_ignored"] == "bf16-mixed" and first["precision"]["trainer_precision_ignored"] is None
+    for split in ("val", "test"):
+        assert set(prec[split]) == {"inputs", "rechecked", "rechecked_cert_ok", "decisions_changed_by_float64"}
+        assert prec[split]["rechecked"] >= prec[split]["decisions_changed_by_float64"] >= 0
+    assert prec["refined_at"]["thresholds"], "the operating points' thresholds were refined"

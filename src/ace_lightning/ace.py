@@ -7,17 +7,84 @@ the inputs every gate rejected (the reference code ran everything on every input
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ace_lightning.bounds import margin_lower_bounds, output_bounds
+from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize_method, output_bounds
 from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
+from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
+from ace_lightning.bounds.lirpa import net_in_dtype, precise
 
 FORMAT = "ace-lightning/ace-model/1"
 SELECTIONS = ("gate", "entropy")
+
+
+@dataclass(frozen=True)
+class CertifySettings:
+    """How the composed model is certified (conf/stage/certify.yaml; validated in one place).
+
+    methods: the cert-net's bound methods from cheap to tight; each input stops at the first that
+    certifies it. gate_methods: the selector's interval on every input (intersection of them).
+    refine_methods: tighter methods for inputs whose gate interval straddles a threshold of
+    interest. refute_steps: PGD steps that spare the tight methods inputs with a counterexample
+    (0: none). time_budget_s: per input for the tighter methods (None: no limit). dtype: float32 or
+    float64 for the whole pass; recheck_tol: inputs within it of a decision are re-checked in
+    float64 (0: off). core_method: also try to certify the core (rarely possible)."""
+
+    methods: tuple[str, ...] = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
+    gate_methods: tuple[str, ...] = ("IBP", "CROWN-IBP")
+    refine_methods: tuple[str, ...] = ("CROWN", "alpha-CROWN")
+    refute_steps: int = 10
+    time_budget_s: Optional[float] = None
+    dtype: str = "float32"
+    recheck_tol: float = 1.0e-4
+    core_method: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        def canon(methods, what, allow_empty=False):
+            if isinstance(methods, str):
+                methods = [methods]
+            out = tuple(normalize_method(m) for m in (methods or ()))
+            if not out and not allow_empty:
+                raise ValueError(f"certify: {what} needs at least one bound method ({', '.join(METHODS)})")
+            return out
+
+        object.__setattr__(self, "methods", canon(self.methods, "methods"))
+        object.__setattr__(self, "gate_methods", canon(self.gate_methods, "gate_methods"))
+        object.__setattr__(self, "refine_methods", canon(self.refine_methods, "refine_methods", True))
+        if self.core_method:
+            object.__setattr__(self, "core_method", normalize_method(self.core_method))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"certify: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        budget = self.time_budget_s
+        if budget is not None and not (float(budget) > 0 and math.isfinite(float(budget))):
+            raise ValueError(f"certify: time_budget_s must be a positive number of seconds per input "
+                             f"(or null: no limit), got {budget}")
+        if not float(self.recheck_tol) >= 0:
+            raise ValueError(f"certify: recheck_tol must be >= 0 (0: no float64 re-check), got {self.recheck_tol}")
+        if int(self.refute_steps) < 0:
+            raise ValueError(f"certify: refute_steps must be >= 0, got {self.refute_steps}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "CertifySettings":
+        """From a certify stage config (unknown keys ignored: the stage has others)."""
+        nullable = ("time_budget_s", "core_method")  # null is a value; elsewhere it means the default
+        kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(cfg).items()
+              if k in cls.__dataclass_fields__ and (v is not None or k in nullable)}
+        return cls(**kw)
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def method_name(code: int) -> str:
+    """Records store methods as indices into bounds.METHODS (-1: none)."""
+    return "none" if int(code) == NO_METHOD else METHODS[int(code)]
 
 
 def composed_certified(cert_ok: torch.Tensor, core_ok: torch.Tensor, lb_g: torch.Tensor,
@@ -120,35 +187,38 @@ class ACEModel(nn.Module):
             undecided &= ~fire
         return out
 
-    def selector_bounds(self, i: int, x: torch.Tensor, eps: float, method: str = "IBP"
+    def selector_bounds(self, i: int, x: torch.Tensor, eps: float, method: str = "IBP", dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(g, lb_g, ub_g) of selector i over the ball."""
+        """(g, lb_g, ub_g) of selector i over the ball (full precision, float32 or ``dtype``)."""
         if self.selection[i] == "gate":
             gate = self.gates[str(i)]
-            lb, ub, g = output_bounds(gate, x, eps, method, return_logits=True)
+            lb, ub, g = output_bounds(gate, x, eps, method, return_logits=True, dtype=dtype)
             return g.squeeze(-1), lb.squeeze(-1), ub.squeeze(-1)
-        return entropy_gate_bounds(self.certs[i], x, eps, method)
+        return entropy_gate_bounds(self.certs[i], x, eps, method, dtype=dtype)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, eps: Optional[float] = None, method: str = "IBP") -> dict:
+    def predict(self, x: torch.Tensor, eps: Optional[float] = None,
+                settings: Optional[CertifySettings] = None) -> dict:
         """labels, the branch that answered (n = core) and, given eps, whether the answer is
         certified: the predicted label provably stays the same on the whole ball (the composed rule
-        with y = the predicted label; the core counts as uncertified)."""
+        with y = the predicted label; the core counts as uncertified unless settings.core_method
+        certifies it). Certification as in the certify stage: cheap to tight, the gate refined at
+        this model's thresholds, float64 near a decision; ``settings`` default to those the model
+        was certified with (its spec), else CertifySettings()."""
         was = self.training
         self.eval()
         logits, branch = self.route(x)
         labels = logits.argmax(-1)
         result = {"labels": labels, "branch": branch}
         if eps is not None:
+            if settings is None:
+                settings = CertifySettings.from_config(self.spec.get("certify") or {})
+            rec = certify_batch(self, x, labels, eps, settings, thresholds=[self.thresholds.tolist()])
             n = self.num_branches
-            lb_g = torch.empty(x.shape[0], n, device=x.device)
-            ub_g = torch.empty_like(lb_g)
-            cert_ok = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
-            for i in range(n):
-                _, lb_g[:, i], ub_g[:, i] = self.selector_bounds(i, x, eps, method)
-                cert_ok[:, i] = margin_lower_bounds(self.certs[i], x, labels, eps, method).min(1).values > 0
-            core_ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            result["certified"] = composed_certified(cert_ok, core_ok, lb_g, ub_g, self.thresholds)
+            sfx = [""] if n == 1 else [f"_{i + 1}" for i in range(n)]
+            stack = lambda name: torch.stack([rec[f"{name}{s}"] for s in sfx], dim=1)  # noqa: E731
+            result["certified"] = composed_certified(stack("cert_ok"), rec["core_ok"], stack("lb_g"),
+                                                     stack("ub_g"), self.thresholds)
         self.train(was)
         return result
 
@@ -196,6 +266,77 @@ class ACEModel(nn.Module):
         model = cls.from_spec(json.loads(blob["spec"]))
         model.load_state_dict(blob["state_dict"])
         return model
+
+
+@precise
+def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  settings: Optional[CertifySettings] = None,
+                  thresholds: Optional[Sequence[Sequence[float]]] = None) -> dict[str, torch.Tensor]:
+    """Per-input fields of the records (ace-method.md section 4.5; columns suffixed _i for
+    cascades of n > 1 pairs): label, core_pred/core_correct/core_ok, and per pair cert_pred,
+    cert_correct, cert_ok, cert_margin (best certified margin found), cert_method and gate_method
+    (indices into bounds.METHODS, -1: none), g, lb_g, ub_g; rechecked (decided in float64),
+    recheck_flipped (float64 changed a decision) and float64 (the pass's dtype). ``thresholds``: threshold vectors (one T per pair) at which the
+    gate intervals are refined and re-checked; None: thresholds are not known yet (the certify
+    stage refines later, certify.refine_records). Full precision throughout (autocast off), so the
+    records do not depend on the caller's mixed-precision context."""
+    from ace_lightning.attacks.pgd import pgd
+
+    settings = settings or CertifySettings()
+    dtype = DTYPES[settings.dtype]
+    x = x.to(dtype)
+    n = model.num_branches
+    out: dict[str, torch.Tensor] = {"label": y}
+    with torch.no_grad():
+        core_logits = net_in_dtype(model.core, dtype)(x)
+    out["core_pred"] = core_logits.argmax(-1)
+    out["core_correct"] = out["core_pred"] == y
+    if settings.core_method:
+        out["core_ok"] = margin_lower_bounds(model.core, x, y, eps, settings.core_method,
+                                             dtype=dtype).min(1).values > 0
+    else:
+        out["core_ok"] = torch.zeros_like(y, dtype=torch.bool)
+    rechecked = torch.zeros_like(y, dtype=torch.bool)
+    flipped = torch.zeros_like(rechecked)
+    codes = lambda names: torch.tensor([METHODS.index(m) for m in names], device=x.device)  # noqa: E731
+    for i in range(n):
+        sfx = "" if n == 1 else f"_{i + 1}"
+        net = model.certs[i]
+
+        def refute(idx, net=net):
+            """A counterexample inside the ball: no bound method can certify these."""
+            if settings.refute_steps <= 0:
+                return torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)
+            work = net_in_dtype(net, dtype)
+            x_adv = pgd(work, x[idx], y[idx], eps, steps=settings.refute_steps, step_size=0.25,
+                        random_start=False)  # deterministic: records do not depend on a seed
+            with torch.no_grad():
+                return work(x_adv).argmax(-1) != y[idx]
+
+        with torch.no_grad():
+            cert = margin_ladder(net, x, y, eps, settings.methods, dtype=dtype, refute=refute,
+                                 time_budget_s=settings.time_budget_s, recheck_tol=settings.recheck_tol)
+        bound = lambda xs, method, dt, i=i: model.selector_bounds(i, xs, eps, method, dtype=dt)  # noqa: E731
+        with torch.no_grad():
+            gate = gate_interval(bound, x, settings.gate_methods, dtype=dtype)
+            if thresholds:
+                gate = refine_gate(bound, x, gate, [t[i] for t in thresholds], settings.gate_methods,
+                                   settings.refine_methods, dtype=dtype, recheck_tol=settings.recheck_tol,
+                                   time_budget_s=settings.time_budget_s)
+        out[f"cert_pred{sfx}"] = cert.logits.argmax(-1)
+        out[f"cert_correct{sfx}"] = out[f"cert_pred{sfx}"] == y
+        out[f"cert_ok{sfx}"] = cert.ok & out[f"cert_correct{sfx}"]
+        out[f"cert_margin{sfx}"] = cert.margin
+        out[f"cert_method{sfx}"] = torch.where(cert.method >= 0, codes(settings.methods)[cert.method.clamp(min=0)],
+                                               NO_METHOD)
+        gate_codes = codes(settings.gate_methods + settings.refine_methods)
+        out[f"gate_method{sfx}"] = gate_codes[gate.method]
+        out[f"g{sfx}"], out[f"lb_g{sfx}"], out[f"ub_g{sfx}"] = gate.g, gate.lb, gate.ub
+        rechecked |= cert.rechecked | gate.rechecked
+        flipped |= cert.flipped | gate.flipped
+    out["rechecked"], out["recheck_flipped"] = rechecked, flipped
+    out["float64"] = torch.full_like(rechecked, dtype == torch.float64)
+    return out
 
 
 def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> tuple[dict, dict]:

@@ -20,8 +20,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from ace_lightning.ace import ACEModel
-from ace_lightning.bounds import margin_lower_bounds, normalize_method
+from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, method_name
 
 SPLITS = ("val", "test")
 
@@ -40,48 +39,16 @@ class IndexedSubset(Dataset):
         return x, y, self.indices[i]
 
 
-def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  methods: Sequence[str], core_method: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Per-input fields of one batch (columns suffixed _i for cascades of n > 1 pairs)."""
-    n = model.num_branches
-    out: dict[str, torch.Tensor] = {"label": y}
-    with torch.no_grad():
-        core_logits = model.core(x)
-    out["core_pred"] = core_logits.argmax(-1)
-    out["core_correct"] = out["core_pred"] == y
-    if core_method:
-        out["core_ok"] = margin_lower_bounds(model.core, x, y, eps, core_method).min(1).values > 0
-    else:
-        out["core_ok"] = torch.zeros_like(y, dtype=torch.bool)
-    for i in range(n):
-        sfx = "" if n == 1 else f"_{i + 1}"
-        cert_ok = torch.zeros_like(y, dtype=torch.bool)
-        lb_g = torch.full(y.shape, -float("inf"), dtype=x.dtype, device=x.device)
-        ub_g = torch.full(y.shape, float("inf"), dtype=x.dtype, device=x.device)
-        logits = g = None
-        with torch.no_grad():
-            for method in methods:
-                lb, logits = margin_lower_bounds(model.certs[i], x, y, eps, method, return_logits=True)
-                cert_ok |= lb.min(1).values > 0
-                g, lo, hi = model.selector_bounds(i, x, eps, method)
-                lb_g, ub_g = torch.maximum(lb_g, lo), torch.minimum(ub_g, hi)
-        out[f"cert_pred{sfx}"] = logits.argmax(-1)
-        out[f"cert_correct{sfx}"] = out[f"cert_pred{sfx}"] == y
-        out[f"cert_ok{sfx}"] = cert_ok & out[f"cert_correct{sfx}"]
-        out[f"g{sfx}"], out[f"lb_g{sfx}"], out[f"ub_g{sfx}"] = g, lb_g, ub_g
-    return out
-
-
 class CertifyModule(L.LightningModule):
-    def __init__(self, model: ACEModel, eps: float, methods: Sequence[str], core_method: Optional[str]):
+    """Lightning's predict loop over the splits (DDP shards the inputs): one certify_batch per batch."""
+
+    def __init__(self, model: ACEModel, eps: float, settings: CertifySettings):
         super().__init__()
-        self.model = model
-        self.eps, self.methods = float(eps), [normalize_method(m) for m in methods]
-        self.core_method = normalize_method(core_method) if core_method else None
+        self.model, self.eps, self.settings = model, float(eps), settings
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x, y, idx = batch
-        rec = certify_batch(self.model, x, y, self.eps, self.methods, self.core_method)
+        rec = certify_batch(self.model, x, y, self.eps, self.settings)
         rec["index"] = idx
         rec["split"] = torch.full_like(idx, dataloader_idx)
         return {k: v.detach().cpu() for k, v in rec.items()}
@@ -102,19 +69,36 @@ class _ShardWriter(BasePredictionWriter):
         torch.save(merged, self.out_dir / f".records.rank{trainer.global_rank}.pt")
 
 
+def record_columns(merged: Mapping[str, torch.Tensor], split_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Tensors of certify_batch -> record columns: method codes as names, the deciding dtype
+    (float64 where the pass was float64 or the input was re-checked), flags as 0/1."""
+    cols = {k: v.numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in merged.items()}
+    if "split" in cols and cols["split"].dtype.kind in "iu":
+        cols["split"] = np.array([split_names[int(s)] for s in cols["split"]])
+    for k in [k for k in cols if k.startswith(("cert_method", "gate_method"))]:
+        cols[k] = np.array([method_name(c) for c in cols[k]])
+    wide = cols.pop("float64").astype(bool) | cols["rechecked"].astype(bool)
+    cols["dtype"] = np.where(wide, "float64", "float32")
+    for k, v in list(cols.items()):
+        if v.dtype == np.bool_:
+            cols[k] = v.astype(np.int64)
+    return cols
+
+
 def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: float,
-                    methods: Sequence[str] = ("IBP",), core_method: Optional[str] = None,
+                    settings: Optional[CertifySettings] = None,
                     trainer_kwargs: Optional[Mapping[str, Any]] = None, work_dir: Optional[Path] = None
                     ) -> Optional[dict[str, np.ndarray]]:
-    """Columns of the records (rank 0; None on other ranks)."""
+    """Columns of the records (rank 0; None on other ranks). Always full precision: the
+    trainer's ``precision`` is not used (certification decides what float32 or float64 means)."""
     names = list(loaders)
-    module = CertifyModule(model.eval(), eps, methods, core_method)
-    kwargs = dict(trainer_kwargs or {})
+    module = CertifyModule(model.eval(), eps, settings or CertifySettings())
+    kwargs = {k: v for k, v in dict(trainer_kwargs or {}).items() if k != "precision"}
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("inference_mode", False)
     writer = _ShardWriter(Path(work_dir or ".")) if work_dir is not None else None
-    trainer = L.Trainer(callbacks=[writer] if writer else [], **kwargs)
+    trainer = L.Trainer(callbacks=[writer] if writer else [], precision="32-true", **kwargs)
     preds = trainer.predict(module, dataloaders=[loaders[n] for n in names],
                             return_predictions=writer is None)
     if writer is not None:
@@ -133,12 +117,42 @@ def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: flo
     key = merged["split"].long() * 10**9 + merged["index"].long()
     _, first = np.unique(key.numpy(), return_index=True)
     order = np.sort(first)
-    cols = {k: v.numpy()[order] for k, v in merged.items()}
-    cols["split"] = np.array([names[int(s)] for s in cols["split"]])
-    for k, v in list(cols.items()):
-        if v.dtype == np.bool_:
-            cols[k] = v.astype(np.int64)
-    return cols
+    return record_columns({k: v[torch.as_tensor(order)] for k, v in merged.items()}, names)
+
+
+def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dict[str, np.ndarray],
+                   eps: float, settings: CertifySettings, thresholds: Sequence[float],
+                   batch_size: int = 256) -> int:
+    """Certify again, at the given thresholds, the inputs whose gate interval matters there: it
+    straddles one (refine_methods can decide it) or an end lies within recheck_tol of one (float64
+    decides it). Rows of ``cols`` are replaced in place; returns how many inputs were redone.
+    Runs on rank 0 (the inputs are few)."""
+    from ace_lightning.bounds.ladder import near_thresholds, undecided_at
+
+    lb, ub = torch.as_tensor(cols["lb_g"]), torch.as_tensor(cols["ub_g"])
+    want = torch.zeros(lb.shape[0], dtype=torch.bool)
+    if settings.refine_methods:
+        want |= undecided_at(lb, ub, thresholds)
+    if settings.recheck_tol > 0:
+        want |= near_thresholds(lb, ub, thresholds, settings.recheck_tol)
+    rows = np.flatnonzero(want.numpy())
+    if rows.size == 0:
+        return 0
+    positions = {name: {int(i): k for k, i in enumerate(loader.dataset.indices)} for name, loader in loaders.items()}
+    for start in range(0, rows.size, batch_size):
+        chunk = rows[start:start + batch_size]
+        items = [loaders[str(cols["split"][r])].dataset[positions[str(cols["split"][r])][int(cols["index"][r])]]
+                 for r in chunk]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+        rec = certify_batch(model, x, y, eps, settings, thresholds=[[t] for t in thresholds])
+        rec["index"], rec["split"] = torch.as_tensor(cols["index"][chunk]), cols["split"][chunk]
+        for k, v in record_columns(rec, []).items():
+            if k in cols:
+                text = "U" in (cols[k].dtype.kind, v.dtype.kind)
+                cols[k] = cols[k].astype(object if text else np.result_type(cols[k], v))
+                cols[k][chunk] = v
+    return int(rows.size)
 
 
 # -- the certify stage: run folder -> records -> sweep/report -> attack -> composed model ----------
@@ -195,19 +209,107 @@ def certify_folder(selection: str, entropy_stage: str = "entropy") -> str:
     return "certify_entropy" if entropy_stage == "entropy" else f"certify_entropy_{entropy_stage}"
 
 
+def write_records(cols: Mapping[str, np.ndarray], stage_dir: Path) -> Path:
+    """records.csv, and records.parquet when pyarrow is installed (never a stale one beside it)."""
+    from ace_lightning.sweep import parquet_available, save_records
+
+    records_path = Path(stage_dir) / "records.csv"
+    save_records(cols, records_path)
+    parquet = Path(stage_dir) / "records.parquet"
+    if parquet_available():  # the same records for pandas/polars/duckdb users
+        save_records(cols, parquet)
+    else:
+        parquet.unlink(missing_ok=True)
+    return records_path
+
+
+def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dict[str, np.ndarray],
+                               eps: float, settings: CertifySettings, thresholds: Optional[Sequence[float]],
+                               grid: Any = None, tolerance: float = 0.01, batch_size: int = 256,
+                               rounds: int = 3) -> dict[str, Any]:
+    """Refine gate intervals at the thresholds of interest: the configured ``thresholds``, or the
+    operating points chosen on val. Refining can move the val choice, so the choice is repeated
+    (at most ``rounds`` times) until it lands on thresholds already refined."""
+    from ace_lightning.sweep import val_operating_thresholds
+
+    done: list[float] = []
+    redone = 0
+    for _ in range(rounds):
+        wanted = ([float(t) for t in thresholds] if thresholds is not None
+                  else val_operating_thresholds(cols, grid, tolerance))
+        new = [t for t in wanted if t not in done]
+        if not new:
+            break
+        redone += refine_records(model, loaders, cols, eps, settings, new, batch_size)
+        done += new
+        if thresholds is not None:
+            break
+    return {"thresholds": sorted(done), "inputs_redone": redone}
+
+
+def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, attack: Mapping[str, Any],
+                      operating_points: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], int]:
+    """Adversarial correctness on the test split: core alone, cert-net alone and the composed model
+    at the wanted operating points; returns (key -> per-input bools, soundness violations: inputs
+    certified at a threshold that the attack breaks)."""
+    from ace_lightning.ace import composed_certified
+
+    tidx = np.asarray(test["index"], dtype=np.int64)
+    adv = {"core_alone": _attack_split(model, loader, eps, attack, alone="core", target_index=tidx),
+           "cert_alone": _attack_split(model, loader, eps, attack, alone="cert", target_index=tidx)}
+    wanted = attack.get("points") or [p["key"] for p in operating_points]
+    by_threshold: dict[float, np.ndarray] = {}
+    violations = 0
+    for p in operating_points:
+        if p["key"] not in wanted:
+            continue
+        T = float(p["threshold"])
+        if T not in by_threshold:  # several operating points often share a threshold
+            by_threshold[T] = _attack_split(model, loader, eps, attack, thresholds=[T], target_index=tidx)
+            certified = composed_certified(
+                torch.as_tensor(test.cert_ok.T), torch.as_tensor(test.core_ok),
+                torch.as_tensor(test.lb_g.T), torch.as_tensor(test.ub_g.T), torch.tensor([T])).numpy()
+            violations += int(np.sum(certified & ~by_threshold[T]))
+        adv[p["key"]] = by_threshold[T]
+    return adv, violations
+
+
+def precision_summary(cols: Mapping[str, np.ndarray], settings: CertifySettings,
+                      trainer_precision: Any, refinement: Mapping[str, Any]) -> dict[str, Any]:
+    """What the manifest says about arithmetic: the pass's dtype, the re-check tolerance, how many
+    inputs float64 decided and how many decisions it changed (per split), certified test inputs
+    among the re-checked, and the trainer precision that certification did not use."""
+    split = np.asarray(cols["split"]).astype(str)
+    rechecked = np.asarray(cols["rechecked"]).astype(bool)
+    flipped = np.asarray(cols["recheck_flipped"]).astype(bool)
+    certified = np.asarray(cols["cert_ok"]).astype(bool)
+    out: dict[str, Any] = {"dtype": settings.dtype, "recheck_tol": settings.recheck_tol,
+                           "trainer_precision_ignored": None if str(trainer_precision) in ("32-true", "32", "None")
+                           else str(trainer_precision), "refined_at": refinement}
+    for name in np.unique(split):
+        m = split == name
+        out[name] = {"inputs": int(m.sum()), "rechecked": int((rechecked & m).sum()),
+                     "rechecked_cert_ok": int((rechecked & certified & m).sum()),
+                     "decisions_changed_by_float64": int((flipped & m).sum())}
+    return out
+
+
 def run_certify(cfg: Mapping[str, Any]) -> dict:
-    """Certify a run folder's composed model (see conf/stage/certify.yaml)."""
+    """Certify a run folder's composed model (see conf/stage/certify.yaml), in steps: records ->
+    refinement at the operating points -> sweep/report -> attack -> composed model + manifest."""
     import json
     import time
+    import warnings
 
-    from ace_lightning.ace import composed_certified, load_model, spec_from_run
+    from ace_lightning.ace import load_model, spec_from_run
     from ace_lightning.report import format_table, write_sweep_outputs
     from ace_lightning.stages.common import (atomic_write_text, config_hash, read_manifest, sha256_file,
                                              write_manifest)
     from ace_lightning.stages.runner import datamodule_from, to_dict
-    from ace_lightning.sweep import load_records, parquet_available, save_records
+    from ace_lightning.sweep import load_records
 
     st = to_dict(cfg["stage"])
+    settings = CertifySettings.from_config(st)  # one-line errors before anything is loaded
     eps = float(cfg["eps"])
     run_dir = Path(cfg["run_dir"]).resolve()
     selection = st.get("selection", "gate")
@@ -229,9 +331,14 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     started = time.perf_counter()
     model = load_model(spec, paths)
     dm = datamodule_from(cfg)
-    loaders = _loaders(dm, st.get("splits", list(SPLITS)), int(st.get("batch_size", 256)))
+    batch_size = int(st.get("batch_size", 256))
+    loaders = _loaders(dm, st.get("splits", list(SPLITS)), batch_size)
     trainer_cfg = {k: v for k, v in to_dict(cfg["trainer"]).items()
-                   if k in ("accelerator", "devices", "strategy", "enable_progress_bar", "precision")}
+                   if k in ("accelerator", "devices", "strategy", "enable_progress_bar")}
+    precision = to_dict(cfg["trainer"]).get("precision", "32-true")
+    if str(precision) not in ("32-true", "32", "None"):
+        warnings.warn(f"certify runs in full precision ({settings.dtype}); trainer.precision={precision} "
+                      f"applies to training only", stacklevel=2)
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     # plain inference of the composed model (the cost certification is compared with)
@@ -241,47 +348,29 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
             model(x)
     t_infer = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cols = compute_records(model, loaders, eps, st.get("methods", ["IBP"]), st.get("core_method"),
-                           trainer_cfg, work_dir=stage_dir)
+    cols = compute_records(model, loaders, eps, settings, trainer_cfg, work_dir=stage_dir)
     t_cert = time.perf_counter() - t0
     if cols is None:  # non-zero DDP rank: rank 0 does the rest
         return {}
-    n_test = int(np.sum(cols["split"] == "test"))
-    records_path = stage_dir / "records.csv"
-    save_records(cols, records_path)
-    parquet = stage_dir / "records.parquet"
-    if parquet_available():  # the same records for pandas/polars/duckdb users
-        save_records(cols, parquet)
-    else:
-        parquet.unlink(missing_ok=True)  # never leave records of an earlier pass beside the new CSV
+    tolerance = float(st.get("tolerance", 0.01))
     t0 = time.perf_counter()
-    written = write_sweep_outputs(records_path, stage_dir, grid=st.get("grid", 101))
+    refinement = refine_at_operating_points(model, loaders, cols, eps, settings, st.get("thresholds"),
+                                            st.get("grid", 101), tolerance, batch_size)
+    t_refine = time.perf_counter() - t0
+    n_test = int(np.sum(cols["split"] == "test"))
+    records_path = write_records(cols, stage_dir)
+    t0 = time.perf_counter()
+    written = write_sweep_outputs(records_path, stage_dir, grid=st.get("grid", 101), tolerance=tolerance)
     t_sweep = time.perf_counter() - t0
 
     # attacks on the test split: references and every operating point; soundness check
     attack = {"steps": 20, "restarts": 1, "step_size": 0.1, **(st.get("attack") or {})}
     points = written["points"]
     summary = json.loads((stage_dir / "operating_points.json").read_text())
-    test = load_records(records_path, split="test")
     violations = 0
     if attack.get("enabled", True):
-        tidx = np.asarray(test["index"], dtype=np.int64)
-        adv = {"core_alone": _attack_split(model, loaders["test"], eps, attack, alone="core", target_index=tidx),
-               "cert_alone": _attack_split(model, loaders["test"], eps, attack, alone="cert", target_index=tidx)}
-        wanted = attack.get("points") or [p["key"] for p in summary["operating_points"]]
-        by_threshold: dict[float, np.ndarray] = {}
-        for p in summary["operating_points"]:
-            if p["key"] not in wanted:
-                continue
-            T = float(p["threshold"])
-            if T not in by_threshold:  # several operating points often share a threshold
-                by_threshold[T] = _attack_split(model, loaders["test"], eps, attack, thresholds=[T],
-                                                target_index=tidx)
-                certified = composed_certified(
-                    torch.as_tensor(test.cert_ok.T), torch.as_tensor(test.core_ok),
-                    torch.as_tensor(test.lb_g.T), torch.as_tensor(test.ub_g.T), torch.tensor([T])).numpy()
-                violations += int(np.sum(certified & ~by_threshold[T]))
-            adv[p["key"]] = by_threshold[T]
+        adv, violations = attack_test_split(model, loaders["test"], load_records(records_path, split="test"),
+                                            eps, attack, summary["operating_points"])
         for p in points:
             if p["key"] in adv:
                 p["adv_acc"] = float(np.mean(adv[p["key"]]))
@@ -303,11 +392,13 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
     if chosen is not None:
         model.set_thresholds([float(chosen["threshold"])])
         spec["branches"][0]["threshold"] = float(chosen["threshold"])
+    spec["certify"] = settings.as_dict()  # ACEModel.predict(eps=) certifies the same way
     model.spec = spec
     model.save(stage_dir / "ace_model.pt")
     table = format_table(points, title=f"{spec['data']['name']}, eps={eps:g}, test split ({n_test} inputs)")
     atomic_write_text(stage_dir / "table.txt", table + "\n")
     print(table)
+    parquet = stage_dir / "records.parquet"
     manifest = write_manifest(stage_dir, {
         "stage": "certify", "status": "complete", "config_hash": ident_hash, "config": ident,
         "eps": eps, "selection": selection,
@@ -317,8 +408,10 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
                     "table": "table.txt", "model": {"path": "ace_model.pt",
                                                     "sha256": sha256_file(stage_dir / "ace_model.pt")}},
         "chosen_operating_point": chosen,
+        "certification": settings.as_dict(),
+        "precision": precision_summary(cols, settings, precision, refinement),
         "timing_s": {"plain_inference_test": t_infer, "certification_all_splits": t_cert,
-                     "sweep_and_report": t_sweep,
+                     "refinement": t_refine, "sweep_and_report": t_sweep,
                      "certification_per_input_ms": 1000 * t_cert / max(1, len(cols["index"])),
                      "inference_per_input_ms": 1000 * t_infer / max(1, n_test)},
         "metrics": {p["key"]: {k: v for k, v in p.items() if k not in ("key", "name")} for p in points},

@@ -129,8 +129,9 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
         out += _dotted("stage", {k: v for k, v in last["config"]["stage"].items()
                                  if k not in ("name", "epochs", "grad_clip")})
     knobs = {"selection": selection, "entropy_stage": entropy_stage if selection == "entropy" else None,
-             "methods": _plain(cfg.methods), "batch_size": cfg.batch_size,
-             "grid": _grid(cfg.grid)}
+             "batch_size": cfg.batch_size, "grid": _grid(cfg.grid),
+             **{k: _plain(cfg.get(k)) for k in ("methods", "gate_methods", "refine_methods", "thresholds",
+                                                "time_budget_s", "dtype", "recheck_tol")}}
     out += [o for k, v in knobs.items() if v is not None for o in _dotted(f"stage.{k}", v)]
     out.append(f"overwrite={_override_value(bool(cfg.overwrite))}")
     return out + dotted + [str(o) for o in _plain(cfg.overrides) or []]

@@ -542,6 +542,18 @@ def choose_operating_points(val_rows: Sequence[Mapping[str, float]], core_nat: f
     return points
 
 
+def val_operating_thresholds(records: Union[Records, Mapping[str, Any]], grid: int | Sequence[float] | None = None,
+                             tolerance: float = 0.01) -> list[float]:
+    """The finite thresholds of the operating points chosen on the val records (empty without
+    val): where the certify stage refines gate intervals before it reports."""
+    rec = as_records(records)
+    if "val" not in rec.splits:
+        return []
+    val = rec.split("val")
+    points = choose_operating_points(sweep(val, grid), float(np.mean(val.core_correct)), tolerance)
+    return sorted({float(p["threshold"]) for p in points if math.isfinite(float(p["threshold"]))})
+
+
 def adversarial_accuracy(records: Records, T: Threshold) -> float | None:
     """Composed adversarial accuracy at T, only when the records carry it for exactly that T
     (columns adv_correct and adv_threshold): an attack result at another T says nothing here."""

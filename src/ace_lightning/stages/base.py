@@ -2,6 +2,7 @@
 from config, epoch metrics that are exact under DDP (torchmetrics sums, not means of means)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Optional
 
 import lightning as L
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ace_lightning.bounds import full_precision
 from ace_lightning.stages.schedules import CertSchedule, step_decay
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -28,6 +30,9 @@ class StageModule(L.LightningModule):
     """Holds ``net`` (the network the stage trains) and named accuracy metrics per split."""
 
     metric_names: tuple[str, ...] = ()
+    # Certified stages evaluate in full precision whatever trainer.precision says (their bounds
+    # always are; natural accuracy and PGD then see the same arithmetic); the core may stay mixed.
+    precise_eval: bool = False
 
     def __init__(self, net: nn.Module, optimizer: Mapping[str, Any], lr_schedule: Mapping[str, Any],
                  lr_decay_start_epoch: int = 0) -> None:
@@ -95,11 +100,18 @@ class StageModule(L.LightningModule):
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in (
                 "nat_acc", "cert_acc"), metric_attribute=f"metrics.{split}_{name}")
 
+    def _eval_context(self):
+        return full_precision() if self.precise_eval else contextlib.nullcontext()
+
     def validation_step(self, batch, batch_idx):
-        self.update_metrics("val", self.evaluate(*batch))
+        with self._eval_context():
+            values = self.evaluate(*batch)
+        self.update_metrics("val", values)
 
     def test_step(self, batch, batch_idx):
-        self.update_metrics("test", self.evaluate(*batch))
+        with self._eval_context():
+            values = self.evaluate(*batch)
+        self.update_metrics("test", values)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

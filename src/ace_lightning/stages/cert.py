@@ -60,6 +60,7 @@ def selection_margin_loss(lb_margins: torch.Tensor, logits: torch.Tensor, margin
 class CertStage(StageModule):
     metric_names = ("nat_acc", "ibp_cert_acc", "crown_ibp_cert_acc", "cert_acc", "pgd_acc")
     key_metric = "val/cert_acc"
+    precise_eval = True
 
     def __init__(
         self,

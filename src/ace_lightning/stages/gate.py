@@ -161,6 +161,7 @@ class GateStage(StageModule):
     metric_names = ("gate_acc", "certified_selection_rate", "false_selection_rate", "selection_rate",
                     "certified_rejection_rate", "dead_units", "collapsed_rate")
     key_metric = "val/selection_score"
+    precise_eval = True
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ace_lightning.bounds import output_bounds
-from ace_lightning.stages.runner import run_training_stage, to_dict
+from ace_lightning.stages.runner import check_certified_precision, run_training_stage, to_dict
 
 
 def run_core(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
@@ -40,6 +40,7 @@ def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
     st = to_dict(cfg["stage"])
     # validate before any data is loaded
     CertStage.check_config(st, float(cfg["eps"]))
+    check_certified_precision(cfg, "cert")
 
     def make(net, dm):
         return CertStage(net, st["optimizer"], st["lr_schedule"], eps=float(cfg["eps"]),
@@ -66,12 +67,14 @@ def run_certify_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
 def run_gate(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
     from ace_lightning.stages.gate import run_gate as run
 
+    check_certified_precision(cfg, "gate")
     return run(cfg, callbacks=callbacks, pre_check=check_boundable)
 
 
 def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
     from ace_lightning.stages.entropy import run_entropy as run
 
+    check_certified_precision(cfg, "entropy")
     return run(cfg, callbacks=callbacks, pre_check=check_boundable)
 
 

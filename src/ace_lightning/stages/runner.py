@@ -81,6 +81,20 @@ def prepare_stage_dir(stage_dir: Path, ident_hash: str, overwrite: bool) -> Opti
     return None
 
 
+HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+
+
+def check_certified_precision(cfg: Mapping[str, Any], stage: str) -> None:
+    """Certified training keeps float32 (or float64) parameters: the robust loss is bounded in full
+    precision through them, which half-precision weights would make impossible (and the loss
+    would silently stop reaching the net). Mixed precision (16-mixed, bf16-mixed) is fine: only
+    plain forward passes run in it."""
+    precision = str(to_dict(cfg["trainer"]).get("precision", "32-true"))
+    if precision in HALF_PRECISIONS:
+        raise ValueError(f"stage '{stage}' trains with certified bounds, which need float32 weights: "
+                         f"trainer.precision={precision} is not supported; use 16-mixed or bf16-mixed")
+
+
 def build_trainer(cfg: Mapping[str, Any], stage_dir: Path, monitor: Optional[str],
                   extra_callbacks: tuple = (), mixed_precision: bool = False) -> tuple[L.Trainer, ModelCheckpoint]:
     trainer_cfg = dict(to_dict(cfg["trainer"]))

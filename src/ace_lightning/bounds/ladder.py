@@ -1,0 +1,192 @@
+"""Certification from cheap to tight, and the float64 re-check near a decision.
+
+Nets trained with SABR or MTL-IBP have loose IBP bounds by design (ace-method.md section 11), so a
+certifier tries bound methods per input from cheap to tight (IBP, CROWN-IBP, CROWN, alpha-CROWN) and
+stops at the first that certifies; inputs misclassified at x, or refuted by an attack, never reach
+the expensive methods. Bounds are computed in float32 by default; an input whose certified margin
+(or gate bound) lies within ``recheck_tol`` of the decision is re-checked in float64 and keeps its
+certificate only if it holds there (ace-method.md section 12), so rounding cannot flip one.
+
+Everything here is a list of sound bounds: the max of sound lower bounds is sound, so is the
+intersection of sound intervals.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ace_lightning.bounds.lirpa import margin_lower_bounds, normalize_method, resolve_dtype
+
+NO_METHOD = -1  # method index of an input no method certified
+# (x subset, method, dtype) -> (g, lb_g, ub_g) over the ball, for one selector
+IntervalFn = Callable[[torch.Tensor, str, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def near(value: torch.Tensor, point: float | torch.Tensor, tol: float) -> torch.Tensor:
+    """|value - point| <= tol * (1 + |point|): within the re-check tolerance of a decision."""
+    point = torch.as_tensor(point, dtype=value.dtype, device=value.device)
+    return (value - point).abs() <= tol * (1.0 + point.abs())
+
+
+def _bucket(n: int) -> int:
+    """Subsets are padded to a power of two: a BoundedModule is traced once per input shape."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _padded(idx: torch.Tensor) -> torch.Tensor:
+    pad = _bucket(idx.numel()) - idx.numel()
+    return torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
+
+
+@dataclass
+class MarginCertificate:
+    """Per input: ok (every margin z_y - z_j provably > 0), the best certified margin found
+    (max over the methods tried of min_j lb), the index of the method that certified (NO_METHOD
+    if none), whether the float64 re-check decided it and whether it changed the decision, and
+    the logits at x."""
+
+    ok: torch.Tensor
+    margin: torch.Tensor
+    method: torch.Tensor
+    rechecked: torch.Tensor
+    flipped: torch.Tensor
+    logits: torch.Tensor
+
+
+def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, methods: Sequence[str], *,
+                  dtype=None, refute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                  time_budget_s: Optional[float] = None, recheck_tol: float = 0.0) -> MarginCertificate:
+    """Certify ``net`` on B(x, eps) for labels y, trying ``methods`` in order. The first method
+    runs on every input (it also gives the logits); each later one only on inputs that are
+    correct at x, not yet certified, and not refuted (``refute(indices)`` -> bool mask, called once
+    before the first tighter method: an attack's counterexample means no method can certify).
+    ``time_budget_s``: per input; tighter methods stop once the batch has spent budget x batch.
+    ``recheck_tol`` > 0: inputs whose certified margin lies within it of 0 are decided in float64."""
+    methods = [normalize_method(m) for m in methods]
+    if not methods:
+        raise ValueError("certification needs at least one bound method")
+    work = resolve_dtype(dtype, x, net)
+    start = time.perf_counter()
+    lb, logits = margin_lower_bounds(net, x, y, eps, methods[0], return_logits=True, dtype=work)
+    margin = lb.min(dim=1).values
+    ok = margin > 0
+    method = torch.where(ok, 0, NO_METHOD)
+    todo = ~ok & (logits.argmax(-1) == y)
+    for k, name in enumerate(methods[1:], start=1):
+        idx = todo.nonzero().flatten()
+        if k == 1 and refute is not None and idx.numel():
+            idx = idx[~refute(idx).to(idx.device)]
+            todo = torch.zeros_like(todo)
+            todo[idx] = True
+        if idx.numel() == 0:
+            break
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s * x.shape[0]:
+            break
+        run = _padded(idx)
+        m = margin_lower_bounds(net, x[run], y[run], eps, name, dtype=work).min(dim=1).values[:idx.numel()]
+        margin[idx] = torch.maximum(margin[idx], m)
+        won = m > 0
+        ok[idx[won]] = True
+        method[idx[won]] = k
+        todo[idx[won]] = False
+    rechecked, flipped = torch.zeros_like(ok), torch.zeros_like(ok)
+    if recheck_tol > 0 and work != torch.float64:
+        idx = (near(margin, 0.0, recheck_tol) & (logits.argmax(-1) == y)).nonzero().flatten()
+        if idx.numel():
+            run, n = _padded(idx), idx.numel()
+            again = margin_ladder(net, x[run], y[run], eps, methods, dtype=torch.float64)
+            flipped[idx] = again.ok[:n] != ok[idx]
+            ok[idx], method[idx] = again.ok[:n], again.method[:n]
+            margin[idx] = again.margin[:n].to(margin.dtype)
+            rechecked[idx] = True
+    return MarginCertificate(ok, margin, method, rechecked, flipped, logits)
+
+
+@dataclass
+class GateInterval:
+    """Per input: g(x), the interval [lb, ub] of the selector over the ball (intersection over
+    the methods applied), the index of the tightest method applied, whether float64 decided it
+    and whether that changed the routing decision at one of the thresholds it was checked at."""
+
+    g: torch.Tensor
+    lb: torch.Tensor
+    ub: torch.Tensor
+    method: torch.Tensor
+    rechecked: torch.Tensor
+    flipped: torch.Tensor
+
+
+def gate_interval(bound: IntervalFn, x: torch.Tensor, methods: Sequence[str], *, dtype=torch.float32
+                  ) -> GateInterval:
+    """The intersection of the selector's intervals by every method in ``methods``, on every input."""
+    methods = [normalize_method(m) for m in methods]
+    if not methods:
+        raise ValueError("the gate interval needs at least one bound method")
+    g = lb = ub = None
+    for name in methods:
+        g_k, lb_k, ub_k = bound(x, name, dtype)
+        g = g_k if g is None else g
+        lb = lb_k if lb is None else torch.maximum(lb, lb_k)
+        ub = ub_k if ub is None else torch.minimum(ub, ub_k)
+    n = x.shape[0]
+    no = torch.zeros(n, dtype=torch.bool, device=x.device)
+    return GateInterval(g, lb, ub, torch.full((n,), len(methods) - 1, dtype=torch.long, device=x.device),
+                        no, no.clone())
+
+
+def undecided_at(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """The interval straddles some threshold: lb < T <= ub (routing undecided at T)."""
+    out = torch.zeros_like(lb, dtype=torch.bool)
+    for t in thresholds:
+        out |= (lb < t) & (ub >= t)
+    return out
+
+
+def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float], tol: float) -> torch.Tensor:
+    out = torch.zeros_like(lb, dtype=torch.bool)
+    for t in thresholds:
+        out |= near(lb, t, tol) | near(ub, t, tol)
+    return out
+
+
+def refine_gate(bound: IntervalFn, x: torch.Tensor, interval: GateInterval, thresholds: Sequence[float],
+                methods: Sequence[str], refine_methods: Sequence[str], *, dtype=torch.float32,
+                recheck_tol: float = 0.0, time_budget_s: Optional[float] = None) -> GateInterval:
+    """Tighten the interval where it matters at ``thresholds`` (the gate interval does not depend
+    on T): ``refine_methods`` on inputs whose interval straddles one of them, cheap to tight,
+    stopping per input once it no longer straddles; then inputs within ``recheck_tol`` of a
+    threshold are recomputed in float64 with every method applied to them. Returns a new
+    GateInterval (``methods``: those ``interval`` was made with; indices continue after them)."""
+    lb, ub = interval.lb.clone(), interval.ub.clone()
+    method, rechecked, flipped = interval.method.clone(), interval.rechecked.clone(), interval.flipped.clone()
+    methods = [normalize_method(m) for m in methods]
+    refine_methods = [normalize_method(m) for m in refine_methods]
+    start = time.perf_counter()
+    for k, name in enumerate(refine_methods, start=len(methods)):
+        idx = undecided_at(lb, ub, thresholds).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s * x.shape[0]:
+            break
+        run = _padded(idx)
+        _, lo, hi = bound(x[run], name, dtype)
+        lb[idx] = torch.maximum(lb[idx], lo[:idx.numel()])
+        ub[idx] = torch.minimum(ub[idx], hi[:idx.numel()])
+        method[idx] = k
+    if recheck_tol > 0 and resolve_dtype(dtype) != torch.float64:
+        idx = near_thresholds(lb, ub, thresholds, recheck_tol).nonzero().flatten()
+        if idx.numel():
+            used = methods + refine_methods
+            deepest = int(method[idx].max())
+            run, n = _padded(idx), idx.numel()
+            again = gate_interval(bound, x[run], used[:deepest + 1], dtype=torch.float64)
+            new_lb, new_ub = again.lb[:n].to(lb.dtype), again.ub[:n].to(ub.dtype)
+            for t in thresholds:
+                flipped[idx] |= ((new_lb >= t) != (lb[idx] >= t)) | ((new_ub >= t) != (ub[idx] >= t))
+            lb[idx], ub[idx] = new_lb, new_ub
+            rechecked[idx] = True
+    return GateInterval(interval.g, lb, ub, method, rechecked, flipped)
