@@ -146,6 +146,15 @@ def test_building_the_wrapper_does_not_move_running_stats():
     torch.testing.assert_close(bn.running_mean, before)
 
 
+def test_building_the_wrapper_keeps_a_batchnorm1d_net_in_train_mode(capsys):
+    """auto_LiRPA switches a net with BatchNorm1d to eval mode while converting it (and prints
+    so): the bound layer restores every module's mode and keeps the console quiet."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    output_bounds(net, torch.rand(4, 2, 2, 2), 0.01)
+    assert all(m.training for m in net.modules())
+    assert "eval" not in capsys.readouterr().out
+
+
 def test_buffers_follow_a_device_or_dtype_move():
     net = conv_net(bn=True).eval()
     x = torch.rand(2, 2, 6, 6)

@@ -185,7 +185,8 @@ def test_gate_stage_trains_from_the_cert_net_and_caches_labels(runs, capsys, mon
     out = capsys.readouterr().out
     assert manifest["status"] == "complete" and manifest["stage"] == "gate"
     assert manifest["gate_status"] == "trained"
-    assert manifest["selection"] == {"type": "network", "threshold": 0.0, "method": "IBP", "cert_stage": "cert",
+    assert manifest["selection"] == {"type": "network", "threshold": 0.0, "method": "IBP", "training_method": "IBP",
+                                     "cert_stage": "cert",
                                      "position": 0, "cascade": ["cert"],
                                      "earlier_thresholds": []}
     cert_sha = manifest["inputs"]["cert"]["sha256"]

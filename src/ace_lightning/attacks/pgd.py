@@ -2,7 +2,8 @@
 training and for adversarial accuracy (an upper bound on robust accuracy; certified <= it)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,14 +29,17 @@ def pgd(
     random_start: bool = True,
     restarts: int = 1,
     loss_fn: Optional[LossFn] = None,
+    decay_at: Sequence[float] = (),
 ) -> torch.Tensor:
     """Adversarial inputs maximising ``loss_fn(net(x'), y)`` (per-input CE by default).
-    ``step_size`` is relative to eps (ace-method.md: 0.25 eps). With several restarts the point
-    with the highest loss per input is kept. The net's mode and parameters are left untouched."""
+    ``step_size`` is relative to eps (ace-method.md: 0.25 eps); it is multiplied by 0.1 at each
+    fraction of the steps in ``decay_at`` (SABR's schedule: 0.5, 0.8, 0.9). With several restarts
+    the point with the highest loss per input is kept. The net's mode and parameters are left
+    untouched."""
     if eps <= 0 or steps <= 0:
         return x.detach().clone()
     loss_fn = loss_fn or _ce_per_input
-    alpha = step_size * eps
+    milestones = sorted(math.ceil(f * steps) for f in decay_at)
     x = x.detach()
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
@@ -46,7 +50,8 @@ def pgd(
         for _ in range(max(1, restarts)):
             z = x + (torch.empty_like(x).uniform_(-eps, eps) if random_start else 0.0)
             z = _project(z, x, eps)
-            for _ in range(steps):
+            for step in range(steps):
+                alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
                 z.requires_grad_(True)
                 with torch.enable_grad():
                     loss = loss_fn(net(z), y)

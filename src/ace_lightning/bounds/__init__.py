@@ -5,17 +5,21 @@ Public API (later stages build on these names):
 - ``margin_lower_bounds(net, x, y, eps, method)`` -> Tensor[B, K-1], lower bounds of z_y - z_j;
 - ``robust_ce_loss(net, x, y, eps, method, beta=..., loss_fusion=...)`` for certified training;
 - ``box_bounds(net, lower, upper, method)`` / ``box_margin_lower_bounds`` over an arbitrary box
-  (SABR's small box).
-Every bound is computed in full precision (``full_precision``: autocast off, no TF32/bf16 float32
-kernels) in float32 or float64 (``dtype=``), whatever the caller's context.
+  (SABR's small box); ``bound_pass`` (lower bounds of C f over a ball or a box, with the bounds of
+  every ReLU's input) for the training losses;
 - ``entropy_bounds(net, x, eps, method, route)`` -> (lb_H, ub_H) for the entropy gate, and
   ``entropy_gate_bounds`` -> (g, lb_g, ub_g) with g = -H; ``entropy_selection_loss`` for
-  co-training (bounds/entropy.py).
+  co-training (bounds/entropy.py);
+- ``ladder``: certification from cheap to tight and the float64 re-check near a decision.
+Every bound is computed in full precision (``full_precision``: autocast off, no TF32/bf16 float32
+kernels) in float32 or float64 (``dtype=``), whatever the caller's context.
 Methods: "IBP", "CROWN-IBP", "CROWN", "alpha-CROWN".
 """
 from ace_lightning.bounds.lirpa import (
     DTYPES,
     METHODS,
+    BoundPass,
+    bound_pass,
     box_bounds,
     box_margin_lower_bounds,
     bounded_module,
@@ -48,6 +52,8 @@ from ace_lightning.bounds.entropy import (
 __all__ = [
     "DTYPES",
     "METHODS",
+    "BoundPass",
+    "bound_pass",
     "box_bounds",
     "box_margin_lower_bounds",
     "bounded_module",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -259,8 +260,11 @@ def _build(net: nn.Module, x: torch.Tensor, kind: str) -> _Entry:
     # Building traces and runs the net: in train mode that would move BN running statistics.
     saved = {k: v.detach().clone() for k, v in net.state_dict().items() if not isinstance(v, nn.Parameter)}
     named_buffers = dict(net.named_buffers())
+    # auto_LiRPA switches a net with BatchNorm1d to eval mode while converting it: restore the modes
+    modes = [(m, m.training) for m in net.modules()]
     try:
-        with warnings.catch_warnings():  # ONNX-export chatter from the trace, not the user's concern
+        # ONNX-export chatter and auto_LiRPA's prints from the trace are not the user's concern
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             bounded = BoundedModule(model, dummy, bound_opts=dict(compat.DEFAULT_BOUND_OPTS),
                                     device=x.device)
@@ -275,6 +279,8 @@ def _build(net: nn.Module, x: torch.Tensor, kind: str) -> _Entry:
             for name, value in saved.items():
                 if name in named_buffers:
                     named_buffers[name].copy_(value)
+        for m, mode in modes:
+            m.training = mode
     _check_ops(bounded, net, _FUSION_OPS if fusion else frozenset())
     # final_shape is overwritten by later calls with a spec C: remember the net's own width.
     bounded.ace_num_outputs = int(bounded.final_shape[-1])
@@ -515,6 +521,44 @@ def margin_lower_bounds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     eps = validate_ball(x, eps)
     logits, lb, _ = _box_pass(net, x, eps, method, beta, None, y, True, False, dtype)
     return (lb, logits) if return_logits else lb
+
+
+@dataclass
+class BoundPass:
+    """One bound computation for a training loss: lower bounds of C f [B, S] over the ball or box,
+    the logits at the pass's clean point, and (on request) the bounds of every ReLU's input, in
+    the order of the graph (Shi et al.'s regularisers read them). All differentiable."""
+
+    lb: torch.Tensor
+    logits: torch.Tensor
+    relu_bounds: Optional[list] = None
+
+
+@precise
+def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optional[float] = None,
+               box: Optional[tuple[torch.Tensor, torch.Tensor]] = None, method: str = "IBP",
+               beta: Optional[float] = None, relu_bounds: bool = False,
+               dtype: Union[None, str, torch.dtype] = None) -> BoundPass:
+    """Lower bounds of C @ net(x') over B(x, eps) ∩ [0, 1] (``eps``) or over ``box`` = (lower,
+    upper) containing x (SABR's small box): the one call the certified-training losses make."""
+    method = normalize_method(method)
+    beta = _check_beta(method, beta)
+    if (eps is None) == (box is None):
+        raise ValueError("bound_pass needs exactly one of eps (the ball around x) or box (lower, upper)")
+    if eps is not None:
+        region: Union[float, tuple] = validate_ball(x, eps)
+    else:
+        validate_box(box[0], box[1], x)
+        region = (box[0], box[1])
+    _check_c(C, x.shape[0])
+    logits, lb, _ = _box_pass(net, x, region, method, beta, C, None, True, False, dtype)
+    relus = None
+    if relu_bounds:
+        work, wx, _ = _working(net, x, dtype)
+        bounded = bounded_module(work, wx, "alpha" if method == "alpha-CROWN" else "plain")
+        relus = [(node.inputs[0].lower, node.inputs[0].upper) for node in bounded._modules.values()
+                 if type(node).__name__ == "BoundRelu"]
+    return BoundPass(lb, logits, relus)
 
 
 def worst_case_ce(lb_margins: torch.Tensor) -> torch.Tensor:

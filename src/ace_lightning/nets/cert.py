@@ -96,32 +96,34 @@ def _conv_fc_net(
 
 # --- the zoo -------------------------------------------------------------------------------
 
-def fc(stem: InputStem, k: int, hidden: int = 100) -> nn.Sequential:
+# ``bn=True`` puts BatchNorm after every conv and hidden linear (Shi et al.'s fast IBP training).
+
+def fc(stem: InputStem, k: int, hidden: int = 100, bn: bool = False) -> nn.Sequential:
     """Tiny fully connected net: handy for fast tests."""
-    return _conv_fc_net(stem, k, [], [hidden])
+    return _conv_fc_net(stem, k, [], [hidden], bn=bn)
 
 
-def small(stem: InputStem, k: int) -> nn.Sequential:
+def small(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """Tiny conv net for tests and demos (2 convs, fc 100)."""
-    return _conv_fc_net(stem, k, [(16, 4, 2, 1), (32, 4, 2, 1)], [100])
+    return _conv_fc_net(stem, k, [(16, 4, 2, 1), (32, 4, 2, 1)], [100], bn=bn)
 
 
-def c2(stem: InputStem, k: int) -> nn.Sequential:
+def c2(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C2: conv 32 k4 s2 p1, conv 32 k4 s2 p1, fc 200, fc K."""
-    return _conv_fc_net(stem, k, [(32, 4, 2, 1), (32, 4, 2, 1)], [200])
+    return _conv_fc_net(stem, k, [(32, 4, 2, 1), (32, 4, 2, 1)], [200], bn=bn)
 
 
-def c3(stem: InputStem, k: int) -> nn.Sequential:
+def c3(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C3: conv 32 k3 s1 p1, conv 32 k4 s2 p1, conv 128 k4 s2 p1, fc 250, fc K."""
-    return _conv_fc_net(stem, k, [(32, 3, 1, 1), (32, 4, 2, 1), (128, 4, 2, 1)], [250])
+    return _conv_fc_net(stem, k, [(32, 3, 1, 1), (32, 4, 2, 1), (128, 4, 2, 1)], [250], bn=bn)
 
 
 _C5_CONVS = [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)]
 
 
-def c5(stem: InputStem, k: int) -> nn.Sequential:
+def c5(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C5 (IBP "DM-Large"): conv 64,64,128(s2),128,128 k3 p1, fc 512, fc K."""
-    return _conv_fc_net(stem, k, _C5_CONVS, [512])
+    return _conv_fc_net(stem, k, _C5_CONVS, [512], bn=bn)
 
 
 def cnn7(stem: InputStem, k: int) -> nn.Sequential:

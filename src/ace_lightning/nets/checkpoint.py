@@ -65,3 +65,35 @@ def describe_mismatch(
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{label}: {', '.join(items[:limit])}{more}")
     return "; ".join(parts)
+
+
+def _fixed_buffers(net: torch.nn.Module) -> set[str]:
+    """State-dict keys of the Normalize layers: set by the dataset, not learnt, so a file from
+    another library (which normalises outside the net) need not carry them."""
+    from ace_lightning.nets.layers import Normalize
+
+    return {f"{name}.{b}" if name else b for name, m in net.named_modules() if isinstance(m, Normalize)
+            for b in ("mean", "std")}
+
+
+def load_external_weights(net: torch.nn.Module, path: str, what: str = "cert-net") -> str:
+    """Load a cert-net trained elsewhere (weights only). Keys are matched by name (after dropping
+    a common prefix such as ``module.``); when no name matches but the tensors' shapes match one
+    to one in order (a torch Sequential of the same layers, e.g. another library's CNN7), by order.
+    Normalize buffers may be absent. Returns 'names' or 'order'; a one-line ValueError names the
+    mismatched keys otherwise."""
+    target = net.state_dict()
+    fixed = _fixed_buffers(net)
+    learnt = {k: v for k, v in target.items() if k not in fixed}
+    state = strip_prefix(load_state_dict_file(path), learnt.keys())
+    state = {k: v for k, v in state.items() if not (k in fixed and v.shape == target[k].shape)}
+    how = "names"
+    if not any(k in learnt for k in state):
+        values = list(state.values())
+        if len(values) == len(learnt) and all(a.shape == b.shape for a, b in zip(values, learnt.values())):
+            state, how = dict(zip(learnt.keys(), values)), "order"
+    problem = describe_mismatch(learnt, state)
+    if problem:
+        raise ValueError(f"{path} does not fit {what}: {problem}")
+    net.load_state_dict({**target, **state})
+    return how

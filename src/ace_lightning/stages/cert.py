@@ -1,9 +1,13 @@
-"""Certification-network stage: certified training with IBP or CROWN-IBP (ace-method.md section 6).
+"""Certification-network stage: certified training (ace-method.md sections 6 and 11).
 
-L = kappa * CE(f(x), y) + (1 - kappa) * CE(-lb(C f), y), with eps ramping 0 -> eps_train =
-factor x eps after a natural warm-up, kappa 1 -> kappa_end and (CROWN-IBP) beta 1 -> 0 over the
-same ramp, counted in steps. Validation: natural, IBP-certified (and CROWN-IBP-certified when
-affordable) and PGD accuracy at the *target* eps.
+L = kappa * CE(f(x), y) + (1 - kappa) * L_method, with eps ramping 0 -> eps_train = factor x eps
+after a natural warm-up, kappa 1 -> kappa_end and (CROWN-IBP) beta 1 -> 0 over the same ramp,
+counted in steps. L_method (stages/losses.py): IBP or CROWN-IBP, CE(-lb(C f), y) over the ball;
+SABR, the same over a small box around a PGD point; MTL-IBP, CC-IBP, Exp-IBP, IBP mixed with the
+adversarial loss. Shi et al.'s IBP initialisation (``shi_init``) and warm-up regularisers
+(``shi_regularizer``, weight x (1 - eps_t / eps_train) while eps ramps) go with any of them.
+Validation: natural, IBP-certified (and CROWN-IBP-certified when affordable) and PGD accuracy at
+the *target* eps, always in full precision.
 
 Optional selection co-training (``select_weight`` lambda > 0, from ``select_start_epoch``, by
 default the end of the ramp): L = (1 - lambda) L_cert + lambda L_sel with the selection margin loss
@@ -28,12 +32,18 @@ from ace_lightning.bounds import (margin_lower_bounds, margin_spec, normalize_me
 from ace_lightning.nets import final_linear_name
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import l1_penalty
+from ace_lightning.stages.losses import (CERT_METHODS, CertifiedLoss, build_loss, check_method_knobs, ibp_init,
+                                         margin_ce, shi_regularizer)
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress
 
-TRAIN_METHODS = ("IBP", "CROWN-IBP")
+TRAIN_METHODS = CERT_METHODS
+CLASSIC = ("IBP", "CROWN-IBP")  # bounds over the whole ball; loss fusion and co-training apply
+SHI_WARMUP_EPS = 1e-6  # Shi et al.: the regulariser's bounds during the natural warm-up
 # the selection co-training knobs of conf/stage/cert.yaml (CertStage keyword arguments)
 SELECT_OPTIONS = ("select_weight", "select_margin", "select_uncertified_weight", "select_start_epoch",
                   "select_lr", "select_lr_step_epochs")
+# the training methods' knobs (SABR, the expressive losses, Shi et al.)
+METHOD_OPTIONS = ("sabr_lambda", "alpha", "attack", "shi_init", "shi_regularizer", "shi_reg_weight", "shi_tol")
 
 
 def certified_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -85,6 +95,13 @@ class CertStage(StageModule):
         select_start_epoch: Optional[float] = None,
         select_lr: Optional[float] = None,
         select_lr_step_epochs: int = 3,
+        sabr_lambda: float = 0.4,
+        alpha: float = 0.5,
+        attack: Optional[Mapping[str, Any]] = None,
+        shi_init: bool = False,
+        shi_regularizer: bool = False,
+        shi_reg_weight: float = 0.5,
+        shi_tol: float = 0.5,
         steps_per_epoch: Optional[int] = None,
     ) -> None:
         method = self.check_config(dict(method=method, kappa_end=kappa_end, epochs=epochs,
@@ -94,7 +111,9 @@ class CertStage(StageModule):
                                         select_margin=select_margin,
                                         select_uncertified_weight=select_uncertified_weight,
                                         select_start_epoch=select_start_epoch, select_lr=select_lr,
-                                        select_lr_step_epochs=select_lr_step_epochs), eps)
+                                        select_lr_step_epochs=select_lr_step_epochs, sabr_lambda=sabr_lambda,
+                                        alpha=alpha, attack=attack, shi_reg_weight=shi_reg_weight,
+                                        shi_tol=shi_tol), eps)
         super().__init__(net, optimizer, lr_schedule,
                          lr_decay_start_epoch=int(round(warmup_epochs + ramp_epochs)))
         self.eps, self.method, self.eps_factor = float(eps), method, float(eps_factor)
@@ -109,6 +128,10 @@ class CertStage(StageModule):
                                    else float(select_start_epoch))
         self.select_lr = None if select_lr is None else float(select_lr)
         self.select_lr_step_epochs = int(select_lr_step_epochs)
+        self.loss_fn = build_loss(method, sabr_lambda=sabr_lambda, alpha=alpha, attack=dict(attack or {}))
+        self.shi_regularizer, self.shi_reg_weight, self.shi_tol = bool(shi_regularizer), float(shi_reg_weight), float(shi_tol)
+        if shi_init:  # a resumed run restores its checkpoint's weights over this
+            ibp_init(self.net)
         self.steps_per_epoch = steps_per_epoch
         self._schedule: Optional[CertSchedule] = None
         self.save_hyperparameters(ignore=["net"])
@@ -127,9 +150,14 @@ class CertStage(StageModule):
     @staticmethod
     def check_config(st: Mapping[str, Any], eps: float) -> str:
         """One-line ValueErrors before any data is loaded; returns the canonical method name."""
-        method = normalize_method(st.get("method", "IBP"))
-        if method not in TRAIN_METHODS:
-            raise ValueError(f"cert-net training method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}")
+        method = check_method_knobs(st.get("method", "IBP"), st.get("sabr_lambda", 0.4), st.get("alpha", 0.5),
+                                    st.get("attack"))
+        if st.get("loss_fusion") and method not in CLASSIC:
+            raise ValueError(f"loss_fusion bounds the CE over the whole ball: IBP or CROWN-IBP only, not {method}")
+        if not float(st.get("shi_reg_weight", 0.5)) >= 0:
+            raise ValueError(f"shi_reg_weight must be >= 0, got {st.get('shi_reg_weight')}")
+        if not 0.0 < float(st.get("shi_tol", 0.5)) <= 1.0:
+            raise ValueError(f"shi_tol must be in (0, 1], got {st.get('shi_tol')}")
         kappa_end = float(st.get("kappa_end", 0.5))
         if not 0.0 <= kappa_end <= 1.0:
             raise ValueError(f"kappa_end must be in [0, 1], got {kappa_end}")
@@ -149,6 +177,9 @@ class CertStage(StageModule):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
         if lam > 0:
+            if method == "SABR":
+                raise ValueError("select_weight > 0 needs certified margins over the whole ball, which SABR "
+                                 "does not compute: use IBP, CROWN-IBP, MTL-IBP, CC-IBP or Exp-IBP")
             if not float(st.get("select_margin", 4.0)) > 0:
                 raise ValueError(f"select_margin must be positive, got {st.get('select_margin')}")
             if float(st.get("select_uncertified_weight", 1.0)) < 0:
@@ -194,20 +225,45 @@ class CertStage(StageModule):
         step = self.global_step
         eps_t, kappa, beta = self.schedule_at(step)
         extra: dict[str, torch.Tensor] = {}
+        relus = None
         if eps_t <= 0:
-            logits = self.net(x)
+            if self.shi_regularizer:  # the regulariser shapes the bounds from the first step
+                out = CertifiedLoss("IBP")(self.net, x, margin_spec(y, self.num_classes, dtype=x.dtype),
+                                           SHI_WARMUP_EPS, margin_ce, relu_bounds=True)
+                logits, relus = out.logits, (out.relu_bounds, out.input_halfwidth)
+            else:
+                logits = self.net(x)
             robust = torch.zeros((), device=x.device)
             loss = nn.functional.cross_entropy(logits, y)
-        elif self.selecting(step):  # one bound pass gives both losses
-            l_cert, robust, logits, lb_d, _ = self.margin_pass(x, y, eps_t, kappa, beta)
-            l_sel = selection_margin_loss(lb_d, logits, self.select_margin, self.select_uncertified_weight)
-            loss = (1.0 - self.select_weight) * l_cert + self.select_weight * l_sel
-            extra["train/selection_loss"] = l_sel
+        elif self.method in CLASSIC and not self.shi_regularizer:
+            # the classic path: IBP / CROWN-IBP over the whole ball (optionally loss fusion)
+            if self.selecting(step):  # one bound pass gives both losses
+                l_cert, robust, logits, lb_d, _ = self.margin_pass(x, y, eps_t, kappa, beta)
+                l_sel = selection_margin_loss(lb_d, logits, self.select_margin, self.select_uncertified_weight)
+                loss = (1.0 - self.select_weight) * l_cert + self.select_weight * l_sel
+                extra["train/selection_loss"] = l_sel
+            else:
+                robust, logits = robust_ce_loss(self.net, x, y, eps_t, self.method, beta=beta,
+                                                loss_fusion=self.loss_fusion, return_logits=True)
+                loss = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
         else:
-            robust, logits = robust_ce_loss(self.net, x, y, eps_t, self.method, beta=beta,
-                                            loss_fusion=self.loss_fusion, return_logits=True)
-            natural = nn.functional.cross_entropy(logits, y)
-            loss = kappa * natural + (1.0 - kappa) * robust
+            C = margin_spec(y, self.num_classes, dtype=x.dtype)
+            out = self.loss_fn(self.net, x, C, eps_t, margin_ce, beta, relu_bounds=self.shi_regularizer)
+            logits = out.logits if out.logits is not None else self.net(x)
+            robust = out.loss
+            loss = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
+            if self.selecting(step):  # the method's full-ball margins give the selection loss too
+                l_sel = selection_margin_loss(out.ball_lb, logits, self.select_margin, self.select_uncertified_weight)
+                loss = (1.0 - self.select_weight) * loss + self.select_weight * l_sel
+                extra["train/selection_loss"] = l_sel
+            if self.shi_regularizer:
+                relus = (out.relu_bounds, out.input_halfwidth)
+        if relus is not None:
+            weight = self.shi_reg_weight * (1.0 - eps_t / self.schedule.eps_train)
+            if weight > 0:
+                tight, balance = shi_regularizer(relus[0], relus[1], self.net, self.shi_tol)
+                loss = loss + weight * (tight + balance)
+                extra.update({"train/shi_tightness": tight, "train/shi_relu": balance})
         if self.l1:
             loss = loss + self.l1 * l1_penalty(self.net)
         acc = (logits.argmax(-1) == y).float().mean()

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ace_lightning.bounds import normalize_method, output_bounds
+from ace_lightning.bounds import output_bounds
 from ace_lightning.nets import build_net, final_linear_name, init_gate_from_cert
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import (
@@ -73,11 +73,17 @@ from ace_lightning.stages.gate_labels import (
     save_labels,
     stage_weights,
     check_same_data,
+    label_methods,
 )
+from ace_lightning.stages.losses import CERT_METHODS, build_loss, check_method_knobs
 from ace_lightning.stages.runner import run_training_stage, to_dict
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress
 
-TRAIN_METHODS = ("IBP", "CROWN-IBP")
+TRAIN_METHODS = CERT_METHODS
+CLASSIC = ("IBP", "CROWN-IBP")
+# gate labels for a net trained with SABR or an expressive loss (loose IBP bounds by design):
+# certified cheap to tight, as the certify stage does
+LADDER_LABELS = "IBP+CROWN-IBP+CROWN"
 POS_WEIGHT_MODES = ("sliding", "balanced", "none")
 GATE_CONSTANT = 1.0e4  # |g| of a gate that selects nothing / everything (far from any threshold)
 COLLAPSE_WARNING = 0.1  # warn when more test inputs than this reach the head with all units off
@@ -186,16 +192,23 @@ class GateStage(StageModule):
         val_crown_ibp: bool = True,
         constant_output: Optional[float] = None,
         label_balance: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        sabr_lambda: float = 0.4,
+        alpha: float = 0.5,
+        attack: Optional[Mapping[str, Any]] = None,
         steps_per_epoch: Optional[int] = None,
     ) -> None:
         method = self.check_config(dict(method=method, epochs=epochs, threshold=threshold,
                                         eps_factor=eps_factor, warmup_epochs=warmup_epochs,
                                         ramp_epochs=ramp_epochs, ramp_shape=ramp_shape,
                                         kappa_end=kappa_end, pos_weight=pos_weight,
-                                        pos_weight_sigma=pos_weight_sigma, train_last_k=train_last_k), eps)
+                                        pos_weight_sigma=pos_weight_sigma, train_last_k=train_last_k,
+                                        sabr_lambda=sabr_lambda, alpha=alpha, attack=attack), eps)
         super().__init__(net, optimizer, lr_schedule,
                          lr_decay_start_epoch=int(round(warmup_epochs + ramp_epochs)))
         self.eps, self.method, self.epochs = float(eps), method, int(epochs)
+        # the bound the metrics use: the method's own for IBP / CROWN-IBP, IBP for the others
+        self.bound_method = method if method in CLASSIC else "IBP"
+        self.loss_fn = build_loss(method, sabr_lambda=sabr_lambda, alpha=alpha, attack=dict(attack or {}))
         self.label_fraction, self.threshold = float(label_fraction), float(threshold)
         self.eps_factor = float(eps_factor)
         self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
@@ -222,9 +235,8 @@ class GateStage(StageModule):
     @staticmethod
     def check_config(st: Mapping[str, Any], eps: float) -> str:
         """One-line ValueErrors before any data is loaded; returns the canonical method name."""
-        method = normalize_method(st.get("method") or "IBP")
-        if method not in TRAIN_METHODS:
-            raise ValueError(f"gate training method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}")
+        method = check_method_knobs(st.get("method") or "IBP", st.get("sabr_lambda") or 0.4, st.get("alpha") or 0.5,
+                                    st.get("attack"))
         if not 0.0 < float(eps) <= 1.0:
             raise ValueError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
         if not 0.0 <= float(st.get("kappa_end", 0.0)) <= 1.0:
@@ -289,11 +301,33 @@ class GateStage(StageModule):
         if eps <= 0:
             g = self.net(x).view(-1)
             return bce(g, target, pos_weight=pw), torch.zeros((), device=x.device), g
+        if self.method not in CLASSIC:
+            return self.method_gate_loss(x, label, eps, kappa, pos_weight)
         lb, ub, g = output_bounds(self.net, x, eps, self.method, beta=beta, return_logits=True)
         g = g.view(-1)
         neg = ub.view(-1) if self.worst_case_negatives else g
         robust = bce(torch.where(label == 1, lb.view(-1), neg), target, pos_weight=pw)
         return kappa * bce(g, target, pos_weight=pw) + (1.0 - kappa) * robust, robust, g
+
+    def method_gate_loss(self, x: torch.Tensor, label: torch.Tensor, eps: float, kappa: float,
+                         pos_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate loss of SABR / MTL-IBP / CC-IBP / Exp-IBP: the spec is the signed gate logit
+        s = +g (label 1) or -g (label 0), the per-input loss of its lower bound the weighted BCE
+        w softplus(-s); label-0 inputs without worst_case_negatives stay on g(x)."""
+        robust_rows = (label == 1) | torch.tensor(self.worst_case_negatives, device=x.device)
+        per = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        idx = robust_rows.nonzero().flatten()
+        if idx.numel():
+            sign = (2 * label[idx] - 1).to(x.dtype)
+            weight = torch.where(label[idx] == 1, torch.full_like(sign, pos_weight), torch.ones_like(sign))
+            out = self.loss_fn(self.net, x[idx], sign.view(-1, 1, 1), eps,
+                               lambda lb: weight * nn.functional.softplus(-lb[:, 0]))
+            per = per.index_put((idx,), out.per_input)
+        g = self.net(x).view(-1)  # plain forwards after the bound pass
+        pw = torch.tensor(pos_weight, dtype=x.dtype, device=x.device)
+        clean = nn.functional.binary_cross_entropy_with_logits(g, label.to(x.dtype), pos_weight=pw, reduction="none")
+        robust = torch.where(robust_rows, per, clean).mean()
+        return kappa * clean.mean() + (1.0 - kappa) * robust, robust, g
 
     def training_step(self, batch, batch_idx):
         x, _, label = batch
@@ -320,8 +354,8 @@ class GateStage(StageModule):
     def gate_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lb_g, ub_g) at the target eps: the stage's method, tightened by CROWN-IBP when
         ``val_crown_ibp`` (the max/min of two sound bounds is sound)."""
-        lb, ub = output_bounds(self.net, x, self.eps, self.method)
-        if self.val_crown_ibp and self.method != "CROWN-IBP":
+        lb, ub = output_bounds(self.net, x, self.eps, self.bound_method)
+        if self.val_crown_ibp and self.bound_method != "CROWN-IBP":
             lb2, ub2 = output_bounds(self.net, x, self.eps, "CROWN-IBP")
             lb, ub = torch.maximum(lb, lb2), torch.minimum(ub, ub2)
         return lb.view(-1), ub.view(-1)
@@ -427,10 +461,15 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
     cert_stage = cascade[-1]
     cert_manifest = require_stage(run_dir, cert_stage, stage)
     cert_path, cert_sha = stage_weights(run_dir, cert_stage, cert_manifest, stage)
-    cert_method = ((cert_manifest.get("config") or {}).get("stage") or {}).get("method") or "IBP"
-    method = normalize_method(st.get("method") or cert_method)
-    GateStage.check_config({**st, "method": method}, eps)
-    label_method = normalize_method(st.get("label_method") or method)
+    cert_stage_cfg = (cert_manifest.get("config") or {}).get("stage") or {}
+    cert_method = cert_stage_cfg.get("method") or "IBP"
+    # null knobs follow the cert-net's training: its method, its SABR lambda / alpha
+    knobs = {k: st.get(k) if st.get(k) is not None else cert_stage_cfg.get(k) for k in ("sabr_lambda", "alpha")}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    method = check_method_knobs(st.get("method") or cert_method, knobs.get("sabr_lambda", 0.4),
+                                knobs.get("alpha", 0.5), st.get("attack"))
+    GateStage.check_config({**st, **knobs, "method": method}, eps)
+    label_method = label_methods(st.get("label_method") or (method if method in CLASSIC else LADDER_LABELS))
     if "net" not in cert_manifest:
         raise StageInputError(f"stage '{stage}': the manifest of '{cert_stage}' does not say which net it trained")
     gate_net_cfg = {**dict(st.get("gate_net") or cert_manifest["net"]), "kind": "gate"}
@@ -505,7 +544,7 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
             pos_weight_sigma=st["pos_weight_sigma"],
             worst_case_negatives=st.get("worst_case_negatives", True), train_last_k=st["train_last_k"], l1=st["l1"],
             val_crown_ibp=st["val_crown_ibp"], constant_output=constant,
-            label_balance={s: b.as_dict() for s, b in balance.items()})
+            label_balance={s: b.as_dict() for s, b in balance.items()}, attack=st.get("attack"), **knobs)
         return module
 
     plain = dict(to_dict(cfg))
@@ -514,7 +553,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
                                   inputs=inputs, pre_check=pre_check, callbacks=callbacks)
     if state and manifest:  # this call trained (not skipped): add what the composition needs
         manifest.update({
-            "selection": {"type": "network", "threshold": float(st["threshold"]), "method": method,
+            "selection": {"type": "network", "threshold": float(st["threshold"]),
+                          "method": method if method in CLASSIC else "IBP", "training_method": method,
                           "cert_stage": cert_stage, "position": position, "cascade": cascade,
                           "earlier_thresholds": [g.threshold for g in earlier]},
             "labels": state["labels"], "gate_status": state["gate_status"]})

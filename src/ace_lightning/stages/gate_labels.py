@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ace_lightning.bounds import margin_lower_bounds, normalize_method, output_bounds
+from ace_lightning.bounds import normalize_method, output_bounds
+from ace_lightning.bounds.ladder import margin_ladder
 from ace_lightning.stages.common import StageInputError, atomic_torch_save, sha256_file
 
 LABELS_FORMAT = 1
@@ -85,6 +86,18 @@ def label_balance(labels: torch.Tensor) -> Balance:
 
 # -- certification passes (batched, no grad, eval mode) -------------------------------------------
 
+def label_methods(method: Any) -> str:
+    """The canonical name of a label certification: one bound method ('IBP') or a cheap-to-tight
+    ladder ('IBP+CROWN-IBP+CROWN', from a list or a '+'-joined string), as certify runs it."""
+    parts = method.split("+") if isinstance(method, str) else list(method)
+    if not parts:
+        raise ValueError("gate labels need at least one bound method")
+    return "+".join(normalize_method(m) for m in parts)
+
+
+REFUTE_STEPS = 10  # PGD steps that spare the tighter methods of a ladder inputs with a counterexample
+
+
 @contextlib.contextmanager
 def eval_mode(net: nn.Module):
     was = net.training
@@ -107,12 +120,21 @@ def _batches(loader: Iterable, desc: str, progress: bool):
 def certify_dataset(cert_net: nn.Module, loader: Iterable, eps: float, method: str,
                     device: torch.device | str = "cpu", progress: bool = False,
                     desc: str = "gate labels") -> torch.Tensor:
-    """cert_ok per input (bool, loader order): all margins z_y - z_j provably positive."""
+    """cert_ok per input (bool, loader order): all margins z_y - z_j provably positive, by one
+    bound method or a cheap-to-tight ladder (``label_methods``)."""
+    from ace_lightning.attacks.pgd import pgd
+
+    methods = label_methods(method).split("+")
     out = []
     with eval_mode(cert_net):
         for batch in _batches(loader, desc, progress):
             x, y = batch[0].to(device), batch[1].to(device)
-            out.append((margin_lower_bounds(cert_net, x, y, eps, method).min(dim=1).values > 0).cpu())
+
+            def refute(idx, x=x, y=y):
+                x_adv = pgd(cert_net, x[idx], y[idx], eps, steps=REFUTE_STEPS, step_size=0.25, random_start=False)
+                return cert_net(x_adv).argmax(-1) != y[idx]
+
+            out.append(margin_ladder(cert_net, x, y, eps, methods, refute=refute).ok.cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -184,7 +206,7 @@ def make_payload(labels: Mapping[str, Mapping[str, torch.Tensor]], indices: Mapp
     for split, d in labels.items():
         splits[split] = {"labels": d["labels"].to(torch.int8).cpu(), "cert_ok": d["cert_ok"].bool().cpu(),
                          "indices": torch.as_tensor(list(indices[split]), dtype=torch.int64)}
-    return {"format": LABELS_FORMAT, "eps": float(eps), "method": normalize_method(method),
+    return {"format": LABELS_FORMAT, "eps": float(eps), "method": label_methods(method),
             "cert_sha256": str(cert_sha256), "after": str(after), "splits": splits}
 
 
@@ -216,9 +238,9 @@ def label_problems(payload: Mapping[str, Any], *, eps: float, method: str, cert_
     if payload.get("cert_sha256") != cert_sha256:
         problems.append(f"they belong to cert-net weights {str(payload.get('cert_sha256'))[:12]}, "
                         f"not {cert_sha256[:12]}")
-    if payload.get("method") != normalize_method(method):
+    if payload.get("method") != label_methods(method):
         problems.append(f"they were made with {payload.get('method')}, this run labels with "
-                        f"{normalize_method(method)}")
+                        f"{label_methods(method)}")
     if str(payload.get("after", "")) != str(after):
         problems.append("they were made for a different cascade position (earlier gates differ)")
     for split, idx in (indices or {}).items():

@@ -1,6 +1,7 @@
 """Stage name -> function(cfg) -> manifest. Adding a stage = one entry here + conf/stage/<name>.yaml."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -35,27 +36,38 @@ def check_boundable(net: torch.nn.Module, dm) -> None:
 
 
 def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.cert import SELECT_OPTIONS, CertStage
+    from ace_lightning.stages.cert import METHOD_OPTIONS, SELECT_OPTIONS, CertStage
+    from ace_lightning.stages.common import sha256_file
 
     st = to_dict(cfg["stage"])
     # validate before any data is loaded
     CertStage.check_config(st, float(cfg["eps"]))
     check_certified_precision(cfg, "cert")
+    pretrained = st.get("pretrained_path")
+    inputs = {}
+    if pretrained:
+        path = Path(str(pretrained)).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"stage.pretrained_path: weight file not found: {path}")
+        pretrained = str(path)
+        inputs["pretrained"] = {"path": pretrained, "sha256": sha256_file(path)}
 
     def make(net, dm):
+        options = {k: st[k] for k in SELECT_OPTIONS + METHOD_OPTIONS if k in st}
+        if pretrained:
+            options["shi_init"] = False  # the imported weights are the net
         return CertStage(net, st["optimizer"], st["lr_schedule"], eps=float(cfg["eps"]),
                          method=st["method"], eps_factor=st["eps_factor"],
                          warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
                          ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
                          loss_fusion=st["loss_fusion"], l1=st["l1"], epochs=st["epochs"],
-                         val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"],
-                         **{k: st[k] for k in SELECT_OPTIONS if k in st})
+                         val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"], **options)
 
     # selection co-training trades a little certified accuracy for selectability: the best val
     # cert_acc would pick a checkpoint from before it, so the last weights are exported instead
     key = None if float(st.get("select_weight", 0.0) or 0.0) > 0 else CertStage.key_metric
-    return run_training_stage(cfg, "cert", make, "cert_net", key, "cert.pt",
-                              pre_check=check_boundable, callbacks=callbacks)
+    return run_training_stage(cfg, "cert", make, "cert_net", key, "cert.pt", inputs=inputs,
+                              pre_check=check_boundable, callbacks=callbacks, pretrained=pretrained)
 
 
 def run_certify_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:

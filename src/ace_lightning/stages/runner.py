@@ -127,8 +127,11 @@ def run_training_stage(
     mixed_precision: bool = False,
     pre_check: Optional[Callable[[torch.nn.Module, ACEDataModule], None]] = None,
     callbacks: tuple = (),
+    pretrained: Optional[str] = None,
 ) -> dict:
-    """The shared skeleton of the core, cert and gate stages."""
+    """The shared skeleton of the core, cert and gate stages. With ``pretrained`` (a weights file
+    of the stage's architecture, e.g. a cert-net trained by another library) nothing is trained:
+    the weights are loaded, validated and tested, and exported like trained ones."""
     run_dir = Path(cfg["run_dir"]).resolve()
     stage_dir = run_dir / stage
     net_cfg = to_dict(cfg[net_cfg_key])
@@ -145,6 +148,11 @@ def run_training_stage(
     dm = datamodule_from(cfg)
     info = dm.info
     net = build_net(net_cfg, info)
+    matched_by = None
+    if pretrained:  # one-line error naming the mismatched keys, before any data is read
+        from ace_lightning.nets.checkpoint import load_external_weights
+
+        matched_by = load_external_weights(net, pretrained, f"{stage} net {net_cfg.get('name')!r}")
     if pre_check is not None:
         pre_check(net, dm)
     module = make_module(net, dm)
@@ -152,16 +160,22 @@ def run_training_stage(
     trainer, ckpt = build_trainer(cfg, stage_dir, key_metric if has_val else None,
                                   extra_callbacks=tuple(callbacks), mixed_precision=mixed_precision)
     last = stage_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() and cfg.get("resume", True) else None
-    if resume and trainer.is_global_zero:
-        print(f"[ace] resuming stage '{stage}' from {last}")
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"stage '{stage}' interrupted: rerun the same command to resume from "
-                                f"{last}")
-    best = ckpt.best_model_path if ckpt.best_model_path else None
-    test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best or str(last), verbose=False)
-    metrics = {k: float(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
+    best = None
+    if pretrained:
+        val_metrics = trainer.validate(module, datamodule=dm, verbose=False) if has_val else []
+        test_metrics = trainer.test(module, datamodule=dm, verbose=False)
+        metrics = {k: float(v) for part in (val_metrics, test_metrics) for k, v in (part[0] if part else {}).items()}
+    else:
+        resume = str(last) if last.is_file() and cfg.get("resume", True) else None
+        if resume and trainer.is_global_zero:
+            print(f"[ace] resuming stage '{stage}' from {last}")
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"stage '{stage}' interrupted: rerun the same command to resume from "
+                                    f"{last}")
+        best = ckpt.best_model_path if ckpt.best_model_path else None
+        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best or str(last), verbose=False)
+        metrics = {k: float(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
     if ckpt.best_model_score is not None:
         metrics[f"best_{key_metric}"] = float(ckpt.best_model_score)
     manifest: dict = {}
@@ -176,7 +190,8 @@ def run_training_stage(
             "inputs": dict(inputs or {}),
             "outputs": {"weights": weights,
                         "best_checkpoint": Path(best).name if best else None,
-                        "last_checkpoint": "checkpoints/last.ckpt"},
+                        "last_checkpoint": None if pretrained else "checkpoints/last.ckpt"},
+            **({"pretrained": {"path": str(pretrained), "matched_by": matched_by}} if pretrained else {}),
             "metrics": metrics,
             "epochs_trained": int(trainer.current_epoch),
             "wall_s": time.perf_counter() - started,

@@ -1,0 +1,252 @@
+"""Certified-training losses (ace-method.md sections 6 and 11), one small class per method, shared
+by the cert stage (margins z_y - z_j) and the gate stage (one signed gate logit).
+
+Every method sees the same problem: a spec C ([B, S, K]) whose rows should stay positive over the
+ball (the margins e_y - e_j for a cert-net; +g for a gate input that should fire, -g for one that
+should not), and a per-input loss of a lower bound of C f (the worst-case CE of the negated margins;
+the gate's weighted BCE). The methods differ in the lower bound they feed it:
+
+- IBP / CROWN-IBP (Gowal et al. 2018, Zhang et al. 2020): bounds over the whole ball.
+- SABR (Mueller et al., ICLR'23): IBP over a small box of radius lambda * eps around a PGD point
+  found inside the ball, the box shifted to stay inside the ball and [0, 1]. Not a certificate.
+- MTL-IBP (De Palma et al., ICLR'24): alpha * L(IBP over the ball) + (1 - alpha) * L(C f(x_adv)).
+- CC-IBP: L(alpha * IBP lower bound + (1 - alpha) * C f(x_adv)): a convex combination of logits.
+- Exp-IBP: L(IBP)^alpha * L(C f(x_adv))^(1 - alpha).
+- Shi et al. (NeurIPS'21): IBP initialisation and the warm-up regularisers on the bounds of every
+  ReLU's input (bound tightness, ReLU balance), usable with any method above.
+
+Training attacks run with the net in eval mode (BatchNorm statistics untouched) and maximise the
+same loss the method bounds; the bound pass comes before any plain forward of the same net in
+the step (auto_LiRPA bumps the parameters' version counters).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ace_lightning.attacks.pgd import pgd
+from ace_lightning.bounds import bound_pass, input_box
+
+CERT_METHODS = ("IBP", "CROWN-IBP", "SABR", "MTL-IBP", "CC-IBP", "Exp-IBP")
+EXPRESSIVE = ("MTL-IBP", "CC-IBP", "Exp-IBP")
+_ALIASES = {m.lower(): m for m in CERT_METHODS}
+_ALIASES.update({"crown_ibp": "CROWN-IBP", "mtl_ibp": "MTL-IBP", "cc_ibp": "CC-IBP", "exp_ibp": "Exp-IBP",
+                 "mtlibp": "MTL-IBP", "ccibp": "CC-IBP", "expibp": "Exp-IBP"})
+# The training attack per method (the papers' defaults): PGD steps, step size relative to the attack
+# radius, radius = eps_factor x eps, step x 0.1 at these fractions of the steps (SABR).
+ATTACK_DEFAULTS = {
+    "SABR": {"steps": 8, "step_size": 0.5, "eps_factor": 1.0, "restarts": 1, "decay_at": (0.5, 0.8, 0.9)},
+    "MTL-IBP": {"steps": 1, "step_size": 10.0, "eps_factor": 1.0, "restarts": 1, "decay_at": ()},
+}
+for _m in ("CC-IBP", "Exp-IBP"):
+    ATTACK_DEFAULTS[_m] = ATTACK_DEFAULTS["MTL-IBP"]
+
+PerInputLoss = Callable[[torch.Tensor], torch.Tensor]  # lower bounds of C f [B, S] -> loss [B]
+
+
+def normalize_training_method(method: str) -> str:
+    """Canonical training-method name, or a one-line ValueError listing the known ones."""
+    canon = _ALIASES.get(str(method).lower())
+    if canon is None:
+        raise ValueError(f"certified-training method must be one of {', '.join(CERT_METHODS)}, got {method!r}")
+    return canon
+
+
+def margin_ce(lb: torch.Tensor) -> torch.Tensor:
+    """Per input: CE of the negated margin lower bounds [B, K-1] (true-class entry 0): an upper
+    bound of the worst-case cross-entropy when lb bounds the margins from below."""
+    worst = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
+    return torch.logsumexp(worst, dim=1)
+
+
+@dataclass
+class LossOutput:
+    """The method's loss (mean over the batch), its per-input values, the lower bounds of C f over
+    the full ball when the method computed them (selection co-training uses them), the logits at
+    x when its bound pass ran there (else None: the caller runs the net), the bounds of every
+    ReLU's input of its bound pass and that pass's input half-width (Shi's regulariser)."""
+
+    loss: torch.Tensor
+    per_input: torch.Tensor
+    ball_lb: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
+    relu_bounds: Optional[list]
+    input_halfwidth: Optional[torch.Tensor]
+
+
+@dataclass
+class TrainingAttack:
+    steps: int
+    step_size: float
+    eps_factor: float = 1.0
+    restarts: int = 1
+    decay_at: Sequence[float] = ()
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, C: torch.Tensor, eps: float,
+                 loss_of_lb: PerInputLoss) -> torch.Tensor:
+        """A point of B(x, eps_factor x eps) ∩ [0, 1] that maximises the loss of C f (eval mode)."""
+        was = net.training
+        net.eval()
+        try:
+            return pgd(net, x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
+                       min(1.0, eps * self.eps_factor), steps=self.steps, step_size=self.step_size,
+                       random_start=True, restarts=self.restarts, decay_at=self.decay_at,
+                       loss_fn=lambda logits, _y: loss_of_lb(torch.einsum("bsk,bk->bs", C, logits)))
+        finally:
+            net.train(was)
+
+
+class CertifiedLoss:
+    """IBP or CROWN-IBP over the whole ball (beta mixes CROWN-IBP with IBP)."""
+
+    def __init__(self, method: str = "IBP") -> None:
+        self.method = method
+        self.bound = "CROWN-IBP" if method == "CROWN-IBP" else "IBP"
+
+    def ball(self, net, x, C, eps, beta, relu_bounds):
+        return bound_pass(net, x, C, eps=eps, method=self.bound, beta=beta if self.bound == "CROWN-IBP" else None,
+                          relu_bounds=relu_bounds)
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, C: torch.Tensor, eps: float, loss_of_lb: PerInputLoss,
+                 beta: Optional[float] = None, relu_bounds: bool = False) -> LossOutput:
+        out = self.ball(net, x, C, eps, beta, relu_bounds)
+        per = loss_of_lb(out.lb)
+        return LossOutput(per.mean(), per, out.lb, out.logits, out.relu_bounds, _halfwidth(*input_box(x, eps)))
+
+
+class SABRLoss(CertifiedLoss):
+    """IBP over the small box [c - tau, c + tau] ∩ B(x, eps) ∩ [0, 1], tau = lambda * eps, c the PGD
+    point clipped to [lo + tau, hi - tau] (lo, hi: the corners of B(x, eps) ∩ [0, 1])."""
+
+    def __init__(self, lam: float, attack: TrainingAttack) -> None:
+        super().__init__("SABR")
+        self.lam, self.attack = float(lam), attack
+
+    def small_box(self, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = input_box(x, eps)
+        tau = self.lam * eps
+        centre = torch.minimum(torch.maximum(x_adv, lo + tau), hi - tau)
+        return torch.maximum(centre - tau, lo), torch.minimum(centre + tau, hi)
+
+    def __call__(self, net, x, C, eps, loss_of_lb, beta=None, relu_bounds=False) -> LossOutput:
+        if self.lam >= 1.0:  # the small box is the ball
+            return super().__call__(net, x, C, eps, loss_of_lb, None, relu_bounds)
+        x_adv = self.attack(net, x, C, eps, loss_of_lb)
+        lower, upper = self.small_box(x, x_adv, eps)
+        out = bound_pass(net, (lower + upper) / 2, C, box=(lower, upper), method="IBP", relu_bounds=relu_bounds)
+        per = loss_of_lb(out.lb)
+        return LossOutput(per.mean(), per, None, None, out.relu_bounds, _halfwidth(lower, upper))
+
+
+class ExpressiveLoss(CertifiedLoss):
+    """MTL-IBP, CC-IBP and Exp-IBP: IBP over the ball combined with the adversarial point's values."""
+
+    def __init__(self, method: str, alpha: float, attack: TrainingAttack) -> None:
+        super().__init__(method)
+        self.bound = "IBP"
+        self.alpha, self.attack = float(alpha), attack
+
+    def __call__(self, net, x, C, eps, loss_of_lb, beta=None, relu_bounds=False) -> LossOutput:
+        x_adv = self.attack(net, x, C, eps, loss_of_lb)
+        out = self.ball(net, x, C, eps, None, relu_bounds)  # the bound pass first, then plain forwards
+        adv = torch.einsum("bsk,bk->bs", C, net(x_adv))
+        a = self.alpha
+        if self.method == "MTL-IBP":
+            per = a * loss_of_lb(out.lb) + (1 - a) * loss_of_lb(adv)
+        elif self.method == "CC-IBP":
+            per = loss_of_lb(a * out.lb + (1 - a) * adv)
+        else:  # Exp-IBP; both losses are positive (a CE, a BCE), clamped against log(0)
+            per = loss_of_lb(out.lb).clamp(min=1e-12) ** a * loss_of_lb(adv).clamp(min=1e-12) ** (1 - a)
+        return LossOutput(per.mean(), per, out.lb, out.logits, out.relu_bounds, _halfwidth(*input_box(x, eps)))
+
+
+def _halfwidth(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    return (upper - lower) / 2
+
+
+def build_loss(method: str, *, sabr_lambda: float = 0.4, alpha: float = 0.5,
+               attack: Optional[dict] = None) -> CertifiedLoss:
+    """The loss object of a training method with its knobs (attack: steps, step_size, eps_factor,
+    restarts; null entries take the method's paper default)."""
+    method = normalize_training_method(method)
+    if method in ("IBP", "CROWN-IBP"):
+        return CertifiedLoss(method)
+    knobs = dict(ATTACK_DEFAULTS[method])
+    knobs.update({k: v for k, v in (attack or {}).items() if v is not None and k in knobs})
+    knobs["decay_at"] = tuple(knobs["decay_at"])
+    atk = TrainingAttack(**knobs)
+    if method == "SABR":
+        return SABRLoss(sabr_lambda, atk)
+    return ExpressiveLoss(method, alpha, atk)
+
+
+def check_method_knobs(method: str, sabr_lambda: float, alpha: float, attack: Optional[dict]) -> str:
+    """One-line ValueErrors for the method's knobs; returns the canonical method name."""
+    method = normalize_training_method(method)
+    if not 0.0 < float(sabr_lambda) <= 1.0:
+        raise ValueError(f"sabr_lambda (SABR's small-box radius / eps) must be in (0, 1], got {sabr_lambda}")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha (the IBP weight of MTL-/CC-/Exp-IBP) must be in (0, 1], got {alpha}")
+    atk = attack or {}
+    if atk.get("steps") is not None and int(atk["steps"]) < 1:
+        raise ValueError(f"attack.steps must be >= 1, got {atk['steps']}")
+    for key in ("step_size", "eps_factor"):
+        if atk.get(key) is not None and not float(atk[key]) > 0:
+            raise ValueError(f"attack.{key} must be positive, got {atk[key]}")
+    if atk.get("restarts") is not None and int(atk["restarts"]) < 1:
+        raise ValueError(f"attack.restarts must be >= 1, got {atk['restarts']}")
+    return method
+
+
+# -- Shi et al. (NeurIPS'21): fast certified training -------------------------------------------------
+
+def ibp_init(net: nn.Module) -> list[str]:
+    """IBP initialisation: every Conv2d/Linear weight but the last ~ N(0, 2 pi / fan_in^2), so
+    interval widths neither explode nor vanish with depth (biases keep their init). Returns the
+    re-initialised layers' names."""
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    done = []
+    for name, m in layers[:-1]:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+        with torch.no_grad():
+            m.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
+        done.append(name)
+    return done
+
+
+def _input_std(net: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The std of the net's Normalize layer (1 without one), broadcastable to the input."""
+    from ace_lightning.nets.layers import Normalize
+
+    for m in net.modules():
+        if isinstance(m, Normalize):
+            return m.std.to(like)
+    return torch.ones((), dtype=like.dtype, device=like.device)
+
+
+def shi_regularizer(relu_bounds: Sequence[tuple[torch.Tensor, torch.Tensor]], input_halfwidth: torch.Tensor,
+                    net: nn.Module, tol: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_tightness, L_relu) of Shi et al., averaged over the ReLU layers, from the bounds [l, u] of
+    every ReLU's input. Tightness: relu(tol - t0 / mean((u - l)/2)) / tol, t0 the mean half-width of
+    the (normalised) input box. ReLU balance: relu(tol - min(r, 1/r)) / tol for the ratio of the
+    mean centre of the active to that of the inactive units, and the same for their variances."""
+    t0 = (input_halfwidth / _input_std(net, input_halfwidth)).mean()
+    tight = torch.zeros((), device=input_halfwidth.device)
+    relu = torch.zeros((), device=input_halfwidth.device)
+    for lower, upper in relu_bounds:
+        centre, half = (upper + lower) / 2, (upper - lower) / 2
+        tight = tight + nn.functional.relu(tol - t0 / half.mean().clamp(min=1e-12)) / tol
+        active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
+        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
+        delta = (centre - centre.mean()) ** 2
+        var_ratio = (delta * active).sum() / (delta * inactive).sum()
+        mean_ratio = torch.minimum(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
+        var_ratio = torch.minimum(var_ratio, 1 / var_ratio.clamp(min=1e-12))
+        term = (nn.functional.relu(tol - mean_ratio) + nn.functional.relu(tol - var_ratio)) / tol
+        relu = relu + torch.where(torch.isfinite(term), term, torch.zeros_like(term))  # no host sync
+    n = max(1, len(relu_bounds))
+    return tight / n, relu / n
