@@ -8,7 +8,15 @@ STAMP := $(VENV)/.install-stamp
 # Two cores: one torch thread per process avoids OpenMP spin-waiting under contention.
 TEST_ENV := OMP_NUM_THREADS=1 WANDB_MODE=disabled
 
-.PHONY: install test test-all bench demo reproduce-cifar clean help
+# make gpu-check: DEVICE=cuda on a GPU machine, DEVICE=cpu for the same script on the CPU
+DEVICE ?= cuda
+GPU_WHEELS := gpu-wheels
+GPU_VENV := .gpu-venv
+# what the GPU machine lacks (it has torch, lightning, timm, numpy, scipy, matplotlib, pyarrow, tqdm)
+GPU_DEPS := hydra-core==1.3.8 omegaconf==2.3.0 appdirs==1.4.4
+GPU_SDISTS := antlr4-python3-runtime==4.9.3 auto-LiRPA==0.3
+
+.PHONY: install test test-all bench demo reproduce-cifar clean help gpu-check gpu-wheels
 
 help:
 	@echo "make install   create .venv with the pinned stack (requirements/constraints.txt)"
@@ -17,6 +25,8 @@ help:
 	@echo "make bench     benchmarks -> benchmarks/results/<date>.json"
 	@echo "make demo      the whole ACE pipeline on Fashion-MNIST (eps 0.1) on a CPU"
 	@echo "make reproduce-cifar   the paper's CIFAR-10 recipes (GPUs); SMOKE=1: tiny CPU run"
+	@echo "make gpu-check the GPU check (benchmarks/gpu_check.py); DEVICE=cpu: the same on the CPU"
+	@echo "make gpu-wheels  Python 3.12 wheels the GPU machine lacks (needs the package registries)"
 
 install: $(STAMP)
 
@@ -45,5 +55,24 @@ demo: install
 reproduce-cifar: install
 	$(PY) -m ace_lightning.pipeline $(if $(filter 1,$(SMOKE)),--smoke --runs-root runs/smoke,) $(ARGS)
 
+# The GPU machine has no registry: its missing pure-Python packages travel as wheels (carry gpu-wheels).
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(GPU_DEPS)
+	$(PIP) wheel --quiet --no-deps -w $(GPU_WHEELS) $(GPU_SDISTS)
+	@ls $(GPU_WHEELS)
+
+ifeq ($(DEVICE),cpu)
+gpu-check: install
+	$(TEST_ENV) $(PY) benchmarks/gpu_check.py --device cpu $(ARGS)
+else
+gpu-check:
+	@ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1 || { echo "error: no wheels in $(GPU_WHEELS)/: run make gpu-wheels on a machine with the package registries"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || python3 -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-deps --no-index $(GPU_WHEELS)/*.whl
+	WANDB_MODE=disabled $(GPU_VENV)/bin/python benchmarks/gpu_check.py --device cuda $(ARGS)
+endif
+
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache build src/*.egg-info

@@ -271,7 +271,7 @@ def test_certify_stage_records_are_identical_under_bf16_mixed(tmp_path):
     for column in ("cert_margin", "cert_method", "gate_method", "rechecked", "recheck_flipped", "dtype"):
         assert column in header
     prec = again["precision"]
-    assert prec["dtype"] == "float32" and prec["recheck_tol"] == 1e-4
+    assert prec["dtype"] == "float32" and prec["recheck_tol"] == 1e-3
     assert prec["trainer_precision_ignored"] == "bf16-mixed" and first["precision"]["trainer_precision_ignored"] is None
     for split in ("val", "test"):
         assert set(prec[split]) == {"inputs", "rechecked", "rechecked_cert_ok", "decisions_changed_by_float64"}

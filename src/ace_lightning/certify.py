@@ -237,7 +237,9 @@ def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader
     for _ in range(rounds):
         wanted = ([float(t) for t in thresholds] if thresholds is not None
                   else val_operating_thresholds(cols, grid, tolerance))
-        new = [t for t in wanted if t not in done]
+        # a threshold moved by float64's last digits is refined already (the re-check covers it)
+        tol = max(settings.recheck_tol, 1e-12)
+        new = [t for t in wanted if not any(abs(t - d) <= tol * (1 + abs(d)) for d in done)]
         if not new:
             break
         redone += refine_records(model, loaders, cols, eps, settings, new, batch_size)

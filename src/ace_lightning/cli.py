@@ -3,6 +3,7 @@
     python -m ace_lightning.cli action=certify run_dir=runs/mnist/eps_0.1
     python -m ace_lightning.cli action=sweep records=runs/mnist/eps_0.1/certify/records.csv
     python -m ace_lightning.cli action=plot sweep=runs/mnist/eps_0.1/certify/sweep_test.csv out=p.png
+    python -m ace_lightning.cli action=compare runs=[runs/a/eps_0.1,runs/b/eps_0.1] out_dir=cmp
 
 certify composes the train config for ``stage=certify`` from the run folder's manifests and runs
 the certify stage; sweep and plot only read files. Bad input exits with code 2 and one line;
@@ -233,13 +234,39 @@ def run_plot_action(cfg: DictConfig) -> str:
     return out
 
 
+# -- action=compare --------------------------------------------------------------------------------
+
+def run_compare_action(cfg: DictConfig) -> dict:
+    from ace_lightning.ace import CertifySettings
+    from ace_lightning.compare import compare_runs
+
+    runs = _plain(cfg.runs)
+    if isinstance(runs, str):
+        runs = [runs]
+    if not runs:
+        raise ValueError("action=compare needs runs=[<run folder>,...] (each holding cert/, and certify/ for ACE)")
+    steps = cfg.attack_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"attack_steps={steps!r}: pass a number of PGD steps >= 1")
+    settings = CertifySettings.from_config({k: _plain(cfg.get(k)) for k in (
+        "methods", "gate_methods", "refine_methods", "time_budget_s", "dtype", "recheck_tol") if cfg.get(k) is not None})
+    out_dir = cfg.out_dir or "compare"
+    result = compare_runs(runs, out_dir, settings, data_dir=cfg.data_dir, attack_steps=steps,
+                          progress=bool(cfg.progress))
+    print("\n".join(result["summary"] + [f"note: {n}" for n in result["notes"]]))
+    print(f"[ace] wrote compare.csv, compare.png, compare.md in {Path(out_dir).resolve()}")
+    return result
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="certify")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action}
+    actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action,
+               "compare": run_compare_action}
     try:
         if cfg.action not in actions:
-            raise ValueError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep or action=plot")
+            raise ValueError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep, "
+                             f"action=plot or action=compare")
         actions[cfg.action](cfg)
     except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,13 +33,64 @@ def near(value: torch.Tensor, point: float | torch.Tensor, tol: float) -> torch.
 
 
 def _bucket(n: int) -> int:
-    """Subsets are padded to a power of two: a BoundedModule is traced once per input shape."""
-    return 1 << max(0, (n - 1).bit_length())
+    """Subsets are padded to a few sizes (powers of two up to 32, then multiples of 32): a
+    BoundedModule is cached per input shape, and arbitrary subset sizes would each get one."""
+    return 1 << max(0, (n - 1).bit_length()) if n <= 32 else -(-n // 32) * 32
 
 
 def _padded(idx: torch.Tensor) -> torch.Tensor:
     pad = _bucket(idx.numel()) - idx.numel()
     return torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
+
+
+class Budget:
+    """A per-input time budget for the tighter methods: each method's cost per input is measured
+    as it runs (the first time on one input), and a method is tried on an input only if the input's
+    time so far plus that cost fits its budget (alpha-CROWN on a CPU costs seconds per input and
+    is skipped there, while a GPU affords it). None: no limit."""
+
+    def __init__(self, seconds: Optional[float], n: int, device) -> None:
+        self.seconds = seconds
+        self.spent = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def affordable(self, idx: torch.Tensor, key) -> tuple[torch.Tensor, bool]:
+        """(inputs that can afford the method, whether its cost is still unknown)."""
+        if self.seconds is None:
+            return idx, False
+        cost = _COSTS.get(key)
+        if cost is None:
+            return idx, True
+        return idx[self.spent[idx] + cost <= self.seconds], False
+
+    def charge(self, idx: torch.Tensor, key, seconds: float) -> None:
+        per = seconds / max(1, idx.numel())
+        old = _COSTS.get(key)
+        _COSTS[key] = per if old is None else 0.5 * (old + per)
+        self.spent[idx] += per
+
+
+_COSTS: dict = {}  # (net id, method, device, input shape) -> seconds per input, measured
+
+
+def _timed(fn, idx, budget: Budget, key):
+    """Run fn(idx) (a bound over those inputs) charging its time; probe one input first when the
+    method's cost is unknown. Returns (indices actually run, result per run index)."""
+    idx, unknown = budget.affordable(idx, key)
+    results = []
+    ran = []
+    for j, part in enumerate([idx[:1], idx[1:]] if unknown else [idx]):
+        if j == 1:  # the probe measured the cost: the rest only where it fits
+            part, _ = budget.affordable(part, key)
+        if part.numel() == 0:
+            continue
+        t0 = time.perf_counter()
+        results.append(fn(part))
+        budget.charge(part, key, time.perf_counter() - t0)
+        ran.append(part)
+    if not ran:
+        return idx[:0], None
+    return torch.cat(ran), (torch.cat(results) if torch.is_tensor(results[0]) else
+                            tuple(torch.cat(r) for r in zip(*results)))
 
 
 @dataclass
@@ -64,18 +115,18 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     runs on every input (it also gives the logits); each later one only on inputs that are
     correct at x, not yet certified, and not refuted (``refute(indices)`` -> bool mask, called once
     before the first tighter method: an attack's counterexample means no method can certify).
-    ``time_budget_s``: per input; tighter methods stop once the batch has spent budget x batch.
+    ``time_budget_s``: seconds per input for the tighter methods (Budget).
     ``recheck_tol`` > 0: inputs whose certified margin lies within it of 0 are decided in float64."""
     methods = [normalize_method(m) for m in methods]
     if not methods:
         raise ValueError("certification needs at least one bound method")
     work = resolve_dtype(dtype, x, net)
-    start = time.perf_counter()
     lb, logits = margin_lower_bounds(net, x, y, eps, methods[0], return_logits=True, dtype=work)
     margin = lb.min(dim=1).values
     ok = margin > 0
     method = torch.where(ok, 0, NO_METHOD)
     todo = ~ok & (logits.argmax(-1) == y)
+    budget = Budget(time_budget_s, x.shape[0], x.device)
     for k, name in enumerate(methods[1:], start=1):
         idx = todo.nonzero().flatten()
         if k == 1 and refute is not None and idx.numel():
@@ -84,10 +135,14 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
             todo[idx] = True
         if idx.numel() == 0:
             break
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s * x.shape[0]:
-            break
-        run = _padded(idx)
-        m = margin_lower_bounds(net, x[run], y[run], eps, name, dtype=work).min(dim=1).values[:idx.numel()]
+
+        def bound(part, name=name):
+            run = _padded(part)
+            return margin_lower_bounds(net, x[run], y[run], eps, name, dtype=work).min(dim=1).values[:part.numel()]
+
+        idx, m = _timed(bound, idx, budget, (id(net), name, str(x.device), tuple(x.shape[1:])))
+        if m is None:
+            continue
         margin[idx] = torch.maximum(margin[idx], m)
         won = m > 0
         ok[idx[won]] = True
@@ -98,7 +153,8 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
         idx = (near(margin, 0.0, recheck_tol) & (logits.argmax(-1) == y)).nonzero().flatten()
         if idx.numel():
             run, n = _padded(idx), idx.numel()
-            again = margin_ladder(net, x[run], y[run], eps, methods, dtype=torch.float64)
+            again = margin_ladder(net, x[run], y[run], eps, methods, dtype=torch.float64,
+                                  time_budget_s=time_budget_s)
             flipped[idx] = again.ok[:n] != ok[idx]
             ok[idx], method[idx] = again.ok[:n], again.method[:n]
             margin[idx] = again.margin[:n].to(margin.dtype)
@@ -155,27 +211,34 @@ def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[flo
 
 def refine_gate(bound: IntervalFn, x: torch.Tensor, interval: GateInterval, thresholds: Sequence[float],
                 methods: Sequence[str], refine_methods: Sequence[str], *, dtype=torch.float32,
-                recheck_tol: float = 0.0, time_budget_s: Optional[float] = None) -> GateInterval:
+                recheck_tol: float = 0.0, time_budget_s: Optional[float] = None,
+                cost_key: Any = None) -> GateInterval:
     """Tighten the interval where it matters at ``thresholds`` (the gate interval does not depend
     on T): ``refine_methods`` on inputs whose interval straddles one of them, cheap to tight,
     stopping per input once it no longer straddles; then inputs within ``recheck_tol`` of a
     threshold are recomputed in float64 with every method applied to them. Returns a new
-    GateInterval (``methods``: those ``interval`` was made with; indices continue after them)."""
+    GateInterval (``methods``: those ``interval`` was made with; indices continue after them).
+    ``time_budget_s`` as in margin_ladder; ``cost_key`` names the selector in the cost table."""
     lb, ub = interval.lb.clone(), interval.ub.clone()
     method, rechecked, flipped = interval.method.clone(), interval.rechecked.clone(), interval.flipped.clone()
     methods = [normalize_method(m) for m in methods]
     refine_methods = [normalize_method(m) for m in refine_methods]
-    start = time.perf_counter()
+    budget = Budget(time_budget_s, x.shape[0], x.device)
     for k, name in enumerate(refine_methods, start=len(methods)):
         idx = undecided_at(lb, ub, thresholds).nonzero().flatten()
         if idx.numel() == 0:
             break
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s * x.shape[0]:
-            break
-        run = _padded(idx)
-        _, lo, hi = bound(x[run], name, dtype)
-        lb[idx] = torch.maximum(lb[idx], lo[:idx.numel()])
-        ub[idx] = torch.minimum(ub[idx], hi[:idx.numel()])
+
+        def run_bound(part, name=name):
+            run = _padded(part)
+            _, lo, hi = bound(x[run], name, dtype)
+            return lo[:part.numel()], hi[:part.numel()]
+
+        idx, res = _timed(run_bound, idx, budget, (cost_key or id(bound), name, str(x.device), tuple(x.shape[1:])))
+        if res is None:
+            continue
+        lb[idx] = torch.maximum(lb[idx], res[0])
+        ub[idx] = torch.minimum(ub[idx], res[1])
         method[idx] = k
     if recheck_tol > 0 and resolve_dtype(dtype) != torch.float64:
         idx = near_thresholds(lb, ub, thresholds, recheck_tol).nonzero().flatten()

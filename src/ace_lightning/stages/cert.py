@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ace_lightning.attacks import adversarial_correct
-from ace_lightning.bounds import (margin_lower_bounds, margin_spec, normalize_method, output_bounds,
+from ace_lightning.bounds import (margin_lower_bounds, margin_spec, output_bounds,
                                   robust_ce_loss, worst_case_ce)
 from ace_lightning.nets import final_linear_name
 from ace_lightning.stages.base import StageModule

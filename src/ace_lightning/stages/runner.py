@@ -196,6 +196,7 @@ def run_training_stage(
             "epochs_trained": int(trainer.current_epoch),
             "wall_s": time.perf_counter() - started,
             "global_step": int(trainer.global_step),
+            "precision": str(trainer.precision),
         }
         manifest = write_manifest(stage_dir, manifest)
         atomic_write_text(stage_dir / RUN_STATE, json.dumps({"config_hash": ident_hash, "status": "complete"}))

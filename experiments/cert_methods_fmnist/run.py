@@ -1,0 +1,145 @@
+"""Every certified-training method on Fashion-MNIST with the demo's `small` cert-net, at eps 0.1
+and 0.03, for 12 and 24 epochs: trains each cert stage (the recipes in conf/experiment/), then
+evaluates the exported net on the test split the way the composition is certified
+(ace_lightning.evaluate): natural, certified by IBP and CROWN-IBP alone (all inputs), by CROWN
+alone (the first 1,000 test inputs: CROWN costs ~60 ms per input on this CPU), by the cheap-to-tight
+ladder (IBP, CROWN-IBP, CROWN, alpha-CROWN within 2 s per input), PGD-40 with the margin loss, and
+the seconds each took. Writes results/<method>_e<epochs>_eps<eps>.json and table.md.
+
+    python experiments/cert_methods_fmnist/run.py                 # everything (hours on 2 cores)
+    python experiments/cert_methods_fmnist/run.py --methods SABR --eps 0.1 --epochs 12 --jobs 1
+    python experiments/cert_methods_fmnist/run.py --table-only    # rebuild table.md from results/
+
+Runs go to runs/cert_methods/<method>_e<epochs>/eps_<eps>/ (a completed stage is skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RECIPES = {"IBP": ("demo_fmnist", []), "CROWN-IBP": ("demo_fmnist", ["stage_overrides.cert.method=CROWN-IBP"]),
+           "SABR": ("fmnist_sabr", []), "MTL-IBP": ("fmnist_mtlibp", []),
+           "CC-IBP": ("fmnist_mtlibp", ["stage_overrides.cert.method=CC-IBP"]),
+           "Exp-IBP": ("fmnist_mtlibp", ["stage_overrides.cert.method=Exp-IBP"])}
+SCHEDULES = {24: ["stage_overrides.cert.epochs=24", "stage_overrides.cert.warmup_epochs=1",
+                  "stage_overrides.cert.ramp_epochs=10", "stage_overrides.cert.lr_schedule.step_epochs=5"],
+             12: ["stage_overrides.cert.epochs=12", "stage_overrides.cert.warmup_epochs=1",
+                  "stage_overrides.cert.ramp_epochs=5", "stage_overrides.cert.lr_schedule.step_epochs=3"]}
+CROWN_SUBSET = 1000
+
+
+def run_name(method: str, epochs: int, extra: str = "") -> str:
+    return f"cert_methods/{method}{extra}_e{epochs}"
+
+
+def train(method: str, eps: float, epochs: int, runs_root: Path, extra: list[str], tag: str) -> Path:
+    experiment, overrides = RECIPES[method]
+    name = run_name(method, epochs, tag)
+    cmd = [sys.executable, "-m", "ace_lightning.train", f"experiment={experiment}", "stage=cert", f"eps={eps}",
+           f"runs_root={runs_root}", f"run_name={name}/eps_{eps}", "trainer.enable_progress_bar=false",
+           *overrides, *SCHEDULES[epochs], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
+    log = runs_root / f"{name.replace('/', '_')}_eps{eps}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise RuntimeError(f"{method} eps={eps} epochs={epochs} failed: see {log}")
+    return runs_root / name / f"eps_{eps}"
+
+
+def evaluate(run_dir: Path, out: Path) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from ace_lightning.ace import CertifySettings
+    from ace_lightning.data import ACEDataModule
+    from ace_lightning.evaluate import evaluate_net
+    from ace_lightning.nets import build_net
+    from ace_lightning.stages.common import load_weights, read_manifest
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    manifest = read_manifest(run_dir / "cert")
+    dm = ACEDataModule(**{**manifest["config"]["data"], "num_workers": 0})
+    dm.setup("test")
+    net = build_net(manifest["net"], dm.info)
+    load_weights(net, run_dir / "cert" / "cert.pt", "cert-net")
+    eps = float(manifest["eps"])
+    loader = DataLoader(dm.test_set, batch_size=256, shuffle=False)
+    full = evaluate_net(net, loader, eps, CertifySettings(methods=("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"),
+                                                           time_budget_s=2.0), per_method=False)
+    cheap = evaluate_net(net, loader, eps, CertifySettings(methods=("IBP", "CROWN-IBP")), attack_steps=1)
+    subset = DataLoader(Subset(dm.test_set, range(CROWN_SUBSET)), batch_size=256, shuffle=False)
+    crown = evaluate_net(net, subset, eps, CertifySettings(methods=("CROWN",)), attack_steps=1)
+    st = manifest["config"]["stage"]
+    result = {"method": st["method"], "alpha": st.get("alpha"), "sabr_lambda": st.get("sabr_lambda"),
+              "eps": eps, "epochs": manifest["epochs_trained"], "train_s": manifest["wall_s"],
+              "nat_acc": full["nat_acc"], "ibp": cheap["cert_acc_by_method"]["IBP"],
+              "crown_ibp": cheap["cert_acc_by_method"]["CROWN-IBP"],
+              f"crown_first_{CROWN_SUBSET}": crown["cert_acc"], "ladder": full["cert_acc"],
+              "ladder_decided_by": full["decided_by"], "pgd40_margin": full["adv_acc"],
+              "ladder_s": full["seconds"]["ladder"], "ibp_s": cheap["seconds"]["IBP"],
+              "crown_ibp_s": cheap["seconds"]["CROWN-IBP"], f"crown_s_{CROWN_SUBSET}": crown["seconds"]["ladder"],
+              "val_metrics": manifest["metrics"], "run_dir": str(run_dir)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results_dir: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    rows.sort(key=lambda r: (-r["eps"], r["epochs"], list(RECIPES).index(r["method"]) if r["method"] in RECIPES else 99))
+    head = ("| eps | epochs | method | natural | IBP | CROWN-IBP | CROWN (first 1k) | cheap-to-tight | PGD-40 | "
+            "train min | cert s (ladder) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        knob = f" a={r['alpha']:g}" if r["method"] in ("MTL-IBP", "CC-IBP", "Exp-IBP") else (
+            f" l={r['sabr_lambda']:g}" if r["method"] == "SABR" else "")
+        pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+        lines.append(f"| {r['eps']:g} | {r['epochs']} | {r['method']}{knob} | {pct(r['nat_acc'])} | {pct(r['ibp'])} | "
+                     f"{pct(r['crown_ibp'])} | {pct(r[f'crown_first_{CROWN_SUBSET}'])} | {pct(r['ladder'])} | "
+                     f"{pct(r['pgd40_margin'])} | {r['train_s'] / 60:.1f} | {r['ladder_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--eps", nargs="*", type=float, default=[0.1, 0.03])
+    p.add_argument("--epochs", nargs="*", type=int, default=[12, 24], choices=list(SCHEDULES))
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
+    p.add_argument("--runs-root", type=Path, default=ROOT / "runs")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. stage_overrides.cert.alpha=0.1")
+    p.add_argument("--tag", default="", help="suffix of the run and result names (for --extra variants)")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    results = HERE / "results"
+    if not args.table_only:
+        combos = [(m, e, n) for e in args.eps for n in args.epochs for m in args.methods]
+
+        def one(combo):
+            m, e, n = combo
+            t0 = time.perf_counter()
+            run_dir = train(m, e, n, args.runs_root, args.extra, args.tag)
+            r = evaluate(run_dir, results / f"{m}{args.tag}_e{n}_eps{e}.json")
+            print(f"[methods] {m}{args.tag} eps={e} epochs={n}: nat {100 * r['nat_acc']:.2f} ladder "
+                  f"{100 * r['ladder']:.2f} pgd {100 * r['pgd40_margin']:.2f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for fut in [pool.submit(one, c) for c in combos]:
+                fut.result()
+    (HERE / "table.md").write_text(table(results))
+    print((HERE / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""ACE against the single networks it must beat (``python -m ace_lightning.cli action=compare``).
+
+For every run folder given: its cert-net as a single network (natural and certified accuracy on
+the test split, certified cheap to tight exactly as the composition is: evaluate.py, cached in the
+cert stage folder), its core, and, when the folder was certified, the composition's curve over the
+threshold T (sweep_test.csv) with its operating points. One Pareto plot, the table behind it
+(CSV), and a sentence per composition: the natural accuracies at which it is certified more often
+than every single network that is at least as accurate naturally (the single networks' front).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ace_lightning.ace import CertifySettings
+from ace_lightning.atomic import atomic_write, atomic_write_text
+
+EVALUATION_FILE = "evaluation_test.json"
+COLUMNS = ("run", "kind", "name", "method", "alpha", "sabr_lambda", "eps", "threshold", "nat_acc", "cert_acc",
+           "adv_acc", "beats_single_front")
+
+
+def describe_cert(manifest: dict) -> dict[str, Any]:
+    """Method and its knob, from a cert stage manifest (older manifests: IBP)."""
+    st = (manifest.get("config") or {}).get("stage") or {}
+    method = st.get("method") or "IBP"
+    out = {"method": method, "alpha": None, "sabr_lambda": None}
+    if method in ("MTL-IBP", "CC-IBP", "Exp-IBP"):
+        out["alpha"] = st.get("alpha")
+    if method == "SABR":
+        out["sabr_lambda"] = st.get("sabr_lambda")
+    if manifest.get("pretrained"):
+        out["method"] = f"imported ({method})"
+    return out
+
+
+def _label(info: dict, run: str) -> str:
+    knob = f" a={info['alpha']:g}" if info.get("alpha") is not None else (
+        f" l={info['sabr_lambda']:g}" if info.get("sabr_lambda") is not None else "")
+    return f"{info['method']}{knob} [{run}]"
+
+
+def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: Optional[str] = None,
+                        attack_steps: int = 40, batch_size: int = 256, progress: bool = False) -> dict:
+    """The cert-net of ``run_dir/cert`` on its test split (evaluate.evaluate_net), cached in
+    cert/evaluation_test.json for these weights, eps, settings and attack."""
+    import torch
+
+    from ace_lightning.data import ACEDataModule
+    from ace_lightning.evaluate import evaluate_net
+    from ace_lightning.nets import build_net
+    from ace_lightning.stages.common import load_weights, require_stage, sha256_file
+
+    cert_dir = Path(run_dir) / "cert"
+    manifest = require_stage(run_dir, "cert", "compare")
+    weights = cert_dir / manifest["outputs"]["weights"]["path"]
+    key = {"sha256": sha256_file(weights), "eps": manifest.get("eps"), "settings": settings.as_dict(),
+           "attack_steps": attack_steps}
+    cache = cert_dir / EVALUATION_FILE
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["result"]
+    data = dict((manifest.get("config") or {}).get("data") or {"name": manifest["data"]["name"]})
+    if data_dir:
+        data["data_dir"] = data_dir
+    dm = ACEDataModule(**{**data, "num_workers": 0})
+    dm.setup("test")
+    net = build_net(manifest["net"], dm.info)
+    load_weights(net, weights, "cert-net")
+    loader = torch.utils.data.DataLoader(dm.test_set, batch_size=batch_size, shuffle=False)
+    result = evaluate_net(net, loader, float(manifest["eps"]), settings, per_method=False,
+                          attack_steps=attack_steps, progress=progress)
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
+    return result
+
+
+def _read_curve(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def single_front(singles: Sequence[dict]) -> callable:
+    """F(n) = the best certified accuracy of a single network with natural accuracy >= n
+    (-inf where none is that accurate)."""
+    pts = sorted(((p["nat_acc"], p["cert_acc"]) for p in singles), reverse=True)
+
+    def front(n: float) -> float:
+        best = -math.inf
+        for nat, cert in pts:
+            if nat + 1e-12 < n:
+                break
+            best = max(best, cert)
+        return best
+    return front
+
+
+def dominance(curve: Sequence[dict], front) -> list[dict[str, float]]:
+    """Intervals of natural accuracy where the composition's curve is certified more often than
+    every single network at least as accurate naturally: [{nat_from, nat_to, max_gain, at_nat}]."""
+    rows = sorted(curve, key=lambda r: r["nat_acc"])
+    out: list[dict[str, float]] = []
+    current: Optional[dict[str, float]] = None
+    for r in rows:
+        best = front(r["nat_acc"])
+        gain = r["cert_acc"] - (0.0 if best == -math.inf else best)
+        if r["cert_acc"] > best + 1e-12:
+            if current is None:
+                current = {"nat_from": r["nat_acc"], "nat_to": r["nat_acc"], "max_gain": gain, "at_nat": r["nat_acc"]}
+                out.append(current)
+            current["nat_to"] = r["nat_acc"]
+            if gain > current["max_gain"]:
+                current["max_gain"], current["at_nat"] = gain, r["nat_acc"]
+        else:
+            current = None
+    return out
+
+
+def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[CertifySettings] = None, *,
+                 certify_folder: str = "certify", data_dir: Optional[str] = None, attack_steps: int = 40,
+                 progress: bool = False) -> dict[str, Any]:
+    """Evaluate, compare, and write compare.csv, compare.png and compare.md into ``out_dir``."""
+    from ace_lightning.stages.common import read_manifest
+
+    settings = settings or CertifySettings()
+    if not run_dirs:
+        raise ValueError("action=compare needs runs=[<run folder>, ...] (folders holding cert/)")
+    rows: list[dict[str, Any]] = []
+    curves: list[tuple[str, list[dict[str, float]], list[dict[str, Any]]]] = []
+    notes: list[str] = []
+    for run in run_dirs:
+        run_dir = Path(run).expanduser().resolve()
+        if not (run_dir / "cert").is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} has no cert/ stage to compare")
+        name = run_dir.name if not run_dir.name.startswith("eps_") else f"{run_dir.parent.name}/{run_dir.name}"
+        cert_manifest = read_manifest(run_dir / "cert") or {}
+        info = describe_cert(cert_manifest)
+        ev = evaluate_cert_stage(run_dir, settings, data_dir=data_dir, attack_steps=attack_steps, progress=progress)
+        rows.append({"run": name, "kind": "cert-net", "name": _label(info, name), **info, "eps": ev["eps"],
+                     "threshold": "", "nat_acc": ev["nat_acc"], "cert_acc": ev["cert_acc"], "adv_acc": ev["adv_acc"]})
+        certify = run_dir / certify_folder
+        sweep = certify / "sweep_test.csv"
+        if sweep.is_file() and (certify / "operating_points.json").is_file():
+            points = json.loads((certify / "operating_points.json").read_text())
+            used = ((read_manifest(certify) or {}).get("certification") or {}).get("methods")
+            if used and list(used) != list(settings.methods):
+                notes.append(f"{name}: the composition was certified with {'+'.join(used)}, the single "
+                             f"networks with {'+'.join(settings.methods)}")
+            for ref in points.get("reference_points", []):
+                if ref["key"] == "core_alone" and "test" in ref:
+                    rows.append({"run": name, "kind": "core", "name": f"core [{name}]", "method": "core",
+                                 "eps": ev["eps"], "threshold": "", "nat_acc": ref["test"]["nat_acc"],
+                                 "cert_acc": ref["test"]["cert_acc"], "adv_acc": ref["test"].get("adv_acc", "")})
+            ops = [p for p in points.get("operating_points", []) if "test" in p]
+            for p in ops:
+                rows.append({"run": name, "kind": "ace", "name": f"ACE {p['name']} [{name}]", **info,
+                             "eps": ev["eps"], "threshold": p["threshold"], "nat_acc": p["test"]["nat_acc"],
+                             "cert_acc": p["test"]["cert_acc"], "adv_acc": p["test"].get("adv_acc", "")})
+            curves.append((f"ACE {_label(info, name)}", _read_curve(sweep), ops))
+    singles = [r for r in rows if r["kind"] in ("cert-net", "core")]
+    front = single_front(singles)
+    summary_lines = []
+    for label, curve, _ in curves:
+        spans = dominance(curve, front)
+        if not spans:
+            summary_lines.append(f"- {label}: never certified more often than the best single network at "
+                                 f"the same or higher natural accuracy.")
+            continue
+        text = "; ".join(f"{100 * s['nat_from']:.2f}-{100 * s['nat_to']:.2f}% natural (up to "
+                         f"+{100 * s['max_gain']:.2f} points certified at {100 * s['at_nat']:.2f}%)" for s in spans)
+        summary_lines.append(f"- {label}: dominates the best single network for {text}.")
+    for r in rows:
+        if r["kind"] == "ace":
+            r["beats_single_front"] = int(r["cert_acc"] > front(r["nat_acc"]) + 1e-12)
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_csv(fh) -> None:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in COLUMNS})
+    paths = {"csv": atomic_write_text(out / "compare.csv", write_csv)}
+    paths["png"] = plot_compare(out / "compare.png", curves, singles, front)
+    md = ["# ACE vs single networks (test split)", "",
+          f"Single networks certified with {'+'.join(settings.methods)} (cheap to tight), attacked with "
+          f"PGD-{attack_steps} (margin loss).", "", *summary_lines, *([""] + [f"Note: {n}" for n in notes] if notes else []),
+          "", "| kind | name | T | natural | certified | adversarial |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        adv = f"{100 * r['adv_acc']:.2f}" if isinstance(r.get("adv_acc"), float) else "-"
+        t = r.get("threshold")
+        md.append(f"| {r['kind']} | {r['name']} | {t if t == '' else format(float(t), '.4g')} | "
+                  f"{100 * r['nat_acc']:.2f} | {100 * r['cert_acc']:.2f} | {adv} |")
+    paths["md"] = atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
+    return {"rows": rows, "summary": summary_lines, "notes": notes, "paths": paths}
+
+
+def plot_compare(path: Path, curves, singles, front) -> str:
+    """ACE curves (lines) and operating points (stars), single networks (markers) and their front."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 6.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, (label, curve, ops) in enumerate(curves):
+        xs = [100 * r["nat_acc"] for r in curve]
+        ys = [100 * r["cert_acc"] for r in curve]
+        ax.plot(xs, ys, "-", color=f"C{j}", lw=1.3, label=label)
+        for p in ops:
+            ax.plot(100 * p["test"]["nat_acc"], 100 * p["test"]["cert_acc"], "*", ms=11, color=f"C{j}", mec="black")
+    markers = {"core": "s"}
+    for r in singles:
+        ax.plot(100 * r["nat_acc"], 100 * r["cert_acc"], markers.get(r["kind"], "o"), ms=7, mec="black",
+                color="lightgray" if r["kind"] == "core" else "white", zorder=5)
+        ax.annotate(r["name"].split(" [")[0], (100 * r["nat_acc"], 100 * r["cert_acc"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    if singles:
+        grid = np.linspace(min(r["nat_acc"] for r in singles), max(r["nat_acc"] for r in singles), 400)
+        ax.plot(100 * grid, [100 * max(front(n), 0.0) for n in grid], "--", color="black", lw=0.8,
+                label="single networks' front")
+    ax.set_xlabel("natural accuracy (%)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_title("ACE vs single networks (test split)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return atomic_write(str(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
