@@ -352,3 +352,25 @@ def test_entropy_stage_fine_tunes_the_cert_net_and_writes_its_manifest(runs):
 
 def test_stages_are_registered():
     assert {"gate", "entropy"} <= set(STAGES)
+
+
+def test_negatives_wrong_leaves_correct_uncertified_inputs_out():
+    from ace_lightning.stages.gate_labels import training_labels
+
+    split = {"labels": torch.tensor([1, 0, 0, EXCLUDED, 1], dtype=torch.int8),
+             "correct": torch.tensor([True, True, False, True, True])}
+    assert training_labels(split).tolist() == [1, 0, 0, EXCLUDED, 1]
+    assert training_labels(split, "wrong").tolist() == [1, EXCLUDED, 0, EXCLUDED, 1]
+    with pytest.raises(ValueError, match="negatives must be one of uncertified, wrong"):
+        training_labels(split, "all")
+
+
+def test_gate_stage_with_negatives_wrong(runs):
+    manifest = run_stage(compose_cfg(runs, GATE + ["stage.negatives=wrong", "overwrite=true"]))
+    labels = manifest["labels"]
+    payload = torch.load(runs / "run" / "gate" / labels["file"], weights_only=True)
+    train = payload["splits"]["train"]
+    uncertified_correct = int(((train["labels"] == 0) & train["correct"]).sum())
+    assert uncertified_correct > 0, "the tiny cert-net should be right on some uncertified inputs"
+    assert labels["train"]["excluded"] == uncertified_correct
+    assert labels["train"]["negatives"] == int(((train["labels"] == 0) & ~train["correct"]).sum())

@@ -245,3 +245,15 @@ def test_certify_settings_from_config_keeps_defaults_for_null():
     assert s.methods == CertifySettings().methods and s.gate_methods == ("IBP",) and s.time_budget_s is None
     assert CertifySettings.from_config(s.as_dict()) == s
     assert np.isclose(CertifySettings.from_config({"recheck_tol": 0}).recheck_tol, 0.0)
+
+
+@pytest.mark.parametrize("override, match", [("stage.time_budget_s=0", "time_budget_s must be a positive"),
+                                             ("stage.methods=[IBP,PGD]", "unknown bound method 'PGD'"),
+                                             ("stage.dtype=bfloat16", "dtype must be one of")])
+def test_certify_stage_refuses_bad_settings_before_reading_anything(tmp_path, override, match):
+    from ace_lightning.stages import run_stage
+    from stage_utils import compose_cfg
+
+    with pytest.raises(ValueError, match=match) as err:
+        run_stage(compose_cfg(tmp_path, ["stage=certify", override]))  # no run folder needed to fail
+    assert "\n" not in str(err.value)

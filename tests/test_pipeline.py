@@ -135,16 +135,19 @@ def test_reproduce_cifar_smoke_on_generated_cifar_files(tmp_path):
 
     _write_cifar(str(tmp_path / "cifar"), per_batch=40, n_test=64)
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "ace_lightning.pipeline", "--smoke", "--runs-root", str(runs),
-           f"data.data_dir={tmp_path / 'cifar'}", "data.download=false"]
+    wanted = ["cifar10_acenet_ibp_2_255", "cifar10_aceentropy_ibp_2_255", "cifar10_acenet_ibp_8_255",
+              "cifar10_acenet_mtlibp_2_255"]
+    cmd = [sys.executable, "-m", "ace_lightning.pipeline", "--smoke", "--runs-root", str(runs), "--only", *wanted,
+           "--", f"data.data_dir={tmp_path / 'cifar'}", "data.download=false"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((runs / "reproduce.json").read_text())
-    assert [r["experiment"] for r in rows] == ["cifar10_acenet_ibp_2_255", "cifar10_aceentropy_ibp_2_255",
-                                               "cifar10_acenet_ibp_8_255"]
+    assert [r["experiment"] for r in rows] == wanted
     for r in rows:
         assert 0 <= r["nat_within_1pt"]["nat_acc"] <= 1 and r["expected_nat"] > 0
-    assert "90.1 / 27.5" in res.stdout and "SMOKE" in res.stdout
+    assert "90.1 / 27.5" in res.stdout and "78.8 / 64.4" in res.stdout and "SMOKE" in res.stdout
+    cert = json.loads((runs / "cifar10_acenet_mtlibp" / "eps_2_255" / "cert" / "manifest.json").read_text())
+    assert cert["config"]["stage"]["method"] == "MTL-IBP" and cert["net"]["name"] == "cnn7"
     assert (runs / "cifar10_aceentropy_ibp" / "eps_2_255" / "certify_entropy" / "manifest.json").is_file()
 
 

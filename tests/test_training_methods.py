@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,38 @@ def test_pretrained_cert_net_is_imported_validated_and_exported(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit cert net 'small': missing: 8.bias") as err:
         run_stage(compose_cfg(tmp_path / "d", CERT_TINY + [f"stage.pretrained_path={tmp_path / 'short.pt'}"]))
     assert "\n" not in str(err.value)
+
+
+# -- recipes -------------------------------------------------------------------------------------------------
+
+def test_every_experiment_composes_and_the_cifar_recipes_carry_the_papers_settings():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ace_lightning.stages.cert import CertStage
+    from ace_lightning.train import CONF_DIR
+
+    names = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfgs = {n: OmegaConf.to_container(compose(config_name="train", overrides=[f"experiment={n}", "stage=cert"]),
+                                          resolve=True) for n in names}
+    for name, cfg in cfgs.items():  # every cert-stage recipe passes the stage's own checks
+        st = {**cfg["stage"], **(cfg.get("stage_overrides") or {}).get("cert", {})}
+        CertStage.check_config(st, cfg["eps"])
+    sabr = cfgs["cifar10_acenet_sabr_2_255"]
+    cert = sabr["stage_overrides"]["cert"]
+    assert (cert["method"], cert["sabr_lambda"], cert["epochs"], cert["lr_schedule"]["milestones"]) == \
+        ("SABR", 0.1, 160, [120, 140])
+    assert sabr["cert_net"]["name"] == "cnn7" and sabr["core_net"]["name"] == "efficientnet_b0"
+    assert sabr["stage_overrides"]["gate"]["method"] is None  # the gate follows the cert-net's method
+    mtl8 = cfgs["cifar10_acenet_mtlibp_8_255"]["stage_overrides"]["cert"]
+    assert (mtl8["alpha"], mtl8["epochs"], mtl8["lr_schedule"]["milestones"]) == (0.5, 260, [180, 220])
+    assert cfgs["cifar10_cnn7_mtlibp_2_255"]["stage_overrides"]["cert"]["attack"]["eps_factor"] == 2.1
+    assert cfgs["cifar10_acenet_mtlibp_2_255"]["eps"] == pytest.approx(2 / 255)
+
+
+def test_lr_milestones_decay_at_the_papers_epochs():
+    from ace_lightning.stages.base import StageModule
+
+    stage = StageModule(nn.Linear(2, 2), {"lr": 1e-3}, {"milestones": [3, 5], "gamma": 0.2, "step_epochs": 1})
+    assert [stage.lr_factor(e) for e in range(7)] == pytest.approx([1, 1, 1, 0.2, 0.2, 0.04, 0.04])

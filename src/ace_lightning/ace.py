@@ -281,7 +281,7 @@ def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
     gate intervals are refined and re-checked; None: thresholds are not known yet (the certify
     stage refines later, certify.refine_records). Full precision throughout (autocast off), so the
     records do not depend on the caller's mixed-precision context."""
-    from ace_lightning.attacks.pgd import pgd
+    from ace_lightning.attacks.pgd import counterexample_found
 
     settings = settings or CertifySettings()
     dtype = DTYPES[settings.dtype]
@@ -305,14 +305,7 @@ def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
         net = model.certs[i]
 
         def refute(idx, net=net):
-            """A counterexample inside the ball: no bound method can certify these."""
-            if settings.refute_steps <= 0:
-                return torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)
-            work = net_in_dtype(net, dtype)
-            x_adv = pgd(work, x[idx], y[idx], eps, steps=settings.refute_steps, step_size=0.25,
-                        random_start=False)  # deterministic: records do not depend on a seed
-            with torch.no_grad():
-                return work(x_adv).argmax(-1) != y[idx]
+            return counterexample_found(net_in_dtype(net, dtype), x[idx], y[idx], eps, settings.refute_steps)
 
         with torch.no_grad():
             cert = margin_ladder(net, x, y, eps, settings.methods, dtype=dtype, refute=refute,

@@ -127,7 +127,16 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
     """Evaluate, compare, and write compare.csv, compare.png and compare.md into ``out_dir``."""
     from ace_lightning.stages.common import read_manifest
 
+    import glob
+
     settings = settings or CertifySettings()
+    expanded: list[str] = []
+    for run in run_dirs:  # patterns (an alpha sweep: runs/fmnist_mtl_a*/eps_0.1) expand in sorted order
+        matches = sorted(glob.glob(str(Path(run).expanduser()))) if any(c in str(run) for c in "*?[") else [run]
+        if not matches:
+            raise FileNotFoundError(f"no run folder matches {run}")
+        expanded += matches
+    run_dirs = expanded
     if not run_dirs:
         raise ValueError("action=compare needs runs=[<run folder>, ...] (folders holding cert/)")
     rows: list[dict[str, Any]] = []

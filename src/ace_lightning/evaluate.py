@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ace_lightning.ace import CertifySettings
-from ace_lightning.attacks.pgd import adversarial_correct, pgd
+from ace_lightning.attacks.pgd import adversarial_correct, counterexample_found
 from ace_lightning.bounds import margin_lower_bounds
 from ace_lightning.bounds.ladder import margin_ladder
 
@@ -42,9 +42,7 @@ def evaluate_net(net: nn.Module, batches: Iterable, eps: float, settings: Option
             nat += int((net(x).argmax(-1) == y).sum())
 
         def refute(idx, x=x, y=y):
-            x_adv = pgd(net, x[idx], y[idx], eps, steps=settings.refute_steps, step_size=0.25, random_start=False)
-            with torch.no_grad():
-                return net(x_adv).argmax(-1) != y[idx]
+            return counterexample_found(net, x[idx], y[idx], eps, settings.refute_steps)
 
         t0 = time.perf_counter()
         with torch.no_grad():

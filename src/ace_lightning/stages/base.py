@@ -54,9 +54,14 @@ class StageModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def lr_factor(self, epoch: int) -> float:
-        """Multiplier of the configured lr in ``epoch``: step decay after lr_decay_start_epoch."""
-        every = int(self.lr_schedule_cfg.get("step_epochs", 0) or 0)
+        """Multiplier of the configured lr in ``epoch``: x gamma at each of ``milestones`` (epochs,
+        as the certified-training papers give them), else step decay every ``step_epochs`` after
+        lr_decay_start_epoch."""
         gamma = float(self.lr_schedule_cfg.get("gamma", 1.0))
+        milestones = self.lr_schedule_cfg.get("milestones")
+        if milestones:
+            return gamma ** sum(epoch >= int(m) for m in milestones)
+        every = int(self.lr_schedule_cfg.get("step_epochs", 0) or 0)
         return step_decay(epoch, self.lr_decay_start_epoch, every, gamma)
 
     # -- the eps/kappa/beta ramp of the certified stages (cert, entropy, gate) ------------------

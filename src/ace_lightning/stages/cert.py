@@ -41,7 +41,7 @@ CLASSIC = ("IBP", "CROWN-IBP")  # bounds over the whole ball; loss fusion and co
 SHI_WARMUP_EPS = 1e-6  # Shi et al.: the regulariser's bounds during the natural warm-up
 # the selection co-training knobs of conf/stage/cert.yaml (CertStage keyword arguments)
 SELECT_OPTIONS = ("select_weight", "select_margin", "select_uncertified_weight", "select_start_epoch",
-                  "select_lr", "select_lr_step_epochs")
+                  "select_lr", "select_lr_step_epochs", "select_negatives")
 # the training methods' knobs (SABR, the expressive losses, Shi et al.)
 METHOD_OPTIONS = ("sabr_lambda", "alpha", "attack", "shi_init", "shi_regularizer", "shi_reg_weight", "shi_tol")
 
@@ -54,16 +54,21 @@ def certified_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 
 
 def selection_margin_loss(lb_margins: torch.Tensor, logits: torch.Tensor, margin: float,
-                          uncertified_weight: float = 1.0) -> torch.Tensor:
+                          uncertified_weight: float = 1.0, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_sel (mean over the batch), from the certified margins M = min_j lb(z_y - z_j) over the ball
     (``lb_margins``: [B, K-1]) and the logits at x: relu(margin - M) / margin where M >= 0 (push the
     certificate's margin up to ``margin``), uncertified_weight * (z_top1 - z_top2)(x) / margin
-    elsewhere (an input that cannot be certified should look uncertain at x, so a selector rejects it)."""
+    elsewhere (an input that cannot be certified should look uncertain at x, so a selector rejects it).
+    With labels ``y`` only misclassified uncertified inputs are pushed (``select_negatives: wrong``):
+    routing a correct one costs no natural accuracy."""
     m_cert = lb_margins.min(dim=1).values
     top2 = logits.topk(2, dim=-1).values
     natural_gap = top2[:, 0] - top2[:, 1]
     certified = (m_cert >= 0).detach()
-    per_input = torch.where(certified, nn.functional.relu(margin - m_cert), uncertified_weight * natural_gap)
+    push = uncertified_weight * natural_gap
+    if y is not None:
+        push = torch.where(logits.argmax(-1) != y, push, torch.zeros_like(push))
+    per_input = torch.where(certified, nn.functional.relu(margin - m_cert), push)
     return per_input.mean() / margin
 
 
@@ -95,6 +100,7 @@ class CertStage(StageModule):
         select_start_epoch: Optional[float] = None,
         select_lr: Optional[float] = None,
         select_lr_step_epochs: int = 3,
+        select_negatives: str = "uncertified",
         sabr_lambda: float = 0.4,
         alpha: float = 0.5,
         attack: Optional[Mapping[str, Any]] = None,
@@ -111,7 +117,8 @@ class CertStage(StageModule):
                                         select_margin=select_margin,
                                         select_uncertified_weight=select_uncertified_weight,
                                         select_start_epoch=select_start_epoch, select_lr=select_lr,
-                                        select_lr_step_epochs=select_lr_step_epochs, sabr_lambda=sabr_lambda,
+                                        select_lr_step_epochs=select_lr_step_epochs,
+                                        select_negatives=select_negatives, sabr_lambda=sabr_lambda,
                                         alpha=alpha, attack=attack, shi_reg_weight=shi_reg_weight,
                                         shi_tol=shi_tol), eps)
         super().__init__(net, optimizer, lr_schedule,
@@ -124,6 +131,7 @@ class CertStage(StageModule):
         self.num_classes = int(net.get_submodule(final_linear_name(net)).out_features)
         self.select_weight, self.select_margin = float(select_weight), float(select_margin)
         self.select_uncertified_weight = float(select_uncertified_weight)
+        self.select_negatives = str(select_negatives)
         self.select_start_epoch = (float(warmup_epochs) + float(ramp_epochs) if select_start_epoch is None
                                    else float(select_start_epoch))
         self.select_lr = None if select_lr is None else float(select_lr)
@@ -182,6 +190,8 @@ class CertStage(StageModule):
                                  "does not compute: use IBP, CROWN-IBP, MTL-IBP, CC-IBP or Exp-IBP")
             if not float(st.get("select_margin", 4.0)) > 0:
                 raise ValueError(f"select_margin must be positive, got {st.get('select_margin')}")
+            if st.get("select_negatives", "uncertified") not in ("uncertified", "wrong"):
+                raise ValueError(f"select_negatives must be uncertified or wrong, got {st.get('select_negatives')!r}")
             if float(st.get("select_uncertified_weight", 1.0)) < 0:
                 raise ValueError(f"select_uncertified_weight must be >= 0, got {st.get('select_uncertified_weight')}")
             if st.get("loss_fusion"):
@@ -239,7 +249,8 @@ class CertStage(StageModule):
             # the classic path: IBP / CROWN-IBP over the whole ball (optionally loss fusion)
             if self.selecting(step):  # one bound pass gives both losses
                 l_cert, robust, logits, lb_d, _ = self.margin_pass(x, y, eps_t, kappa, beta)
-                l_sel = selection_margin_loss(lb_d, logits, self.select_margin, self.select_uncertified_weight)
+                l_sel = selection_margin_loss(lb_d, logits, self.select_margin, self.select_uncertified_weight,
+                                              y if self.select_negatives == "wrong" else None)
                 loss = (1.0 - self.select_weight) * l_cert + self.select_weight * l_sel
                 extra["train/selection_loss"] = l_sel
             else:
@@ -253,7 +264,8 @@ class CertStage(StageModule):
             robust = out.loss
             loss = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
             if self.selecting(step):  # the method's full-ball margins give the selection loss too
-                l_sel = selection_margin_loss(out.ball_lb, logits, self.select_margin, self.select_uncertified_weight)
+                l_sel = selection_margin_loss(out.ball_lb, logits, self.select_margin, self.select_uncertified_weight,
+                                              y if self.select_negatives == "wrong" else None)
                 loss = (1.0 - self.select_weight) * loss + self.select_weight * l_sel
                 extra["train/selection_loss"] = l_sel
             if self.shi_regularizer:

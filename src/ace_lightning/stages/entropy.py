@@ -37,7 +37,7 @@ from ace_lightning.bounds import (
     robust_ce_loss,
 )
 from ace_lightning.bounds.entropy import ROUTES
-from ace_lightning.stages.cert import CertStage
+from ace_lightning.stages.cert import CLASSIC, CertStage
 from ace_lightning.stages.common import l1_penalty, load_weights, require_stage, write_manifest
 from ace_lightning.stages.gate_labels import check_same_data, stage_weights
 from ace_lightning.stages.runner import run_training_stage, to_dict
@@ -117,7 +117,10 @@ def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
                 pre_check: Optional[Callable[[nn.Module, Any], None]] = None) -> dict:
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
-    CertStage.check_config(st, eps)
+    if CertStage.check_config(st, eps) not in CLASSIC:
+        raise ValueError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
+                         f"{st.get('method')}: train the cert stage with it and use entropy selection on it "
+                         f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")
     EntropyStage.check_entropy_config(st["lam"], st["tau"], st["route"])
     run_dir = Path(cfg["run_dir"]).resolve()
     init = bool(st.get("init_from_cert", True))

@@ -74,6 +74,8 @@ from ace_lightning.stages.gate_labels import (
     stage_weights,
     check_same_data,
     label_methods,
+    training_labels,
+    NEGATIVES,
 )
 from ace_lightning.stages.losses import CERT_METHODS, build_loss, check_method_knobs
 from ace_lightning.stages.runner import run_training_stage, to_dict
@@ -453,6 +455,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
     GateStage.check_config({**st, "method": st.get("method") or "IBP"}, eps)
+    if (st.get("negatives") or "uncertified") not in NEGATIVES:
+        raise ValueError(f"stage.negatives must be one of {', '.join(NEGATIVES)}, got {st.get('negatives')!r}")
     run_dir = Path(cfg["run_dir"]).resolve()
     cascade = [str(c) for c in (st.get("cascade") or ["cert"])]
     position = len(cascade) - 1
@@ -512,7 +516,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         dm.setup("fit")
         payload, path, source = obtain_labels(stage_dir, dm, cert_net, cert_sha, eps, label_method, earlier,
                                               _label_device(cfg), progress, labels_file)
-        splits = payload["splits"]
+        splits = {s: {**d, "labels": training_labels(d, st.get("negatives") or "uncertified")}
+                  for s, d in payload["splits"].items()}
         balance = {s: label_balance(d["labels"]) for s, d in splits.items()}
         verb = {"cache": "reused cached", "file": "loaded", "computed": "computed"}[source]
         print(f"[ace] gate labels: {verb} {path.name}: train {balance['train'].describe()}" +

@@ -119,23 +119,27 @@ def _batches(loader: Iterable, desc: str, progress: bool):
 @torch.no_grad()
 def certify_dataset(cert_net: nn.Module, loader: Iterable, eps: float, method: str,
                     device: torch.device | str = "cpu", progress: bool = False,
-                    desc: str = "gate labels") -> torch.Tensor:
+                    desc: str = "gate labels", return_correct: bool = False):
     """cert_ok per input (bool, loader order): all margins z_y - z_j provably positive, by one
-    bound method or a cheap-to-tight ladder (``label_methods``)."""
-    from ace_lightning.attacks.pgd import pgd
+    bound method or a cheap-to-tight ladder (``label_methods``); with ``return_correct`` also
+    whether the cert-net classifies the input correctly at x."""
+    from ace_lightning.attacks.pgd import counterexample_found
 
     methods = label_methods(method).split("+")
-    out = []
+    out, correct = [], []
     with eval_mode(cert_net):
         for batch in _batches(loader, desc, progress):
             x, y = batch[0].to(device), batch[1].to(device)
 
             def refute(idx, x=x, y=y):
-                x_adv = pgd(cert_net, x[idx], y[idx], eps, steps=REFUTE_STEPS, step_size=0.25, random_start=False)
-                return cert_net(x_adv).argmax(-1) != y[idx]
+                return counterexample_found(cert_net, x[idx], y[idx], eps, REFUTE_STEPS)
 
-            out.append(margin_ladder(cert_net, x, y, eps, methods, refute=refute).ok.cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+            cert = margin_ladder(cert_net, x, y, eps, methods, refute=refute)
+            out.append(cert.ok.cpu())
+            correct.append((cert.logits.argmax(-1) == y).cpu())
+    empty = torch.zeros(0, dtype=torch.bool)
+    ok = torch.cat(out) if out else empty
+    return (ok, torch.cat(correct) if correct else empty) if return_correct else ok
 
 
 @torch.no_grad()
@@ -168,7 +172,7 @@ class EarlierGate:
 def compute_labels(cert_net: nn.Module, loaders: Mapping[str, Optional[Iterable]], eps: float, method: str,
                    earlier: Sequence[EarlierGate] = (), device: torch.device | str = "cpu",
                    progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """split -> {"labels": int8, "cert_ok": bool} for every split with a loader."""
+    """split -> {"labels": int8, "cert_ok": bool, "correct": bool} for every split with a loader."""
     cert_net.to(device)
     for g in earlier:
         g.net.to(device)
@@ -176,13 +180,30 @@ def compute_labels(cert_net: nn.Module, loaders: Mapping[str, Optional[Iterable]
     for split, loader in loaders.items():
         if loader is None:
             continue
-        ok = certify_dataset(cert_net, loader, eps, method, device, progress, f"gate labels ({split})")
+        ok, correct = certify_dataset(cert_net, loader, eps, method, device, progress, f"gate labels ({split})",
+                                      return_correct=True)
         taken = None
         if earlier:
             taken = torch.stack([gate_certifiably_fires(g.net, loader, eps, g.method, g.threshold, device,
                                                         progress, f"{g.name} ({split})") for g in earlier])
-        result[split] = {"labels": cascade_labels(ok, taken), "cert_ok": ok}
+        result[split] = {"labels": cascade_labels(ok, taken), "cert_ok": ok, "correct": correct}
     return result
+
+
+NEGATIVES = ("uncertified", "wrong")
+
+
+def training_labels(split: Mapping[str, torch.Tensor], negatives: str = "uncertified") -> torch.Tensor:
+    """The labels a gate learns from. negatives "uncertified" (the paper): 0 for every input the
+    cert-net does not certify; "wrong": 0 only where the cert-net misclassifies x, and the correct
+    but uncertified inputs are left out (EXCLUDED): routing them to the cert-net costs no natural
+    accuracy, so a gate need not spend capacity rejecting them."""
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+    labels = split["labels"].clone()
+    if negatives == "wrong":
+        labels[(labels == 0) & split["correct"].bool()] = EXCLUDED
+    return labels
 
 
 # -- the cache file --------------------------------------------------------------------------------
@@ -205,6 +226,7 @@ def make_payload(labels: Mapping[str, Mapping[str, torch.Tensor]], indices: Mapp
     splits = {}
     for split, d in labels.items():
         splits[split] = {"labels": d["labels"].to(torch.int8).cpu(), "cert_ok": d["cert_ok"].bool().cpu(),
+                         "correct": d["correct"].bool().cpu(),
                          "indices": torch.as_tensor(list(indices[split]), dtype=torch.int64)}
     return {"format": LABELS_FORMAT, "eps": float(eps), "method": label_methods(method),
             "cert_sha256": str(cert_sha256), "after": str(after), "splits": splits}
@@ -243,6 +265,8 @@ def label_problems(payload: Mapping[str, Any], *, eps: float, method: str, cert_
                         f"{label_methods(method)}")
     if str(payload.get("after", "")) != str(after):
         problems.append("they were made for a different cascade position (earlier gates differ)")
+    if any("correct" not in d for d in payload["splits"].values()):
+        problems.append("they predate the cert-net's correctness per input (needed by negatives: wrong)")
     for split, idx in (indices or {}).items():
         stored = payload["splits"].get(split)
         if stored is None:
