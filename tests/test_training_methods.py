@@ -134,9 +134,11 @@ def test_shi_regularizer_values_and_gradient():
     wide = torch.full((8, 32), 1.0)
     tight2, _ = shi_regularizer([(centre - wide, centre + wide)], half, nn.Identity(), tol=0.5)
     assert tight2.item() == pytest.approx((0.5 - 0.01 / 1.0) / 0.5)
-    all_active = torch.rand(8, 32, generator=gen) + 1
+    all_active = (torch.rand(8, 32, generator=gen) + 1).requires_grad_()
     _, relu_active = shi_regularizer([(all_active - 0.1, all_active + 0.1)], half, nn.Identity())
-    assert torch.isfinite(relu_active)  # nothing inactive: the undefined ratio is skipped, not NaN
+    assert relu_active.item() == 0.0  # nothing inactive: the undefined ratio is skipped, not NaN
+    relu_active.backward()  # and sends no NaN gradient back (a CNN7 smoke run once trained to NaN)
+    assert torch.isfinite(all_active.grad).all()
     (tight2 + relu).backward()
     assert centre.grad is not None and torch.isfinite(centre.grad).all()
 
@@ -259,3 +261,14 @@ def test_lr_milestones_decay_at_the_papers_epochs():
 
     stage = StageModule(nn.Linear(2, 2), {"lr": 1e-3}, {"milestones": [3, 5], "gamma": 0.2, "step_epochs": 1})
     assert [stage.lr_factor(e) for e in range(7)] == pytest.approx([1, 1, 1, 0.2, 0.2, 0.04, 0.04])
+
+
+def test_a_diverged_stage_stops_with_one_line_before_exporting():
+    from ace_lightning.stages.base import StageModule
+
+    module = StageModule(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), {"name": "adam", "lr": 1e-3}, {})
+    module.check_finite()  # finite: nothing to say
+    with torch.no_grad():
+        module.net[1].running_var[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf.*1.running_var"):
+        module.check_finite()

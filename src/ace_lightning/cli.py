@@ -23,7 +23,7 @@ import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from ace_lightning.train import CONF_DIR, USER_ERRORS, fail
+from ace_lightning.train import CONF_DIR, USER_ERRORS, fail, fail_on
 
 SPLITS = ("val", "test")
 PLOT_COLUMNS = ("threshold", "nat_acc", "cert_acc", "cert_route_rate")
@@ -269,8 +269,7 @@ def main(cfg: DictConfig) -> None:
                              f"action=plot or action=compare")
         actions[cfg.action](cfg)
     except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(msg.strip("'\""))
+        fail_on(err)
 
 
 if __name__ == "__main__":

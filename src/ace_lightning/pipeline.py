@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from ace_lightning.stages import run_stage
 from ace_lightning.stages.common import atomic_write_text
-from ace_lightning.train import CONF_DIR
+from ace_lightning.train import CONF_DIR, error_line
 
 # (experiment, stages, the paper's numbers to print beside ours)
 REPRODUCE = [
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = reproduce(args.smoke, args.runs_root, args.only, args.overrides)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     table = format_rows(rows)
     print(table)

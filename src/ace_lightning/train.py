@@ -22,6 +22,18 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of a user error's message (ACE_TRACEBACK=1: re-raise it, for debugging)."""
+    if os.environ.get("ACE_TRACEBACK"):
+        raise err
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return msg.strip("'\"")
+
+
+def fail_on(err: BaseException) -> None:
+    fail(error_line(err))
+
+
 def ddp_job_in_multirun(cfg: DictConfig) -> bool:
     """Lightning's ``ddp`` starts the other ranks by re-running the command line; inside a Hydra
     multirun that would be the whole sweep again. Such jobs run as a single-run subprocess."""
@@ -58,8 +70,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run_stage(cfg)
     except USER_ERRORS as err:  # one line for the user; tracebacks are for bugs
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(msg.strip("'\""))
+        fail_on(err)
 
 
 if __name__ == "__main__":

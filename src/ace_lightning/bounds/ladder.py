@@ -53,19 +53,15 @@ class Budget:
         self.seconds = seconds
         self.spent = torch.zeros(n, dtype=torch.float64, device=device)
 
-    def affordable(self, idx: torch.Tensor, key) -> tuple[torch.Tensor, bool]:
-        """(inputs that can afford the method, whether its cost is still unknown)."""
+    def affordable(self, idx: torch.Tensor, key) -> torch.Tensor:
+        """The inputs that can afford the method (its cost per input measured before)."""
         if self.seconds is None:
-            return idx, False
-        cost = _COSTS.get(key)
-        if cost is None:
-            return idx, True
-        return idx[self.spent[idx] + cost <= self.seconds], False
+            return idx
+        return idx[self.spent[idx] + _COSTS[key] <= self.seconds]
 
     def charge(self, idx: torch.Tensor, key, seconds: float) -> None:
         per = seconds / max(1, idx.numel())
-        old = _COSTS.get(key)
-        _COSTS[key] = per if old is None else 0.5 * (old + per)
+        _COSTS[key] = 0.5 * (_COSTS[key] + per)
         self.spent[idx] += per
 
 
@@ -73,24 +69,22 @@ _COSTS: dict = {}  # (net id, method, device, input shape) -> seconds per input,
 
 
 def _timed(fn, idx, budget: Budget, key):
-    """Run fn(idx) (a bound over those inputs) charging its time; probe one input first when the
-    method's cost is unknown. Returns (indices actually run, result per run index)."""
-    idx, unknown = budget.affordable(idx, key)
-    results = []
-    ran = []
-    for j, part in enumerate([idx[:1], idx[1:]] if unknown else [idx]):
-        if j == 1:  # the probe measured the cost: the rest only where it fits
-            part, _ = budget.affordable(part, key)
-        if part.numel() == 0:
-            continue
+    """Run fn(idx) (a bound over those inputs) on the inputs whose budget affords it, charging its
+    time. A method's cost is unknown the first time: it is measured on one input, and that probe's
+    result is dropped, so that the bounds never depend on which calls came before (batch shapes
+    change floating-point rounding). Returns (indices run, result per run index) or (empty, None)."""
+    if budget.seconds is not None and key not in _COSTS and idx.numel():
         t0 = time.perf_counter()
-        results.append(fn(part))
-        budget.charge(part, key, time.perf_counter() - t0)
-        ran.append(part)
-    if not ran:
-        return idx[:0], None
-    return torch.cat(ran), (torch.cat(results) if torch.is_tensor(results[0]) else
-                            tuple(torch.cat(r) for r in zip(*results)))
+        fn(idx[:1])
+        _COSTS[key] = time.perf_counter() - t0
+    idx = budget.affordable(idx, key)
+    if idx.numel() == 0:
+        return idx, None
+    t0 = time.perf_counter()
+    result = fn(idx)
+    if budget.seconds is not None:
+        budget.charge(idx, key, time.perf_counter() - t0)
+    return idx, result
 
 
 @dataclass

@@ -105,6 +105,20 @@ class StageModule(L.LightningModule):
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in (
                 "nat_acc", "cert_acc"), metric_attribute=f"metrics.{split}_{name}")
 
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """A diverged run stops with one clear line instead of certifying (and exporting) NaN weights."""
+        state = self.net.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"the weights became NaN/inf by epoch {self.current_epoch} ({len(bad)} tensors, "
+                             f"e.g. {bad[0]}): training diverged; lower optimizer.lr or set grad_clip")
+
     def _eval_context(self):
         return full_precision() if self.precise_eval else contextlib.nullcontext()
 

@@ -335,8 +335,9 @@ class GateStage(StageModule):
         x, _, label = batch
         if self.constant_output is not None:
             # an empty label class: the gate is a constant, nothing to learn. A zero loss (not None:
-            # DDP cannot skip a step) at learning rate 0 leaves the weights unchanged.
-            return 0.0 * self.net(x[:1]).sum()
+            # DDP cannot skip a step) at learning rate 0 leaves the weights unchanged; no forward pass,
+            # so BatchNorm statistics stay as they are.
+            return 0.0 * sum(p.sum() for p in self.net.parameters())
         keep = label >= 0
         if not bool(keep.all()):  # inputs taken by earlier cascade pairs (normally dropped already)
             x, label = x[keep], label[keep]

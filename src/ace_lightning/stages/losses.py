@@ -241,12 +241,17 @@ def shi_regularizer(relu_bounds: Sequence[tuple[torch.Tensor, torch.Tensor]], in
         centre, half = (upper + lower) / 2, (upper - lower) / 2
         tight = tight + nn.functional.relu(tol - t0 / half.mean().clamp(min=1e-12)) / tol
         active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
-        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
         delta = (centre - centre.mean()) ** 2
-        var_ratio = (delta * active).sum() / (delta * inactive).sum()
+        mean_den, var_den = -(centre * inactive).mean(), (delta * inactive).sum()
+        # a layer without inactive units has no ratio: its term is dropped (Shi et al. skip it). The
+        # denominators are made safe before dividing: a masked inf still sends NaN gradients back.
+        defined = (mean_den > 0) & (var_den > 0)
+        one = torch.ones_like(mean_den)
+        mean_ratio = (centre * active).mean() / torch.where(defined, mean_den, one)
+        var_ratio = (delta * active).sum() / torch.where(defined, var_den, one)
         mean_ratio = torch.minimum(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
         var_ratio = torch.minimum(var_ratio, 1 / var_ratio.clamp(min=1e-12))
         term = (nn.functional.relu(tol - mean_ratio) + nn.functional.relu(tol - var_ratio)) / tol
-        relu = relu + torch.where(torch.isfinite(term), term, torch.zeros_like(term))  # no host sync
+        relu = relu + torch.where(defined, term, torch.zeros_like(term))  # no host sync
     n = max(1, len(relu_bounds))
     return tight / n, relu / n
