@@ -53,6 +53,10 @@ def runs(tmp_path_factory):
     run_stage(compose_cfg(root, ibp + ["stage=gate", "stage.epochs=2", "stage.ramp_epochs=1"]))
     run_stage(compose_cfg(root, ibp + ["stage=certify", "stage.attack.steps=2", "stage.methods=[IBP,CROWN-IBP]",
                                        "stage.refine_methods=[]"]))
+    # a second composition of the same cert-net: entropy selection on cert/ (certify_entropy_cert/)
+    run_stage(compose_cfg(root, ibp + ["stage=certify", "stage.attack.steps=2", "stage.methods=[IBP,CROWN-IBP]",
+                                       "stage.refine_methods=[]", "stage.selection=entropy",
+                                       "stage.entropy_stage=cert"]))
     run_stage(compose_cfg(root, base + ["run_name=mtl/eps_0.05"] + cert + ["stage.method=MTL-IBP", "stage.alpha=0.2"]))
     return root
 
@@ -70,7 +74,9 @@ def test_compare_writes_plot_table_and_sentence(runs, tmp_path):
     with open(out / "compare.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     kinds = [r["kind"] for r in rows]
-    assert kinds.count("cert-net") == 2 and kinds.count("core") == 1 and kinds.count("ace") >= 1
+    assert kinds.count("cert-net") == 2 and kinds.count("core") == 1 and kinds.count("ace") >= 2
+    ace_names = {r["name"].split(" [")[1] for r in rows if r["kind"] == "ace"}
+    assert ace_names == {"ibp/eps_0.05]", "ibp/eps_0.05, entropy_cert]"}  # both compositions of the folder
     assert {r["method"] for r in rows if r["kind"] == "cert-net"} == {"IBP", "MTL-IBP"}
     assert all(0 <= float(r["cert_acc"]) <= float(r["nat_acc"]) <= 1 for r in rows)
     assert (out / "compare.png").stat().st_size > 1000

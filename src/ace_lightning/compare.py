@@ -45,6 +45,13 @@ def _label(info: dict, run: str) -> str:
     return f"{info['method']}{knob} [{run}]"
 
 
+def certified_folders(run_dir: Path) -> list[Path]:
+    """The certify stage folders of a run folder that hold a test sweep (certify/ first)."""
+    found = [p for p in sorted(run_dir.glob("certify*")) if (p / "sweep_test.csv").is_file()
+             and (p / "operating_points.json").is_file()]
+    return sorted(found, key=lambda p: (p.name != "certify", p.name))
+
+
 def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: Optional[str] = None,
                         attack_steps: int = 40, batch_size: int = 256, progress: bool = False) -> dict:
     """The cert-net of ``run_dir/cert`` on its test split (evaluate.evaluate_net), cached in
@@ -122,7 +129,7 @@ def dominance(curve: Sequence[dict], front) -> list[dict[str, float]]:
 
 
 def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[CertifySettings] = None, *,
-                 certify_folder: str = "certify", data_dir: Optional[str] = None, attack_steps: int = 40,
+                 data_dir: Optional[str] = None, attack_steps: int = 40,
                  progress: bool = False) -> dict[str, Any]:
     """Evaluate, compare, and write compare.csv, compare.png and compare.md into ``out_dir``."""
     from ace_lightning.stages.common import read_manifest
@@ -152,25 +159,29 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
         ev = evaluate_cert_stage(run_dir, settings, data_dir=data_dir, attack_steps=attack_steps, progress=progress)
         rows.append({"run": name, "kind": "cert-net", "name": _label(info, name), **info, "eps": ev["eps"],
                      "threshold": "", "nat_acc": ev["nat_acc"], "cert_acc": ev["cert_acc"], "adv_acc": ev["adv_acc"]})
-        certify = run_dir / certify_folder
-        sweep = certify / "sweep_test.csv"
-        if sweep.is_file() and (certify / "operating_points.json").is_file():
+        core_done = False
+        for certify in certified_folders(run_dir):
+            # a run folder may hold several compositions of its cert-net: certify/ (gate),
+            # certify_entropy/, certify_entropy_cert/ (entropy selection)
+            tag = name if certify.name == "certify" else f"{name}, {certify.name.removeprefix('certify_')}"
+            sweep = certify / "sweep_test.csv"
             points = json.loads((certify / "operating_points.json").read_text())
             used = ((read_manifest(certify) or {}).get("certification") or {}).get("methods")
             if used and list(used) != list(settings.methods):
-                notes.append(f"{name}: the composition was certified with {'+'.join(used)}, the single "
+                notes.append(f"{tag}: the composition was certified with {'+'.join(used)}, the single "
                              f"networks with {'+'.join(settings.methods)}")
             for ref in points.get("reference_points", []):
-                if ref["key"] == "core_alone" and "test" in ref:
+                if ref["key"] == "core_alone" and "test" in ref and not core_done:
+                    core_done = True
                     rows.append({"run": name, "kind": "core", "name": f"core [{name}]", "method": "core",
                                  "eps": ev["eps"], "threshold": "", "nat_acc": ref["test"]["nat_acc"],
                                  "cert_acc": ref["test"]["cert_acc"], "adv_acc": ref["test"].get("adv_acc", "")})
             ops = [p for p in points.get("operating_points", []) if "test" in p]
             for p in ops:
-                rows.append({"run": name, "kind": "ace", "name": f"ACE {p['name']} [{name}]", **info,
+                rows.append({"run": name, "kind": "ace", "name": f"ACE {p['name']} [{tag}]", **info,
                              "eps": ev["eps"], "threshold": p["threshold"], "nat_acc": p["test"]["nat_acc"],
                              "cert_acc": p["test"]["cert_acc"], "adv_acc": p["test"].get("adv_acc", "")})
-            curves.append((f"ACE {_label(info, name)}", _read_curve(sweep), ops))
+            curves.append((f"ACE {_label(info, tag)}", _read_curve(sweep), ops))
     singles = [r for r in rows if r["kind"] in ("cert-net", "core")]
     front = single_front(singles)
     summary_lines = []
