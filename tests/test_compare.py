@@ -82,6 +82,8 @@ def test_compare_writes_plot_table_and_sentence(runs, tmp_path):
     assert (out / "compare.png").stat().st_size > 1000
     md = (out / "compare.md").read_text()
     assert "ACE" in md and ("dominates" in md or "never certified more often" in md)
+    if any(float(r["cert_acc"]) > 0 for r in rows if r["kind"] == "cert-net"):
+        assert "The most accurate certified single network" in md
     # the single networks' evaluations are cached beside their weights, keyed by the settings
     cache = json.loads((runs / "mtl" / "eps_0.05" / "cert" / "evaluation_test.json").read_text())
     assert cache["key"]["settings"]["methods"] == ["IBP", "CROWN-IBP"]

@@ -148,13 +148,18 @@ def plot_pareto(path: str, rows_test: Sequence[Mapping[str, float]] | None,
                 label=f"{p['name']} (T={_fmt_threshold(p['threshold'])})")
         ax.annotate(f"T={_fmt_threshold(p['threshold'])}", (100 * p["nat_acc"], 100 * p["cert_acc"]),
                     textcoords="offset points", xytext=offsets[j % len(offsets)], fontsize=8)
+    return save_pareto_axes(fig, ax, "ACE: natural vs certified accuracy over the gate threshold T", path)
+
+
+def save_pareto_axes(fig, ax, title: str, path) -> str:
+    """Label a natural-vs-certified accuracy plot and write it atomically as PNG."""
     ax.set_xlabel("natural accuracy (%)")
     ax.set_ylabel("certified accuracy (%)")
-    ax.set_title("ACE: natural vs certified accuracy over the gate threshold T")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
+    return atomic_write(str(path), lambda tmp: fig.savefig(tmp, format="png", dpi=PLOT_DPI))
 
 
 def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records, Mapping[str, Any]],
