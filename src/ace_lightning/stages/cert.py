@@ -206,6 +206,11 @@ class CertStage(StageModule):
                 raise ValueError(f"select_lr must be positive (or null: keep the stage's lr schedule), got {st['select_lr']}")
         return method
 
+    def selection_loss(self, lb_margins: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L_sel with this stage's knobs (select_negatives: wrong passes the labels)."""
+        return selection_margin_loss(lb_margins, logits, self.select_margin, self.select_uncertified_weight,
+                                     y if self.select_negatives == "wrong" else None)
+
     def selecting(self, step: int) -> bool:
         """Selection co-training runs from select_start_epoch (default: the end of the eps ramp)."""
         if self.select_weight <= 0:
@@ -249,8 +254,7 @@ class CertStage(StageModule):
             # the classic path: IBP / CROWN-IBP over the whole ball (optionally loss fusion)
             if self.selecting(step):  # one bound pass gives both losses
                 l_cert, robust, logits, lb_d, _ = self.margin_pass(x, y, eps_t, kappa, beta)
-                l_sel = selection_margin_loss(lb_d, logits, self.select_margin, self.select_uncertified_weight,
-                                              y if self.select_negatives == "wrong" else None)
+                l_sel = self.selection_loss(lb_d, logits, y)
                 loss = (1.0 - self.select_weight) * l_cert + self.select_weight * l_sel
                 extra["train/selection_loss"] = l_sel
             else:
@@ -264,8 +268,7 @@ class CertStage(StageModule):
             robust = out.loss
             loss = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
             if self.selecting(step):  # the method's full-ball margins give the selection loss too
-                l_sel = selection_margin_loss(out.ball_lb, logits, self.select_margin, self.select_uncertified_weight,
-                                              y if self.select_negatives == "wrong" else None)
+                l_sel = self.selection_loss(out.ball_lb, logits, y)
                 loss = (1.0 - self.select_weight) * loss + self.select_weight * l_sel
                 extra["train/selection_loss"] = l_sel
             if self.shi_regularizer:

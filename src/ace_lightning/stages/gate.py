@@ -75,7 +75,7 @@ from ace_lightning.stages.gate_labels import (
     check_same_data,
     label_methods,
     training_labels,
-    NEGATIVES,
+    check_negatives,
 )
 from ace_lightning.stages.losses import CERT_METHODS, build_loss, check_method_knobs
 from ace_lightning.stages.runner import run_training_stage, to_dict
@@ -456,8 +456,7 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
     GateStage.check_config({**st, "method": st.get("method") or "IBP"}, eps)
-    if (st.get("negatives") or "uncertified") not in NEGATIVES:
-        raise ValueError(f"stage.negatives must be one of {', '.join(NEGATIVES)}, got {st.get('negatives')!r}")
+    negatives = check_negatives(st.get("negatives"))  # before any label is computed
     run_dir = Path(cfg["run_dir"]).resolve()
     cascade = [str(c) for c in (st.get("cascade") or ["cert"])]
     position = len(cascade) - 1
@@ -517,7 +516,7 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         dm.setup("fit")
         payload, path, source = obtain_labels(stage_dir, dm, cert_net, cert_sha, eps, label_method, earlier,
                                               _label_device(cfg), progress, labels_file)
-        splits = {s: {**d, "labels": training_labels(d, st.get("negatives") or "uncertified")}
+        splits = {s: {**d, "labels": training_labels(d, negatives)}
                   for s, d in payload["splits"].items()}
         balance = {s: label_balance(d["labels"]) for s, d in splits.items()}
         verb = {"cache": "reused cached", "file": "loaded", "computed": "computed"}[source]

@@ -193,13 +193,20 @@ def compute_labels(cert_net: nn.Module, loaders: Mapping[str, Optional[Iterable]
 NEGATIVES = ("uncertified", "wrong")
 
 
+def check_negatives(negatives: Optional[str]) -> str:
+    """The ``negatives`` option (null: uncertified), or a one-line error."""
+    negatives = negatives or "uncertified"
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+    return negatives
+
+
 def training_labels(split: Mapping[str, torch.Tensor], negatives: str = "uncertified") -> torch.Tensor:
     """The labels a gate learns from. negatives "uncertified" (the paper): 0 for every input the
     cert-net does not certify; "wrong": 0 only where the cert-net misclassifies x, and the correct
     but uncertified inputs are left out (EXCLUDED): routing them to the cert-net costs no natural
     accuracy, so a gate need not spend capacity rejecting them."""
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+    negatives = check_negatives(negatives)
     labels = split["labels"].clone()
     if negatives == "wrong":
         labels[(labels == 0) & split["correct"].bool()] = EXCLUDED
