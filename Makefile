@@ -47,10 +47,11 @@ test-all: install
 bench: install
 	$(PY) benchmarks/run.py
 
-# The whole pipeline in one Hydra multirun: core, cert-net, gate, certification + sweep + attack.
+# The whole pipeline as one job: core, cert-net, gate, certification + sweep + attack; the certify
+# stage prints the table once (runs/summary.md collects every certified run).
 demo: install
-	$(PY) -m ace_lightning.train -m experiment=demo_fmnist stage=core,cert,gate,certify $(ARGS)
-	@$(PY) -m ace_lightning.summary runs/demo_fmnist/eps_0.1
+	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist $(ARGS)
+	@$(PY) -m ace_lightning.summary --no-table runs/demo_fmnist/eps_0.1
 
 reproduce-cifar: install
 	$(PY) -m ace_lightning.pipeline $(if $(filter 1,$(SMOKE)),--smoke --runs-root runs/smoke,) $(ARGS)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ace_lightning.ace import ACEModel, model_from_run
+from ace_lightning.ace import ACEModel
+from ace_lightning.rundir import model_from_run
 from ace_lightning.ace import CertifySettings, certify_batch
 from ace_lightning.sweep import Records, sweep_cost
 from timing import time_fn

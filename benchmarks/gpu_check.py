@@ -68,8 +68,8 @@ def run_inprocess(overrides: list[str]) -> tuple[bool, float, str, dict]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ace_lightning.stages import run_stage
-    from ace_lightning.train import CONF_DIR
+    from ace_lightning.registry import run_stage
+    from ace_lightning.config import CONF_DIR
 
     t0 = time.perf_counter()
     try:

@@ -6,12 +6,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from ace_lightning.train import CONF_DIR
+from ace_lightning.config import CONF_DIR
 
-TINY = [
-    "data=synthetic", "data.subset=96", "data.val_size=64", "data.batch_size=32", "data.num_workers=0",
-    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-]
+TINY = ["debug=tiny"]  # conf/debug/tiny.yaml: synthetic data, 96 training images, CPU, no progress bars
 
 
 def compose_cfg(run_root: Path, overrides: list[str], config_name: str = "train") -> DictConfig:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from ace_lightning.compare import dominance, single_front
-from ace_lightning.stages import run_stage
+from ace_lightning.registry import run_stage
 from stage_utils import compose_cfg
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")

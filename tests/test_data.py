@@ -25,7 +25,7 @@ from ace_lightning.data.tinyimagenet import ImageNet200, TinyImageNet
 from ace_lightning.data.wnids import TINYIMAGENET_WNIDS
 
 FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+CONF = os.path.join(os.path.dirname(__file__), "..", "src", "ace_lightning", "conf")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -36,16 +36,49 @@ def _one_line(exc: BaseException) -> str:
 
 # --- registry ------------------------------------------------------------------------------
 
-def test_registry_names_and_facts():
-    assert set(DATASETS) == {"cifar10", "fashion_mnist", "mnist", "tinyimagenet", "imagenet200", "synthetic"}
-    facts = {n: (i.input_shape, i.num_classes) for n, i in DATASETS.items()}
-    assert facts["cifar10"] == ((3, 32, 32), 10)
-    assert facts["fashion_mnist"] == ((1, 28, 28), 10)
-    assert facts["tinyimagenet"] == ((3, 56, 56), 200)
-    assert facts["imagenet200"] == ((3, 224, 224), 200)
-    for info in DATASETS.values():
-        assert len(info.mean) == len(info.std) == info.input_shape[0]
-    assert get_dataset_info("cifar10").mean == (0.4914, 0.4822, 0.4465)
+def _tiny_files(name: str, root) -> None:
+    """A few images in the dataset's real on-disk format (the writers are further down)."""
+    if name in ("fashion_mnist", "mnist"):
+        _write_fmnist(root)  # the same IDX files for both
+    elif name == "cifar10":
+        _write_cifar(str(root), per_batch=2, n_test=4)
+    elif name == "tinyimagenet":
+        _write_tinyimagenet(str(root), wnids=TINYIMAGENET_WNIDS, per_class=1)
+    elif name == "imagenet200":
+        for split in ("train", "val"):
+            for i, w in enumerate(TINYIMAGENET_WNIDS):
+                _jpeg(str(root / split / w / f"{w}.JPEG"), 8, i)
+    elif name != "synthetic":  # generated in memory
+        pytest.fail(f"dataset '{name}' is registered but this test cannot write its files: add a writer")
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_registry_facts_are_what_the_loader_and_transforms_produce(name, tmp_path):
+    """The registry's static facts (input shape after the crops, class count, one mean/std per
+    channel) are what the nets are built from, so they must match the batches that the
+    datamodule really yields from files in the dataset's format, train (augmented) and test."""
+    info = get_dataset_info(name)
+    assert info.name == name
+    _tiny_files(name, tmp_path)
+    dm = ACEDataModule(name, data_dir=str(tmp_path), download=False, val_size=2, batch_size=4)
+    dm.setup()
+    assert dm.info == info  # no dataset_kwargs: the registry entry itself
+    assert len(dm.train_set.dataset.classes) == info.num_classes
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert tuple(x.shape[1:]) == info.input_shape
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1  # eps is in pixel space
+        assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < info.num_classes
+        assert len(info.mean) == len(info.std) == x.shape[1]  # the nets' Normalize: one per channel
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST_SYSTEM_DIR),
+                    reason="real Fashion-MNIST needs the Debian package: apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_mean_and_std_are_the_training_set_statistics(tmp_path):
+    info = get_dataset_info("fashion_mnist")
+    pixels = FashionMNIST(str(tmp_path), train=True).data.double().div_(255)  # empty data_dir -> system folder
+    assert pixels.mean().item() == pytest.approx(info.mean[0], abs=5e-4)
+    assert pixels.std().item() == pytest.approx(info.std[0], abs=5e-4)
 
 
 def test_unknown_dataset_names_the_known_ones():

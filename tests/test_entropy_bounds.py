@@ -1,4 +1,4 @@
-"""Entropy-selection bounds (ace-method.md section 5): soundness of every route against points of the
+"""Entropy-selection bounds (docs/METHOD.md section 5): soundness of every route against points of the
 ball (uniform, vertices, PGD on each logit, PGD maximising and minimising the entropy itself), the
 closed form of the margin route (a maximum, attained, decreasing, inverted by the threshold), the
 interval helpers on random boxes, the tightness of the routes on an IBP-trained net (run with -s to

@@ -15,9 +15,9 @@ from torch import nn
 from ace_lightning.bounds import output_bounds
 from ace_lightning.data import get_dataset_info
 from ace_lightning.nets import build_net, final_linear_name
-from ace_lightning.stages import STAGES, run_stage
+from ace_lightning.registry import run_stage
 from ace_lightning.stages import gate_labels
-from ace_lightning.stages.common import StageInputError
+from ace_lightning.errors import StageInputError
 from ace_lightning.stages.gate import (
     GateStage,
     balanced_pos_weight,
@@ -350,8 +350,19 @@ def test_entropy_stage_fine_tunes_the_cert_net_and_writes_its_manifest(runs):
         run_stage(compose_cfg(runs, BASE + ["stage=entropy", "stage.lam=1.5"]))
 
 
-def test_stages_are_registered():
-    assert {"gate", "entropy"} <= set(STAGES)
+@pytest.mark.parametrize("stage", ["gate", "entropy"])
+def test_run_stage_reaches_the_selection_stage_named_by_its_config(stage, tmp_path):
+    """A stage is conf/stage/<name>.yaml plus one registry entry: `stage=<name>` composed from the
+    real configs and given to run_stage reaches that stage, whose input check names it (nothing
+    is trained: the runs folder has no cert stage). A name without an entry is refused."""
+    cfg = compose_cfg(tmp_path, BASE + [f"stage={stage}"])
+    assert cfg.stage.name == stage
+    with pytest.raises(StageInputError, match=f"^stage '{stage}' needs stage 'cert' in "):
+        run_stage(cfg)
+    assert not (tmp_path / "run" / stage).exists()  # refused before anything is written
+    cfg.stage.name = f"{stage}_typo"
+    with pytest.raises(ValueError, match=f"unknown stage '{stage}_typo'; known: .*\\b{stage}\\b"):
+        run_stage(cfg)
 
 
 def test_negatives_wrong_leaves_correct_uncertified_inputs_out():

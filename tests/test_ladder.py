@@ -251,7 +251,7 @@ def test_certify_settings_from_config_keeps_defaults_for_null():
                                              ("stage.methods=[IBP,PGD]", "unknown bound method 'PGD'"),
                                              ("stage.dtype=bfloat16", "dtype must be one of")])
 def test_certify_stage_refuses_bad_settings_before_reading_anything(tmp_path, override, match):
-    from ace_lightning.stages import run_stage
+    from ace_lightning.registry import run_stage
     from stage_utils import compose_cfg
 
     with pytest.raises(ValueError, match=match) as err:

@@ -25,7 +25,7 @@ from ace_lightning.nets import (
 from ace_lightning.nets import core as core_mod
 from ace_lightning.nets.cert import WideBlock
 
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+CONF = os.path.join(os.path.dirname(__file__), "..", "src", "ace_lightning", "conf")
 SHAPES = [(3, 32, 32), (1, 28, 28), (3, 64, 64)]
 # The full-width WRN (160/320/640 channels) is slow on one CPU thread; its width is checked below.
 SMALL_KW = {"wrn": {"widen_factor": 1}}

@@ -51,20 +51,21 @@ def test_multirun_chains_the_stages_and_sweeps_eps(tmp_path):
 
 
 def test_every_stage_under_ddp_with_two_gloo_processes(tmp_path):
-    """trainer=ddp_cpu (2 ranks, gloo) for core, cert, gate and certify in one multirun. Real `ddp`
-    re-executes the command line, so this runs in a subprocess; each multirun job runs as its own
-    single run (else the ranks' re-executed command would be the whole sweep again)."""
+    """trainer=ddp_cpu (2 ranks, gloo) for core, cert, gate and certify in one pipeline job. Real
+    `ddp` re-executes the command line, so this runs in a subprocess: both ranks run the pipeline
+    in step; rank 0 writes every file, and the gate labels are certified once, not per rank."""
     tiny = [t for t in TINY if not t.startswith("eps=")] + ["eps=0.005", "trainer=ddp_cpu"]
-    res = _train(["-m", "stage=core,cert,gate,certify", *tiny], tmp_path)
+    res = _train(["stage=pipeline", *tiny], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert out.count("Starting with 2 processes") >= 4 * 2  # every stage, both ranks
+    assert out.count("Starting with 2 processes") >= 1
+    assert out.count("gate labels: certifying") == 1  # prepare_data on rank 0 only
     run = tmp_path / "synthetic" / "eps_0.005"
     for stage in ("core", "cert", "gate"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete", stage
         assert sorted(p.name for p in (run / stage / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-        assert out.count(f"[ace] stage '{stage}' complete") == 1  # one rank writes
+        assert out.count(f"stage '{stage}' complete") == 1  # one rank writes, the console is rank zero
     gate = json.loads((run / "gate" / "manifest.json").read_text())
     assert gate["gate_status"] == "trained", gate["labels"]
     records = (run / "certify" / "records.csv").read_text().splitlines()
@@ -81,30 +82,63 @@ def test_a_missing_stage_is_named_in_a_one_line_error(tmp_path):
     assert last.startswith("error:") and "needs stage 'cert'" in last
 
 
+def _stop_at_first_complete_checkpoint(proc: subprocess.Popen, ckpt: Path, log: Path, timeout: float = 300) -> dict:
+    """Poll until ``ckpt`` exists, freeze the run (SIGSTOP) so nothing changes while the file is
+    read, and return the checkpoint once it loads; a file caught half-written lets the run go on."""
+    import torch
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before writing {ckpt.name}: "
+                        f"{log.read_text()[-3000:]}")
+        if ckpt.is_file():
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                return torch.load(ckpt, map_location="cpu", weights_only=False)
+            except Exception:  # not complete yet
+                os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    pytest.fail(f"no {ckpt.name} after {timeout} s: {log.read_text()[-3000:]}")
+
+
 def test_sigkill_mid_epoch_then_rerun_resumes_and_finishes(tmp_path):
-    args = ["stage=cert", *TINY, "data.subset=256", "data.batch_size=8", "+stage_overrides.cert.epochs=3",
-            "+stage_overrides.cert.checkpoint_every_n_steps=2"]
+    """SIGKILL right after the first mid-epoch last.ckpt (checkpoint_every_n_steps), then the
+    same command again: it resumes from that checkpoint's step instead of starting over."""
+    import csv
+
+    subset, batch, epochs = 256, 8, 3
+    args = ["stage=cert", *TINY, f"data.subset={subset}", f"data.batch_size={batch}",
+            f"+stage_overrides.cert.epochs={epochs}", "+stage_overrides.cert.checkpoint_every_n_steps=2"]
     args = [a for a in args if a not in ("+stage_overrides.cert.epochs=1",)]
     cmd = [sys.executable, "-m", "ace_lightning.train", *args, f"runs_root={tmp_path}"]
     stage_dir = tmp_path / "synthetic" / "eps_0.03" / "cert"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file() and last.stat().st_size > 0:
-            time.sleep(0.5)
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed: make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    total_steps = epochs * subset // batch
+    log = tmp_path / "killed_run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        ckpt = _stop_at_first_complete_checkpoint(proc, stage_dir / "checkpoints" / "last.ckpt", log)
+    finally:
+        proc.kill()  # SIGKILL, also when stopped
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(ckpt["global_step"])
+    assert 0 < killed_at < total_steps and killed_at % (subset // batch), f"not mid-epoch: step {killed_at}"
     assert not (stage_dir / "manifest.json").exists()
     assert not list(stage_dir.glob("**/*.tmp"))  # nothing half-written left behind
+    metrics = stage_dir / "metrics.csv"
+    rows_before = len(list(csv.DictReader(metrics.open(newline="")))) if metrics.exists() else 0
+
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming stage 'cert'" in res.stdout + res.stderr
     manifest = json.loads((stage_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["epochs_trained"] == 3
+    assert manifest["status"] == "complete" and manifest["epochs_trained"] == epochs
+    assert manifest["global_step"] == total_steps
+    # the rerun trained exactly the steps after the checkpoint (the CSV log appends across runs)
+    rows = list(csv.DictReader(metrics.open(newline="")))[rows_before:]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(killed_at, total_steps))
 
 
 def test_wandb_offline_run_has_the_logged_keys(tmp_path):

@@ -1,4 +1,4 @@
-"""Bounds are computed in full precision whatever the caller's context (ace-method.md section 12):
+"""Bounds are computed in full precision whatever the caller's context (docs/METHOD.md section 12):
 under bfloat16 autocast every method returns exactly the plain float32 bounds (without the guard
 181 of 640 IBP lower bounds of this net came out higher than the float32 ones: false
 certificates); the reduced-precision kernel settings are switched off during a call and restored
@@ -216,8 +216,8 @@ def test_cert_stage_under_bf16_mixed_reports_full_precision_metrics(tmp_path):
     """Lightning's bf16-mixed (CPU autocast) for the cert stage: training runs, and the test metrics
     in the manifest are those of the exported weights evaluated in float32."""
     from ace_lightning.nets import build_net
-    from ace_lightning.stages import run_stage
-    from ace_lightning.stages.runner import datamodule_from
+    from ace_lightning.registry import run_stage
+    from ace_lightning.config import datamodule_from
     from stage_utils import CERT_TINY, compose_cfg
 
     cfg = compose_cfg(tmp_path, CERT_TINY + ["trainer.precision=bf16-mixed", "stage.val_pgd_steps=0"])
@@ -240,7 +240,7 @@ def test_cert_stage_under_bf16_mixed_reports_full_precision_metrics(tmp_path):
 
 @pytest.mark.parametrize("stage", ["cert", "gate", "entropy"])
 def test_half_precision_weights_are_refused_for_certified_training(tmp_path, stage):
-    from ace_lightning.stages import run_stage
+    from ace_lightning.registry import run_stage
     from stage_utils import compose_cfg
 
     overrides = [f"stage={stage}", "eps=0.03", "trainer.precision=bf16-true"]
@@ -252,7 +252,7 @@ def test_half_precision_weights_are_refused_for_certified_training(tmp_path, sta
 def test_certify_stage_records_are_identical_under_bf16_mixed(tmp_path):
     """The whole certify stage with trainer.precision=bf16-mixed writes the records of the float32
     run, byte for byte; the manifest says what was re-checked in float64."""
-    from ace_lightning.stages import run_stage
+    from ace_lightning.registry import run_stage
     from stage_utils import compose_cfg
 
     base = ["data.subset=96", "data.dataset_kwargs.num_classes=3", "data.dataset_kwargs.input_shape=[1,12,12]",

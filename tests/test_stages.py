@@ -15,8 +15,8 @@ import torch
 
 from ace_lightning.nets import build_net
 from ace_lightning.data import get_dataset_info
-from ace_lightning.stages import run_stage
-from ace_lightning.stages.common import StageInputError
+from ace_lightning.registry import run_stage
+from ace_lightning.errors import StageInputError
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress, step_decay
 from stage_utils import CERT_TINY, CORE_TINY, compose_cfg
 

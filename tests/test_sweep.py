@@ -334,8 +334,38 @@ def test_write_sweep_outputs_without_val(tmp_path):
     assert json.loads(open(out["operating_points"]).read())["operating_points"] == []
 
 
-def test_sweep_cost_is_a_number():
-    assert sweep_cost(synthetic_records(200, seed=13), repeats=1) > 0
+def test_sweep_cost_times_each_exact_sweep_and_returns_the_best(monkeypatch):
+    """The benchmarks' timer: the clock is read right before and after each real exact sweep of
+    the records, and the fastest repeat is returned (a scripted clock makes the times exact)."""
+    import ace_lightning.sweep as sweep_module
+
+    cols = synthetic_records(200, seed=13)
+    exact_rows = sweep(cols, exact=True)
+    assert exact_rows != sweep(cols, exact=False)  # so the rows below tell which sweep was timed
+    now, durations, events, calls = [100.0], iter([0.75, 0.25, 0.5, 2.0]), [], []
+
+    class ScriptedClock:
+        @staticmethod
+        def perf_counter():
+            events.append("clock")
+            return now[0]
+
+    def timed_sweep(records, *args, **kwargs):
+        events.append("sweep")
+        rows = sweep(records, *args, **kwargs)  # the real sweep
+        calls.append((args, kwargs, rows))
+        now[0] += next(durations)  # it takes this long on the scripted clock
+        return rows
+
+    monkeypatch.setattr(sweep_module, "time", ScriptedClock)
+    monkeypatch.setattr(sweep_module, "sweep", timed_sweep)
+    assert sweep_cost(cols, repeats=3) == 0.25
+    assert events == ["clock", "sweep", "clock"] * 3  # nothing else is inside the timed span
+    assert [(a, k) for a, k, _ in calls] == [((), {"exact": True})] * 3
+    assert all(rows == exact_rows for *_, rows in calls)
+    events.clear()
+    assert sweep_cost(cols, repeats=0) == 2.0  # at least one sweep
+    assert events == ["clock", "sweep", "clock"]
 
 
 # --------------------------------------------------------------------------- errors

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ace_lightning.bounds import input_box, margin_lower_bounds, margin_spec
-from ace_lightning.stages import run_stage
+from ace_lightning.registry import run_stage
 from ace_lightning.stages.losses import (CertifiedLoss, ExpressiveLoss, SABRLoss, TrainingAttack, build_loss,
                                          ibp_init, margin_ce, shi_regularizer)
 from bound_checks import conv_net
@@ -235,7 +235,7 @@ def test_every_experiment_composes_and_the_cifar_recipes_carry_the_papers_settin
     from omegaconf import OmegaConf
 
     from ace_lightning.stages.cert import CertStage
-    from ace_lightning.train import CONF_DIR
+    from ace_lightning.config import CONF_DIR
 
     names = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

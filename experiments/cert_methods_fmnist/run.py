@@ -72,7 +72,7 @@ def evaluate(run_dir: Path, out: Path) -> dict:
     from ace_lightning.data import ACEDataModule
     from ace_lightning.evaluate import evaluate_net
     from ace_lightning.nets import build_net
-    from ace_lightning.stages.common import load_weights, read_manifest
+    from ace_lightning.rundir import load_weights, read_manifest
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     manifest = read_manifest(run_dir / "cert")

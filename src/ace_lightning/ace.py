@@ -1,4 +1,4 @@
-"""The composed ACE model (ace-method.md sections 2-4): f_ACE(x) = f_cert(x) if g(x) >= T else
+"""The composed ACE model (docs/METHOD.md sections 2-4): f_ACE(x) = f_cert(x) if g(x) >= T else
 f_core(x), generalised to cascades of (cert-net, selector) pairs tried in order.
 
 Conditional execution: each branch only runs on the inputs still unanswered, and the core only on
@@ -18,7 +18,9 @@ from torch import nn
 from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize_method, output_bounds
 from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
-from ace_lightning.bounds.lirpa import net_in_dtype, precise
+from ace_lightning.bounds.lirpa import alpha_crown_options, net_in_dtype, precise
+from ace_lightning.errors import ConfigError, InputNotFoundError
+from ace_lightning.routing import composed_output, first_firing, selects
 
 FORMAT = "ace-lightning/ace-model/1"
 SELECTIONS = ("gate", "entropy")
@@ -35,7 +37,8 @@ class CertifySettings:
     (0: none). time_budget_s: seconds per input for the tighter methods (None: no limit; with one,
     records can depend on the machine's speed: alpha-CROWN that does not fit is skipped). dtype: float32 or
     float64 for the whole pass; recheck_tol: inputs within it of a decision are re-checked in
-    float64 (0: off). core_method: also try to certify the core (rarely possible)."""
+    float64 (0: off). core_method: also try to certify the core (rarely possible).
+    alpha_crown_iterations, alpha_crown_lr: alpha-CROWN's slope optimisation."""
 
     methods: tuple[str, ...] = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
     gate_methods: tuple[str, ...] = ("IBP", "CROWN-IBP")
@@ -45,6 +48,8 @@ class CertifySettings:
     dtype: str = "float32"
     recheck_tol: float = 1.0e-3  # 40x the largest float32 error measured on the demo's nets (2.3e-5)
     core_method: Optional[str] = None
+    alpha_crown_iterations: int = 20
+    alpha_crown_lr: float = 0.5
 
     def __post_init__(self) -> None:
         def canon(methods, what, allow_empty=False):
@@ -52,7 +57,7 @@ class CertifySettings:
                 methods = [methods]
             out = tuple(normalize_method(m) for m in (methods or ()))
             if not out and not allow_empty:
-                raise ValueError(f"certify: {what} needs at least one bound method ({', '.join(METHODS)})")
+                raise ConfigError(f"certify: {what} needs at least one bound method ({', '.join(METHODS)})")
             return out
 
         object.__setattr__(self, "methods", canon(self.methods, "methods"))
@@ -61,15 +66,18 @@ class CertifySettings:
         if self.core_method:
             object.__setattr__(self, "core_method", normalize_method(self.core_method))
         if self.dtype not in DTYPES:
-            raise ValueError(f"certify: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"certify: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         budget = self.time_budget_s
         if budget is not None and not (float(budget) > 0 and math.isfinite(float(budget))):
-            raise ValueError(f"certify: time_budget_s must be a positive number of seconds per input "
+            raise ConfigError(f"certify: time_budget_s must be a positive number of seconds per input "
                              f"(or null: no limit), got {budget}")
         if not float(self.recheck_tol) >= 0:
-            raise ValueError(f"certify: recheck_tol must be >= 0 (0: no float64 re-check), got {self.recheck_tol}")
+            raise ConfigError(f"certify: recheck_tol must be >= 0 (0: no float64 re-check), got {self.recheck_tol}")
+        if int(self.alpha_crown_iterations) < 1 or not float(self.alpha_crown_lr) > 0:
+            raise ConfigError(f"certify: alpha_crown_iterations must be >= 1 and alpha_crown_lr > 0, got "
+                              f"{self.alpha_crown_iterations} and {self.alpha_crown_lr}")
         if int(self.refute_steps) < 0:
-            raise ValueError(f"certify: refute_steps must be >= 0, got {self.refute_steps}")
+            raise ConfigError(f"certify: refute_steps must be >= 0, got {self.refute_steps}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "CertifySettings":
@@ -90,7 +98,7 @@ def method_name(code: int) -> str:
 
 def composed_certified(cert_ok: torch.Tensor, core_ok: torch.Tensor, lb_g: torch.Tensor,
                        ub_g: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """The certification rule of ace-method.md section 4.3 for a cascade of n pairs.
+    """The certification rule of docs/METHOD.md section 4.3 for a cascade of n pairs.
 
     cert_ok, lb_g, ub_g: [B, n]; core_ok: [B]; thresholds: [n]. Branch k *may* answer for some
     x' in the ball iff every earlier gate may stay below its threshold and ub_g_k >= T_k; once a
@@ -101,9 +109,9 @@ def composed_certified(cert_ok: torch.Tensor, core_ok: torch.Tensor, lb_g: torch
     certified = torch.ones(batch, dtype=torch.bool, device=lb_g.device)
     reachable = torch.ones(batch, dtype=torch.bool, device=lb_g.device)
     for k in range(n):
-        may_fire = reachable & (ub_g[:, k] >= thresholds[k])
+        may_fire = reachable & selects(ub_g[:, k], thresholds[k])
         certified &= ~may_fire | cert_ok[:, k].bool()
-        reachable &= lb_g[:, k] < thresholds[k]
+        reachable &= ~selects(lb_g[:, k], thresholds[k])
     certified &= ~reachable | core_ok.bool()
     return certified
 
@@ -116,7 +124,7 @@ class ACEModel(nn.Module):
                  thresholds: Sequence[float], spec: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         if not (len(certs) == len(gates) == len(thresholds)) or not certs:
-            raise ValueError("ACEModel needs one selector (gate or None = entropy) and one threshold "
+            raise ConfigError("ACEModel needs one selector (gate or None = entropy) and one threshold "
                              f"per cert-net: got {len(certs)} cert-nets, {len(gates)} selectors, "
                              f"{len(thresholds)} thresholds")
         self.core = core
@@ -132,7 +140,7 @@ class ACEModel(nn.Module):
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         if len(thresholds) != self.num_branches:
-            raise ValueError(f"need {self.num_branches} threshold(s), got {len(thresholds)}")
+            raise ConfigError(f"need {self.num_branches} threshold(s), got {len(thresholds)}")
         self.thresholds.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
 
     def gate_value(self, i: int, x: torch.Tensor, cert_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -154,7 +162,7 @@ class ACEModel(nn.Module):
                 break
             xi = x[remaining]
             cert_logits = self.certs[i](xi) if self.selection[i] == "entropy" else None
-            fire = self.gate_value(i, xi, cert_logits) >= self.thresholds[i]
+            fire = selects(self.gate_value(i, xi, cert_logits), self.thresholds[i])
             if fire.any():
                 answered = cert_logits[fire] if cert_logits is not None else self.certs[i](xi[fire])
                 out = self._scatter(out, remaining[fire], answered, x.shape[0])
@@ -178,15 +186,9 @@ class ACEModel(nn.Module):
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Reference semantics without conditional execution (every net on every input)."""
-        core = self.core(x)
-        out = core.clone()
-        undecided = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        for i in range(self.num_branches):
-            logits = self.certs[i](x)
-            fire = undecided & (self.gate_value(i, x, logits) >= self.thresholds[i])
-            out[fire] = logits[fire]
-            undecided &= ~fire
-        return out
+        outputs = [cert(x) for cert in self.certs]
+        gates = torch.stack([self.gate_value(i, x, outputs[i]) for i in range(self.num_branches)], dim=1)
+        return composed_output(outputs + [self.core(x)], first_firing(gates, self.thresholds))
 
     def selector_bounds(self, i: int, x: torch.Tensor, eps: float, method: str = "IBP", dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,10 +228,10 @@ class ACEModel(nn.Module):
     # -- one artefact, weights-only loading --------------------------------------------------------
     def save(self, path: Path) -> Path:
         """Writes {format, spec (JSON), state_dict} atomically; load with ``ACEModel.load``."""
-        from ace_lightning.stages.common import atomic_torch_save
+        from ace_lightning.atomic import atomic_torch_save
 
         if not self.spec:
-            raise ValueError("ACEModel.save needs the spec it was built from (use ACEModel.from_spec)")
+            raise ConfigError("ACEModel.save needs the spec it was built from (use ACEModel.from_spec)")
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         atomic_torch_save({"format": FORMAT, "spec": json.dumps(self.spec), "state_dict": state}, Path(path))
         return Path(path)
@@ -253,17 +255,17 @@ class ACEModel(nn.Module):
             elif branch["selection"] == "entropy":
                 gates.append(None)
             else:
-                raise ValueError(f"unknown selection {branch['selection']!r}; known: {', '.join(SELECTIONS)}")
+                raise ConfigError(f"unknown selection {branch['selection']!r}; known: {', '.join(SELECTIONS)}")
         return cls(core, certs, gates, [float(b["threshold"]) for b in spec["branches"]], spec)
 
     @classmethod
     def load(cls, path: Path, map_location: str = "cpu") -> "ACEModel":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"ACE model file {path} not found")
+            raise InputNotFoundError(f"ACE model file {path} not found")
         blob = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an ACE model file (format {FORMAT})")
+            raise ConfigError(f"{path} is not an ACE model file (format {FORMAT})")
         model = cls.from_spec(json.loads(blob["spec"]))
         model.load_state_dict(blob["state_dict"])
         return model
@@ -273,7 +275,7 @@ class ACEModel(nn.Module):
 def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
                   settings: Optional[CertifySettings] = None,
                   thresholds: Optional[Sequence[Sequence[float]]] = None) -> dict[str, torch.Tensor]:
-    """Per-input fields of the records (ace-method.md section 4.5; columns suffixed _i for
+    """Per-input fields of the records (docs/METHOD.md section 4.5; columns suffixed _i for
     cascades of n > 1 pairs): label, core_pred/core_correct/core_ok, and per pair cert_pred,
     cert_correct, cert_ok, cert_margin (best certified margin found), cert_method and gate_method
     (indices into bounds.METHODS, -1: none), g, lb_g, ub_g; rechecked (decided in float64),
@@ -281,9 +283,15 @@ def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
     gate intervals are refined and re-checked; None: thresholds are not known yet (the certify
     stage refines later, certify.refine_records). Full precision throughout (autocast off), so the
     records do not depend on the caller's mixed-precision context."""
+    settings = settings or CertifySettings()
+    with alpha_crown_options(settings.alpha_crown_iterations, settings.alpha_crown_lr):
+        return _certify_batch(model, x, y, eps, settings, thresholds)
+
+
+def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float, settings: CertifySettings,
+                   thresholds: Optional[Sequence[Sequence[float]]]) -> dict[str, torch.Tensor]:
     from ace_lightning.attacks.pgd import counterexample_found
 
-    settings = settings or CertifySettings()
     dtype = DTYPES[settings.dtype]
     x = x.to(dtype)
     n = model.num_branches
@@ -331,52 +339,3 @@ def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
     out["rechecked"], out["recheck_flipped"] = rechecked, flipped
     out["float64"] = torch.full_like(rechecked, dtype == torch.float64)
     return out
-
-
-def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> tuple[dict, dict]:
-    """(spec, weight paths) of the composed model from the stage manifests of a run folder:
-    core/, cert/ and gate/ (selection network) or, for entropy selection, the cert-net of
-    ``entropy_stage`` (entropy/: co-trained by the entropy stage; cert/: the cert stage's net as is)."""
-    from ace_lightning.stages.common import require_stage
-
-    if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
-    run_dir = Path(run_dir)
-    core = require_stage(run_dir, "core", "certify")
-    cert = require_stage(run_dir, "cert", "certify")
-    selector = require_stage(run_dir, "gate" if selection == "gate" else entropy_stage, "certify")
-    for name, manifest in (("core", core), ("cert", cert)):
-        if "net" not in manifest:
-            raise ValueError(f"{run_dir / name / 'manifest.json'} does not say which net it trained (no 'net')")
-    paths = {"core": run_dir / "core" / core["outputs"]["weights"]["path"]}
-    branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"]}
-    if selection == "gate":
-        paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
-        paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
-        branch["gate_net"] = {**selector["net"], "kind": "gate"}
-    else:
-        paths["cert_0"] = run_dir / entropy_stage / selector["outputs"]["weights"]["path"]
-        branch["cert_net"] = selector.get("net", cert["net"])
-    data = dict(cert["data"])
-    if core["data"]["name"] != data["name"]:
-        raise ValueError(f"run folder mixes datasets: core on {core['data']['name']}, cert on {data['name']}")
-    spec = {"data": {k: data[k] for k in ("name", "input_shape", "num_classes", "mean", "std")},
-            "eps": cert.get("eps"), "core_net": core["net"], "branches": [branch]}
-    return spec, paths
-
-
-def model_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> ACEModel:
-    """The composed model with trained weights (weights-only loading) and threshold 0."""
-    return load_model(*spec_from_run(run_dir, selection, entropy_stage))
-
-
-def load_model(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> ACEModel:
-    """The composed model of ``spec`` with the weights at ``paths`` (from spec_from_run), threshold 0."""
-    from ace_lightning.stages.common import load_weights
-
-    model = ACEModel.from_spec(spec)
-    load_weights(model.core, paths["core"], "core")
-    load_weights(model.certs[0], paths["cert_0"], "cert-net")
-    if "gate_0" in paths:
-        load_weights(model.gates["0"], paths["gate_0"], "gate")
-    return model.eval()

@@ -1,4 +1,4 @@
-"""Batched certification of a composed model -> one record per input (ace-method.md section 4.5).
+"""Batched certification of a composed model -> one record per input (docs/METHOD.md section 4.5).
 
 T enters no bound, so one pass that stores (core_correct, cert_correct, cert_ok, core_ok, g, lb_g,
 ub_g) per input gives the natural-vs-certified curve for every threshold (sweep.py); the reference
@@ -11,16 +11,27 @@ its shard and rank 0 merges them (deduplicated by index) into records.csv, atomi
 """
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, method_name
+from ace_lightning.atomic import atomic_write_text
+from ace_lightning.config import datamodule_from, to_dict
+from ace_lightning import console
+from ace_lightning.console import log
+from ace_lightning.errors import ConfigError, SoundnessError
+from ace_lightning.report import format_table
+from ace_lightning.rundir import config_hash, load_model, read_manifest, sha256_file, spec_from_run, write_manifest
 
 SPLITS = ("val", "test")
 
@@ -163,10 +174,10 @@ def _loaders(dm, splits: Sequence[str], batch_size: int) -> dict[str, DataLoader
     out = {}
     for split in splits:
         if split not in sets:
-            raise ValueError(f"unknown split {split!r}; certify knows val and test")
+            raise ConfigError(f"unknown split {split!r}; certify knows val and test")
         subset, idx = sets[split]
         if len(subset) == 0:
-            raise ValueError(f"the {split} split is empty (data.val_size=0?): certify needs it to "
+            raise ConfigError(f"the {split} split is empty (data.val_size=0?): certify needs it to "
                              f"choose thresholds on val and report them on test")
         out[split] = DataLoader(IndexedSubset(subset, idx), batch_size=batch_size, shuffle=False,
                                 num_workers=dm.num_workers)
@@ -175,26 +186,24 @@ def _loaders(dm, splits: Sequence[str], batch_size: int) -> dict[str, DataLoader
 
 def _attack_split(model: ACEModel, loader: DataLoader, eps: float, attack: Mapping[str, Any],
                   thresholds: Optional[Sequence[float]] = None, alone: Optional[str] = None,
-                  target_index: Optional[np.ndarray] = None) -> np.ndarray:
+                  target_index: Optional[np.ndarray] = None, progress: bool = True) -> np.ndarray:
     """Per-input adversarial correctness on one split: the composed model at ``thresholds`` or one
     network alone (``alone`` = 'core' | 'cert'), in the order of ``target_index`` (the records'
     dataset indices; DDP merges shards in another order than the loader's)."""
     from ace_lightning.attacks import adversarial_correct
     from ace_lightning.attacks.composed import attack_composed
 
-    from tqdm.auto import tqdm
-
     what = alone or f"composed T={thresholds[0]:.4g}"
     out, order = [], []
-    for x, y, idx in tqdm(loader, desc=f"attack {what}", leave=False):
+    steps, restarts, step_size = int(attack["steps"]), int(attack["restarts"]), float(attack["step_size"])
+    for x, y, idx in console.progress(loader, progress, desc=f"attack {what}", leave=False):
         order.append(np.asarray(idx))
-        if alone == "core":
-            ok = adversarial_correct(model.core, x, y, eps, steps=attack["steps"], restarts=attack["restarts"])
-        elif alone == "cert":
-            ok = adversarial_correct(model.certs[0], x, y, eps, steps=attack["steps"], restarts=attack["restarts"])
+        if alone in ("core", "cert"):
+            net = model.core if alone == "core" else model.certs[0]
+            ok = adversarial_correct(net, x, y, eps, steps=steps, restarts=restarts, step_size=step_size)
         else:
-            ok, _ = attack_composed(model, x, y, eps, thresholds, steps=attack["steps"],
-                                    restarts=attack["restarts"], step_size=attack["step_size"])
+            ok, _ = attack_composed(model, x, y, eps, thresholds, steps=steps, restarts=restarts,
+                                    step_size=step_size, push=float(attack["push"]), margin=float(attack["margin"]))
         out.append(ok.cpu().numpy())
     if not out:
         return np.zeros(0, dtype=bool)
@@ -249,16 +258,21 @@ def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader
     return {"thresholds": sorted(done), "inputs_redone": redone}
 
 
+ATTACK_DEFAULTS = {"steps": 20, "restarts": 1, "step_size": 0.1, "push": 1.0, "margin": 0.05}
+
+
 def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, attack: Mapping[str, Any],
-                      operating_points: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], int]:
+                      operating_points: Sequence[Mapping[str, Any]], progress: bool = True
+                      ) -> tuple[dict[str, np.ndarray], int]:
     """Adversarial correctness on the test split: core alone, cert-net alone and the composed model
     at the wanted operating points; returns (key -> per-input bools, soundness violations: inputs
     certified at a threshold that the attack breaks)."""
     from ace_lightning.ace import composed_certified
 
+    attack = {**ATTACK_DEFAULTS, **dict(attack)}
     tidx = np.asarray(test["index"], dtype=np.int64)
-    adv = {"core_alone": _attack_split(model, loader, eps, attack, alone="core", target_index=tidx),
-           "cert_alone": _attack_split(model, loader, eps, attack, alone="cert", target_index=tidx)}
+    adv = {"core_alone": _attack_split(model, loader, eps, attack, alone="core", target_index=tidx, progress=progress),
+           "cert_alone": _attack_split(model, loader, eps, attack, alone="cert", target_index=tidx, progress=progress)}
     wanted = attack.get("points") or [p["key"] for p in operating_points]
     by_threshold: dict[float, np.ndarray] = {}
     violations = 0
@@ -267,7 +281,8 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
             continue
         T = float(p["threshold"])
         if T not in by_threshold:  # several operating points often share a threshold
-            by_threshold[T] = _attack_split(model, loader, eps, attack, thresholds=[T], target_index=tidx)
+            by_threshold[T] = _attack_split(model, loader, eps, attack, thresholds=[T], target_index=tidx,
+                                            progress=progress)
             certified = composed_certified(
                 torch.as_tensor(test.cert_ok.T), torch.as_tensor(test.core_ok),
                 torch.as_tensor(test.lb_g.T), torch.as_tensor(test.ub_g.T), torch.tensor([T])).numpy()
@@ -296,134 +311,186 @@ def precision_summary(cols: Mapping[str, np.ndarray], settings: CertifySettings,
     return out
 
 
-def run_certify(cfg: Mapping[str, Any]) -> dict:
-    """Certify a run folder's composed model (see conf/stage/certify.yaml), in steps: records ->
-    refinement at the operating points -> sweep/report -> attack -> composed model + manifest."""
-    import json
-    import time
-    import warnings
+@dataclass
+class CertifyJob:
+    """What the certify steps share: the run folder's composed model, its data, the settings."""
 
-    from ace_lightning.ace import load_model, spec_from_run
-    from ace_lightning.report import format_table, write_sweep_outputs
-    from ace_lightning.stages.common import (atomic_write_text, config_hash, read_manifest, sha256_file,
-                                             write_manifest)
-    from ace_lightning.stages.runner import datamodule_from, to_dict
-    from ace_lightning.sweep import load_records
+    cfg: Mapping[str, Any]
+    st: dict
+    settings: CertifySettings
+    eps: float
+    run_dir: Path
+    stage_dir: Path
+    spec: dict
+    paths: dict
+    ident: dict
+    ident_hash: str
+    model: Optional[ACEModel] = None
+    loaders: Optional[dict] = None
+    timing: dict = field(default_factory=dict)
 
+    @property
+    def progress(self) -> bool:
+        return bool(to_dict(self.cfg["trainer"]).get("enable_progress_bar", True))
+
+
+def prepare(cfg: Mapping[str, Any]) -> CertifyJob:
+    """Validate the certify config and read the run folder's composed model (one-line errors
+    before anything is loaded)."""
     st = to_dict(cfg["stage"])
-    settings = CertifySettings.from_config(st)  # one-line errors before anything is loaded
+    settings = CertifySettings.from_config(st)
     eps = float(cfg["eps"])
     run_dir = Path(cfg["run_dir"]).resolve()
     selection = st.get("selection", "gate")
     entropy_stage = str(st.get("entropy_stage") or "entropy")
-    stage_dir = run_dir / certify_folder(selection, entropy_stage)
     spec, paths = spec_from_run(run_dir, selection, entropy_stage)
     data_name = to_dict(cfg["data"])["name"]
     if data_name != spec["data"]["name"]:
-        raise ValueError(f"records would come from dataset '{data_name}' but {run_dir} was trained on "
-                         f"'{spec['data']['name']}': pass data={spec['data']['name']}")
-    ident = {"spec": spec, "weights": {k: sha256_file(p) for k, p in paths.items()}, "eps": eps,
-             "stage": st, "data": {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir")}}
-    ident_hash = config_hash(ident)
-    done = read_manifest(stage_dir)
-    if done and done.get("status") == "complete" and done.get("config_hash") == ident_hash and not cfg.get("overwrite"):
-        print(f"[ace] stage 'certify' already complete in {stage_dir} (same inputs): skipped")
-        return done
+        raise ConfigError(f"records would come from dataset '{data_name}' but {run_dir} was trained on "
+                          f"'{spec['data']['name']}': pass data={spec['data']['name']}")
+    ident = {"spec": spec, "weights": {k: sha256_file(p) for k, p in paths.items()}, "eps": eps, "stage": st,
+             "data": {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir")}}
+    return CertifyJob(cfg, st, settings, eps, run_dir, run_dir / certify_folder(selection, entropy_stage),
+                      spec, paths, ident, config_hash(ident))
 
-    started = time.perf_counter()
-    model = load_model(spec, paths)
-    dm = datamodule_from(cfg)
+
+def certify_records(job: CertifyJob) -> Optional[Path]:
+    """Step 1: certify every input of the splits (DDP shards them), refine the gate intervals at
+    the operating points, write records.csv; returns its path (None on non-zero ranks)."""
+    st, settings = job.st, job.settings
+    job.model = load_model(job.spec, job.paths)
+    dm = datamodule_from(job.cfg)
     batch_size = int(st.get("batch_size", 256))
-    loaders = _loaders(dm, st.get("splits", list(SPLITS)), batch_size)
-    trainer_cfg = {k: v for k, v in to_dict(cfg["trainer"]).items()
+    job.loaders = _loaders(dm, st.get("splits", list(SPLITS)), batch_size)
+    trainer_cfg = {k: v for k, v in to_dict(job.cfg["trainer"]).items()
                    if k in ("accelerator", "devices", "strategy", "enable_progress_bar")}
-    precision = to_dict(cfg["trainer"]).get("precision", "32-true")
+    precision = to_dict(job.cfg["trainer"]).get("precision", "32-true")
     if str(precision) not in ("32-true", "32", "None"):
-        warnings.warn(f"certify runs in full precision ({settings.dtype}); trainer.precision={precision} "
-                      f"applies to training only", stacklevel=2)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-
-    # plain inference of the composed model (the cost certification is compared with)
-    t0 = time.perf_counter()
+        rank_zero_warn(f"certify runs in full precision ({settings.dtype}); trainer.precision={precision} "
+                      f"applies to training only")
+    job.stage_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()  # plain inference of the composed model: what certification costs against
     with torch.no_grad():
-        for x, _, _ in loaders["test"]:
-            model(x)
-    t_infer = time.perf_counter() - t0
+        for x, _, _ in job.loaders["test"]:
+            job.model(x)
+    job.timing["plain_inference_test"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cols = compute_records(model, loaders, eps, settings, trainer_cfg, work_dir=stage_dir)
-    t_cert = time.perf_counter() - t0
+    cols = compute_records(job.model, job.loaders, job.eps, settings, trainer_cfg, work_dir=job.stage_dir)
+    job.timing["certification_all_splits"] = time.perf_counter() - t0
     if cols is None:  # non-zero DDP rank: rank 0 does the rest
-        return {}
-    tolerance = float(st.get("tolerance", 0.01))
+        return None
     t0 = time.perf_counter()
-    refinement = refine_at_operating_points(model, loaders, cols, eps, settings, st.get("thresholds"),
-                                            st.get("grid", 101), tolerance, batch_size)
-    t_refine = time.perf_counter() - t0
-    n_test = int(np.sum(cols["split"] == "test"))
-    records_path = write_records(cols, stage_dir)
-    t0 = time.perf_counter()
-    written = write_sweep_outputs(records_path, stage_dir, grid=st.get("grid", 101), tolerance=tolerance)
-    t_sweep = time.perf_counter() - t0
+    job.refinement = refine_at_operating_points(job.model, job.loaders, cols, job.eps, settings,
+                                                st.get("thresholds"), st.get("grid", 101),
+                                                float(st.get("tolerance", 0.01)), batch_size)
+    job.timing["refinement"] = time.perf_counter() - t0
+    job.precision = precision_summary(cols, settings, precision, job.refinement)
+    job.timing["certification_per_input_ms"] = 1000 * job.timing["certification_all_splits"] / max(1, len(cols["index"]))
+    job.timing["inference_per_input_ms"] = 1000 * job.timing["plain_inference_test"] / max(1, int(np.sum(cols["split"] == "test")))
+    return write_records(cols, job.stage_dir)
 
-    # attacks on the test split: references and every operating point; soundness check
-    attack = {"steps": 20, "restarts": 1, "step_size": 0.1, **(st.get("attack") or {})}
-    points = written["points"]
+
+def sweep_and_report(records_path: Path, stage_dir: Path, grid: Any = 101, tolerance: float = 0.01) -> dict:
+    """Step 2: the exact threshold sweep on val and test, operating points chosen on val,
+    sweep_*.csv, operating_points.json and pareto.png; returns report.write_sweep_outputs' dict."""
+    from ace_lightning.report import write_sweep_outputs
+
+    return write_sweep_outputs(records_path, stage_dir, grid=grid, tolerance=tolerance)
+
+
+def attack_and_check(model: ACEModel, loader: DataLoader, records_path: Path, stage_dir: Path, eps: float,
+                     attack: Mapping[str, Any], points: Sequence[dict], progress: bool = True) -> int:
+    """Step 3: attack the test split (single nets, the composed model at the operating points),
+    add adv_acc to ``points`` and operating_points.json; raises SoundnessError if the attack
+    breaks an input the records certify. Returns the number of such inputs (0)."""
+    from ace_lightning.sweep import load_records
+
     summary = json.loads((stage_dir / "operating_points.json").read_text())
-    violations = 0
-    if attack.get("enabled", True):
-        adv, violations = attack_test_split(model, loaders["test"], load_records(records_path, split="test"),
-                                            eps, attack, summary["operating_points"])
-        for p in points:
-            if p["key"] in adv:
-                p["adv_acc"] = float(np.mean(adv[p["key"]]))
-        for group in ("reference_points", "operating_points"):
-            for p in summary[group]:
-                if p["key"] in adv and "test" in p:
-                    p["test"]["adv_acc"] = float(np.mean(adv[p["key"]]))
-        summary["attack"] = attack
-        summary["soundness_violations"] = violations
-        atomic_write_text(stage_dir / "operating_points.json", json.dumps(summary, indent=2))
+    adv, violations = attack_test_split(model, loader, load_records(records_path, split="test"), eps, attack,
+                                        summary["operating_points"], progress)
+    for p in points:
+        if p["key"] in adv:
+            p["adv_acc"] = float(np.mean(adv[p["key"]]))
+    for group in ("reference_points", "operating_points"):
+        for p in summary[group]:
+            if p["key"] in adv and "test" in p:
+                p["test"]["adv_acc"] = float(np.mean(adv[p["key"]]))
+    summary["attack"] = dict(attack)
+    summary["soundness_violations"] = violations
+    atomic_write_text(stage_dir / "operating_points.json", json.dumps(summary, indent=2))
     if violations:
-        raise RuntimeError(f"SOUNDNESS BUG: {violations} certified test input(s) broken by the attack "
-                           f"(see {stage_dir}/operating_points.json)")
+        raise SoundnessError(f"SOUNDNESS BUG: {violations} certified test input(s) broken by the attack "
+                             f"(see {stage_dir}/operating_points.json)")
+    return violations
 
-    chosen_key = st.get("operating_point", "nat_within_1pt")
-    chosen = next((p for p in summary["operating_points"] if p["key"] == chosen_key), None)
+
+def export_composed(job: CertifyJob, points: Sequence[dict], operating_point: str = "nat_within_1pt") -> dict:
+    """Step 4: the composed model at the chosen operating point (ace_model.pt, certifying as the
+    stage did), table.txt and the manifest."""
+    stage_dir = job.stage_dir
+    summary = json.loads((stage_dir / "operating_points.json").read_text())
+    chosen = next((p for p in summary["operating_points"] if p["key"] == operating_point), None)
     if chosen is None and summary["operating_points"]:
         chosen = summary["operating_points"][0]
+    spec = job.spec
     if chosen is not None:
-        model.set_thresholds([float(chosen["threshold"])])
+        job.model.set_thresholds([float(chosen["threshold"])])
         spec["branches"][0]["threshold"] = float(chosen["threshold"])
-    spec["certify"] = settings.as_dict()  # ACEModel.predict(eps=) certifies the same way
-    model.spec = spec
-    model.save(stage_dir / "ace_model.pt")
-    table = format_table(points, title=f"{spec['data']['name']}, eps={eps:g}, test split ({n_test} inputs)")
+    spec["certify"] = job.settings.as_dict()  # ACEModel.predict(eps=) certifies the same way
+    job.model.spec = spec
+    job.model.save(stage_dir / "ace_model.pt")
+    n_test = len(job.loaders["test"].dataset)
+    table = format_table(points, title=f"{spec['data']['name']}, eps={job.eps:g}, test split ({n_test} inputs)")
     atomic_write_text(stage_dir / "table.txt", table + "\n")
-    print(table)
+    log.info(table)
     parquet = stage_dir / "records.parquet"
-    manifest = write_manifest(stage_dir, {
-        "stage": "certify", "status": "complete", "config_hash": ident_hash, "config": ident,
-        "eps": eps, "selection": selection,
+    return write_manifest(stage_dir, {
+        "stage": "certify", "status": "complete", "config_hash": job.ident_hash, "config": job.ident,
+        "eps": job.eps, "selection": job.st.get("selection", "gate"),
         "outputs": {"records": "records.csv", **({"records_parquet": parquet.name} if parquet.is_file() else {}),
                     "sweep_val": "sweep_val.csv", "sweep_test": "sweep_test.csv",
                     "operating_points": "operating_points.json", "pareto": "pareto.png",
                     "table": "table.txt", "model": {"path": "ace_model.pt",
                                                     "sha256": sha256_file(stage_dir / "ace_model.pt")}},
         "chosen_operating_point": chosen,
-        "certification": settings.as_dict(),
-        "precision": precision_summary(cols, settings, precision, refinement),
-        "timing_s": {"plain_inference_test": t_infer, "certification_all_splits": t_cert,
-                     "refinement": t_refine, "sweep_and_report": t_sweep,
-                     "certification_per_input_ms": 1000 * t_cert / max(1, len(cols["index"])),
-                     "inference_per_input_ms": 1000 * t_infer / max(1, n_test)},
+        "certification": job.settings.as_dict(),
+        "precision": job.precision,
+        "timing_s": dict(job.timing),
         "metrics": {p["key"]: {k: v for k, v in p.items() if k not in ("key", "name")} for p in points},
-        "soundness_violations": violations,
-        "wall_s": time.perf_counter() - started,
+        "soundness_violations": summary.get("soundness_violations", 0),
+        "wall_s": time.perf_counter() - job.started,
     })
+
+
+def run_certify(cfg: Mapping[str, Any]) -> dict:
+    """The certify stage (conf/stage/certify.yaml): records -> sweep/report -> attack -> export,
+    skipped when the run folder already holds a complete certification of the same inputs."""
+    job = prepare(cfg)
+    done = read_manifest(job.stage_dir)
+    if done and done.get("status") == "complete" and done.get("config_hash") == job.ident_hash \
+            and not cfg.get("overwrite"):
+        log.info(f"stage 'certify' already complete in {job.stage_dir} (same inputs): skipped")
+        return done
+    job.started = time.perf_counter()
+    records_path = certify_records(job)
+    if records_path is None:
+        return {}
+    st = job.st
+    t0 = time.perf_counter()
+    written = sweep_and_report(records_path, job.stage_dir, st.get("grid", 101), float(st.get("tolerance", 0.01)))
+    job.timing["sweep_and_report"] = time.perf_counter() - t0
+    points = written["points"]
+    attack = {**ATTACK_DEFAULTS, **dict(st.get("attack") or {})}
+    if attack.get("enabled", True):
+        t0 = time.perf_counter()
+        attack_and_check(job.model, job.loaders["test"], records_path, job.stage_dir, job.eps, attack, points,
+                         job.progress)
+        job.timing["attack"] = time.perf_counter() - t0
+    manifest = export_composed(job, points, st.get("operating_point", "nat_within_1pt"))
     from ace_lightning.summary import write_summary
 
     write_summary(Path(cfg["runs_root"]).resolve())
-    log_to_wandb(cfg, stage_dir, points)
+    log_to_wandb(cfg, job.stage_dir, points)
     return manifest
 
 

@@ -23,7 +23,9 @@ import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from ace_lightning.train import CONF_DIR, USER_ERRORS, fail, fail_on
+from ace_lightning.console import log, setup_console
+from ace_lightning.errors import USER_ERRORS, fail_on
+from ace_lightning.errors import ConfigError, InputNotFoundError
 
 SPLITS = ("val", "test")
 PLOT_COLUMNS = ("threshold", "nat_acc", "cert_acc", "cert_route_rate")
@@ -36,7 +38,7 @@ def _plain(value: Any) -> Any:
 
 def _required(cfg: DictConfig, key: str, what: str) -> str:
     if cfg.get(key) in (None, ""):
-        raise ValueError(f"action={cfg.action} needs {key}=<{what}>")
+        raise ConfigError(f"action={cfg.action} needs {key}=<{what}>")
     return str(cfg[key])
 
 
@@ -47,16 +49,16 @@ def _grid(value: Any) -> Optional[int | list[float]]:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
-            raise ValueError(f"threshold grid is empty (grid={value}): pass grid=<k >= 1> or a list of thresholds")
+            raise ConfigError(f"threshold grid is empty (grid={value}): pass grid=<k >= 1> or a list of thresholds")
         return value
     if not isinstance(value, list):
-        raise ValueError(f"grid={value!r}: pass a number of quantiles (grid=101) or a list (grid=[0.0,0.5])")
+        raise ConfigError(f"grid={value!r}: pass a number of quantiles (grid=101) or a list (grid=[0.0,0.5])")
     if not value:
-        raise ValueError("threshold grid is empty (grid=[]): pass grid=<k >= 1> or a list of thresholds")
+        raise ConfigError("threshold grid is empty (grid=[]): pass grid=<k >= 1> or a list of thresholds")
     try:
         return [float(v) for v in value]
     except (TypeError, ValueError):
-        raise ValueError(f"grid={value!r}: every threshold must be a number") from None
+        raise ConfigError(f"grid={value!r}: every threshold must be a number") from None
 
 
 # -- action=certify --------------------------------------------------------------------------------
@@ -99,13 +101,12 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     """Train-config overrides for ``stage=certify`` on ``cfg.run_dir``; precedence, lowest first:
     the run folder's manifests (data settings, eps, seed; the last certify's settings), the knobs of
     conf/certify.yaml, the command line's data/trainer overrides, then ``cfg.overrides``."""
-    from ace_lightning.ace import spec_from_run
     from ace_lightning.certify import certify_folder
-    from ace_lightning.stages.common import read_manifest
+    from ace_lightning.rundir import read_manifest, spec_from_run
 
     run_dir = Path(_required(cfg, "run_dir", "run folder")).resolve()
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
+        raise InputNotFoundError(f"run folder not found: {run_dir}")
     entropy_stage = str(cfg.get("entropy_stage") or "entropy")
     selection = cfg.selection or ("entropy" if cfg.get("entropy_stage") else
                                   next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate"))
@@ -115,7 +116,7 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     data = groups.get("data") or trained["name"]
     eps = float(cfg.eps if cfg.eps is not None else cert["eps"])
     if not 0 <= eps <= 1:
-        raise ValueError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+        raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
     # the layout train.yaml makes is <runs_root>/<data>/eps_<eps>: summary.csv goes to runs_root
     runs_root = run_dir.parents[1] if run_dir.name.startswith("eps_") else run_dir
     out = ["stage=certify", f"data={data}", f"trainer={groups.get('trainer', 'default')}",
@@ -141,7 +142,7 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
 def run_certify_action(cfg: DictConfig) -> dict:
     from hydra import compose
 
-    from ace_lightning.stages import run_stage
+    from ace_lightning.registry import run_stage
 
     train_cfg = compose(config_name="train", overrides=certify_overrides(cfg, *_forwarded()))
     return run_stage(train_cfg)
@@ -157,13 +158,13 @@ def run_sweep_action(cfg: DictConfig) -> dict:
     grid = _grid(cfg.grid)
     tolerance = cfg.tolerance
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance={tolerance!r}: pass a non-negative accuracy difference, e.g. 0.01")
+        raise ConfigError(f"tolerance={tolerance!r}: pass a non-negative accuracy difference, e.g. 0.01")
     records = load_records(path)
     if cfg.split is not None:
         if cfg.split not in SPLITS:
-            raise ValueError(f"split={cfg.split!r}: pass split=val, split=test or split=null")
+            raise ConfigError(f"split={cfg.split!r}: pass split=val, split=test or split=null")
         if "split" in records and cfg.split not in records.splits:
-            raise ValueError(f"records in {path} hold split(s) {_split_set(records.splits)}, not "
+            raise ConfigError(f"records in {path} hold split(s) {_split_set(records.splits)}, not "
                              f"{cfg.split!r}: pass split=null or certify the {cfg.split} split")
         records = records.split(cfg.split)
     out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(path))
@@ -174,10 +175,10 @@ def run_sweep_action(cfg: DictConfig) -> dict:
         print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     shown = written["shown_split"]
     n = len(records.split(shown))
-    print(format_table(written["points"], title=f"{path}: {shown} split ({n} inputs)"))
+    log.info(format_table(written["points"], title=f"{path}: {shown} split ({n} inputs)"))
     files = [os.path.basename(written[k]) for k in ("sweep_val", "sweep_test", "operating_points", "pareto")
              if k in written]
-    print(f"[ace] wrote {', '.join(files)} in {out_dir}")
+    log.info(f"wrote {', '.join(files)} in {out_dir}")
     return written
 
 
@@ -186,20 +187,20 @@ def run_sweep_action(cfg: DictConfig) -> dict:
 def read_sweep_csv(path: str) -> list[dict[str, float]]:
     """Rows of a sweep CSV (report.py writes them: threshold and rates, +-inf thresholds)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"sweep file not found: {path} (action=sweep writes it)")
+        raise InputNotFoundError(f"sweep file not found: {path} (action=sweep writes it)")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in PLOT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path} is not a sweep CSV: it lacks column(s) {', '.join(missing)}")
+            raise ConfigError(f"{path} is not a sweep CSV: it lacks column(s) {', '.join(missing)}")
         rows = []
         for line, row in enumerate(reader, start=2):
             try:
                 rows.append({k: float(v) for k, v in row.items() if k is not None})
             except (TypeError, ValueError):
-                raise ValueError(f"{path}: line {line} holds a value that is not a number") from None
+                raise ConfigError(f"{path}: line {line} holds a value that is not a number") from None
     if not rows:
-        raise ValueError(f"{path} holds no sweep rows: run action=sweep first")
+        raise ConfigError(f"{path} holds no sweep rows: run action=sweep first")
     return rows
 
 
@@ -207,7 +208,7 @@ def read_points(path: str, shown: str) -> tuple[list[dict], list[dict]]:
     """(reference networks, operating points) of operating_points.json with their ``shown``-split
     numbers (val numbers for a point that has no test ones), as plot_pareto draws them."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"operating points file not found: {path} (action=sweep writes it)")
+        raise InputNotFoundError(f"operating points file not found: {path} (action=sweep writes it)")
     try:
         summary = json.loads(Path(path).read_text())
         groups = []
@@ -216,7 +217,7 @@ def read_points(path: str, shown: str) -> tuple[list[dict], list[dict]]:
                             "threshold": None if p["threshold"] is None else float(p["threshold"]),
                             **(p.get(shown) or p.get("val") or p["test"])} for p in summary[group]])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not an operating_points.json ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"{path} is not an operating_points.json ({type(err).__name__}: {err})") from None
     return groups[0], groups[1]
 
 
@@ -224,13 +225,13 @@ def run_plot_action(cfg: DictConfig) -> str:
     from ace_lightning.report import PLOT_FILE, plot_pareto
 
     if not cfg.sweep and not cfg.sweep_val:
-        raise ValueError("action=plot needs sweep=<sweep_test.csv> (and/or sweep_val=<sweep_val.csv>)")
+        raise ConfigError("action=plot needs sweep=<sweep_test.csv> (and/or sweep_val=<sweep_val.csv>)")
     rows_test = read_sweep_csv(str(cfg.sweep)) if cfg.sweep else None
     rows_val = read_sweep_csv(str(cfg.sweep_val)) if cfg.sweep_val else None
     refs, points = read_points(str(cfg.points), "test" if cfg.sweep else "val") if cfg.points else ([], [])
     out = str(cfg.out or os.path.join(os.path.dirname(os.path.abspath(str(cfg.sweep or cfg.sweep_val))), PLOT_FILE))
     plot_pareto(out, rows_test, rows_val, refs, points)
-    print(f"[ace] wrote {out}")
+    log.info(f"wrote {out}")
     return out
 
 
@@ -244,28 +245,29 @@ def run_compare_action(cfg: DictConfig) -> dict:
     if isinstance(runs, str):
         runs = [runs]
     if not runs:
-        raise ValueError("action=compare needs runs=[<run folder>,...] (each holding cert/, and certify/ for ACE)")
+        raise ConfigError("action=compare needs runs=[<run folder>,...] (each holding cert/, and certify/ for ACE)")
     steps = cfg.attack_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"attack_steps={steps!r}: pass a number of PGD steps >= 1")
+        raise ConfigError(f"attack_steps={steps!r}: pass a number of PGD steps >= 1")
     settings = CertifySettings.from_config({k: _plain(cfg.get(k)) for k in (
         "methods", "gate_methods", "refine_methods", "time_budget_s", "dtype", "recheck_tol") if cfg.get(k) is not None})
     out_dir = cfg.out_dir or "compare"
     result = compare_runs(runs, out_dir, settings, data_dir=cfg.data_dir, attack_steps=steps,
                           progress=bool(cfg.progress))
-    print("\n".join(result["summary"] + [f"note: {n}" for n in result["notes"]]))
-    print(f"[ace] wrote compare.csv, compare.png, compare.md in {Path(out_dir).resolve()}")
+    log.info("\n".join(result["summary"] + [f"note: {n}" for n in result["notes"]]))
+    log.info(f"wrote compare.csv, compare.png, compare.md in {Path(out_dir).resolve()}")
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="certify")
+@hydra.main(version_base="1.3", config_path="conf", config_name="certify")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    setup_console()
     actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action,
                "compare": run_compare_action}
     try:
         if cfg.action not in actions:
-            raise ValueError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep, "
+            raise ConfigError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep, "
                              f"action=plot or action=compare")
         actions[cfg.action](cfg)
     except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs

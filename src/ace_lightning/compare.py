@@ -19,6 +19,7 @@ import numpy as np
 
 from ace_lightning.ace import CertifySettings
 from ace_lightning.atomic import atomic_write_text
+from ace_lightning.errors import ConfigError, InputNotFoundError
 
 EVALUATION_FILE = "evaluation_test.json"
 COLUMNS = ("run", "kind", "name", "method", "alpha", "sabr_lambda", "eps", "threshold", "nat_acc", "cert_acc",
@@ -61,7 +62,7 @@ def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: O
     from ace_lightning.data import ACEDataModule
     from ace_lightning.evaluate import evaluate_net
     from ace_lightning.nets import build_net
-    from ace_lightning.stages.common import load_weights, require_stage, sha256_file
+    from ace_lightning.rundir import load_weights, require_stage, sha256_file
 
     cert_dir = Path(run_dir) / "cert"
     manifest = require_stage(run_dir, "cert", "compare")
@@ -132,7 +133,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
                  data_dir: Optional[str] = None, attack_steps: int = 40,
                  progress: bool = False) -> dict[str, Any]:
     """Evaluate, compare, and write compare.csv, compare.png and compare.md into ``out_dir``."""
-    from ace_lightning.stages.common import read_manifest
+    from ace_lightning.rundir import read_manifest
 
     import glob
 
@@ -141,18 +142,18 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
     for run in run_dirs:  # patterns (an alpha sweep: runs/fmnist_mtl_a*/eps_0.1) expand in sorted order
         matches = sorted(glob.glob(str(Path(run).expanduser()))) if any(c in str(run) for c in "*?[") else [run]
         if not matches:
-            raise FileNotFoundError(f"no run folder matches {run}")
+            raise InputNotFoundError(f"no run folder matches {run}")
         expanded += matches
     run_dirs = expanded
     if not run_dirs:
-        raise ValueError("action=compare needs runs=[<run folder>, ...] (folders holding cert/)")
+        raise ConfigError("action=compare needs runs=[<run folder>, ...] (folders holding cert/)")
     rows: list[dict[str, Any]] = []
     curves: list[tuple[str, list[dict[str, float]], list[dict[str, Any]]]] = []
     notes: list[str] = []
     for run in run_dirs:
         run_dir = Path(run).expanduser().resolve()
         if not (run_dir / "cert").is_dir():
-            raise FileNotFoundError(f"run folder {run_dir} has no cert/ stage to compare")
+            raise InputNotFoundError(f"run folder {run_dir} has no cert/ stage to compare")
         name = run_dir.name if not run_dir.name.startswith("eps_") else f"{run_dir.parent.name}/{run_dir.name}"
         cert_manifest = read_manifest(run_dir / "cert") or {}
         info = describe_cert(cert_manifest)

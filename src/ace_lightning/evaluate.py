@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from ace_lightning import console
 from ace_lightning.ace import CertifySettings
 from ace_lightning.attacks.pgd import adversarial_correct, counterexample_found
 from ace_lightning.bounds import margin_lower_bounds
@@ -32,11 +33,7 @@ def evaluate_net(net: nn.Module, batches: Iterable, eps: float, settings: Option
     by_method = {m: 0 for m in settings.methods} if per_method else {}
     decided = {m: 0 for m in settings.methods}
     seconds = {"ladder": 0.0, "attack": 0.0, **{m: 0.0 for m in by_method}}
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="evaluate", leave=False)
-    for batch in batches:
+    for batch in console.progress(batches, progress, desc="evaluate"):  # rank zero only
         x, y = batch[0], batch[1]
 
         def refute(idx, x=x, y=y):

@@ -1,9 +1,7 @@
-"""Run the stages of an ACE pipeline in order, in one process, from the real configs.
-
-``python -m ace_lightning.train -m stage=core,cert,gate,certify ...`` does the same through Hydra
-multirun; this module is what ``make reproduce-cifar`` uses: it runs several experiments, prints the
-obtained numbers next to the paper's (ace-method.md section 9) and writes reproduce.json/.md.
-With SMOKE=1 (or --smoke) the same pipelines run on a tiny subset on CPU.
+"""``make reproduce-cifar``: the paper's CIFAR-10 experiments, each one pipeline job
+(``stage=pipeline``, the stages in order in one process, exactly what ``ace-train stage=pipeline
+experiment=<name>`` runs), then the obtained numbers next to the paper's (docs/METHOD.md section 9)
+in reproduce.json/.md. With SMOKE=1 (or --smoke) the same pipelines run with ``debug=smoke``.
 """
 from __future__ import annotations
 
@@ -11,15 +9,16 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from hydra import compose, initialize_config_dir
 
-from ace_lightning.stages import run_stage
-from ace_lightning.stages.common import atomic_write_text
-from ace_lightning.train import CONF_DIR, error_line
+from ace_lightning.registry import run_stage
+from ace_lightning.atomic import atomic_write_text
+from ace_lightning.config import CONF_DIR
+from ace_lightning.console import log, setup_console
+from ace_lightning.errors import USER_ERRORS, error_line
 
 # (experiment, stages, the paper's numbers to print beside ours)
 REPRODUCE = [
@@ -30,7 +29,7 @@ REPRODUCE = [
      "ACE paper headline, 2/255: 90.1 / 27.5 (entropy selection, C2 cert-net)", {"nat": 90.1, "cert": 27.5}),
     ("cifar10_acenet_ibp_8_255", ["core", "cert", "gate", "certify"],
      "IBP large net alone, 8/255: 49.5 / 31.6; CROWN-IBP: about 46 / 33.1", {"nat": 49.5, "cert": 31.6}),
-    # today's cert-nets (ace-method.md section 11): no ACE with them has been published; the
+    # today's cert-nets (docs/METHOD.md section 11): no ACE with them has been published; the
     # reference is the single CNN7 (CTBench, ICML'25), which the composition's curve must beat
     ("cifar10_acenet_sabr_2_255", ["core", "cert", "gate", "certify"],
      "SABR CNN7 alone, 2/255 (CTBench): 77.9 / 63.6", {"nat": 77.9, "cert": 63.6}),
@@ -42,39 +41,21 @@ REPRODUCE = [
      "IBP large net alone, 8/255: 49.5 / 31.6 (MTL-IBP's paper setting, alpha 0.5)", {"nat": 49.5, "cert": 31.6}),
 ]
 
-SMOKE_OVERRIDES = [
-    "data.subset=64", "data.val_size=64", "data.batch_size=32", "data.num_workers=0",
-    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-    "++stage_overrides.core.epochs=1", "++stage_overrides.core.eval_pgd_steps=1",
-    "++stage_overrides.core.pgd_steps=1",
-    "++stage_overrides.cert.epochs=1", "++stage_overrides.cert.warmup_epochs=0",
-    "++stage_overrides.cert.ramp_epochs=1", "++stage_overrides.cert.val_pgd_steps=1",
-    "++stage_overrides.gate.epochs=1", "++stage_overrides.gate.warmup_epochs=0",
-    "++stage_overrides.gate.ramp_epochs=1",
-    "++stage_overrides.entropy.epochs=1", "++stage_overrides.entropy.warmup_epochs=0",
-    "++stage_overrides.entropy.ramp_epochs=1",
-    "++stage_overrides.certify.attack.steps=2", "++stage_overrides.certify.batch_size=32",
-    # CROWN through a CNN7 costs seconds per input on a CPU: the smoke run certifies cheaply
-    "++stage_overrides.certify.methods=[IBP,CROWN-IBP]", "++stage_overrides.certify.refine_methods=[]",
-    "++stage_overrides.gate.label_method=IBP",
-]
+SMOKE_OVERRIDES = ["debug=smoke"]  # conf/debug/smoke.yaml
 
 
-def compose_stage(experiment: str, stage: str, overrides: Sequence[str]):
+def compose_pipeline(experiment: str, stages: Sequence[str], overrides: Sequence[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[f"experiment={experiment}", f"stage={stage}", *overrides])
+        return compose(config_name="train", overrides=[f"experiment={experiment}", "stage=pipeline",
+                                                       f"stage.stages=[{','.join(stages)}]", *overrides])
 
 
 def run_pipeline(experiment: str, stages: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Every stage in order; returns {stage: manifest} (and each stage's wall-clock seconds)."""
-    out: dict[str, Any] = {}
-    for stage in stages:
-        cfg = compose_stage(experiment, stage, overrides)
-        t0 = time.perf_counter()
-        print(f"[ace] {experiment}: stage {stage}", flush=True)
-        out[stage] = run_stage(cfg)
-        out[stage]["pipeline_wall_s"] = time.perf_counter() - t0
+    """One pipeline job; returns {stage: manifest} (each with its stage's wall-clock seconds)."""
+    log.info(f"{experiment}: stages {', '.join(stages)}")
+    out = run_stage(compose_pipeline(experiment, stages, overrides))["stages"]
+    for manifest in out.values():
+        manifest["pipeline_wall_s"] = manifest.get("wall_s")
     return out
 
 
@@ -129,13 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.data_dir=/data/cifar10")
     args = parser.parse_args(argv)
+    setup_console()
     try:
         rows = reproduce(args.smoke, args.runs_root, args.only, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     table = format_rows(rows)
-    print(table)
+    print(table)  # the command's product
     root = Path(args.runs_root or "runs")
     atomic_write_text(root / "reproduce.json", json.dumps(rows, indent=2))
     atomic_write_text(root / "reproduce.md", "```\n" + table + "\n```\n")

@@ -27,6 +27,7 @@ from ace_lightning.sweep import (
     report_at,
     sweep,
 )
+from ace_lightning.errors import ConfigError
 
 SWEEP_FILES = {"val": "sweep_val.csv", "test": "sweep_test.csv"}
 POINTS_FILE = "operating_points.json"
@@ -176,10 +177,10 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
     """
     rec = as_records(records_path_or_records)
     if "split" not in rec:
-        raise ValueError("records have no 'split' column: certify must mark each input 'val' or 'test'")
+        raise ConfigError("records have no 'split' column: certify must mark each input 'val' or 'test'")
     parts = {name: rec.split(name) for name in ("val", "test") if name in rec.splits}
     if not parts:
-        raise ValueError(f"records hold split(s) {_split_set(rec.splits)}, need 'val' and/or 'test'")
+        raise ConfigError(f"records hold split(s) {_split_set(rec.splits)}, need 'val' and/or 'test'")
     rows: dict[str, list[dict[str, float]]] = {}
     for name in parts:  # every sweep before the first file is touched: a bad grid loses nothing
         rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)

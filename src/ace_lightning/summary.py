@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ace_lightning.stages.common import atomic_write_text
+from ace_lightning.atomic import atomic_write_text
 
 COLUMNS = ("run", "data", "eps", "selection", "point", "threshold", "nat_acc", "cert_acc", "adv_acc",
            "cert_route_rate")
@@ -64,21 +64,27 @@ def stage_times(run_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ace_lightning.summary RUN_DIR``: the certify table and the stage times."""
+    """``python -m ace_lightning.summary [--no-table] RUN_DIR``: the certify table and the stage
+    times. The table and the times are this command's product, so they are printed (stdout), not
+    logged; ``--no-table`` leaves the table out, for a caller whose certify stage just printed it
+    (``make demo``)."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    with_table = "--no-table" not in args
+    args = [a for a in args if a != "--no-table"]
     if len(args) != 1:
-        print("usage: python -m ace_lightning.summary RUN_DIR", file=sys.stderr)
+        print("usage: python -m ace_lightning.summary [--no-table] RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     table = run_dir / "certify" / "table.txt"
     if not table.is_file():
         print(f"error: {table} not found: run the certify stage first", file=sys.stderr)
         return 2
-    print(table.read_text().rstrip())
+    if with_table:
+        print(table.read_text().rstrip() + "\n")
     times = stage_times(run_dir)
-    print("\nwall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
+    print("wall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
     print(f"Pareto plot: {run_dir / 'certify' / 'pareto.png'}")
     return 0

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from ace_lightning.atomic import atomic_write, atomic_write_text
+from ace_lightning.errors import ConfigError, InputNotFoundError
 
 NO_RECORDS = "threshold sweep with no records: run certify first"
 METRICS = ("nat_acc", "cert_acc", "cert_route_rate", "cert_route_certified_rate", "undecided_rate")
@@ -63,7 +64,7 @@ class Records:
         cols = {str(k).strip(): np.asarray(v) for k, v in columns.items()}
         self.source = source
         if "g" in cols and "g_1" in cols:
-            raise ValueError(f"{source} mixes single-pair column 'g' with cascade column 'g_1'")
+            raise ConfigError(f"{source} mixes single-pair column 'g' with cascade column 'g_1'")
         n_pairs = 0
         while f"g_{n_pairs + 1}" in cols:
             n_pairs += 1
@@ -73,16 +74,16 @@ class Records:
                                        for name in PAIR_FLAGS + PAIR_GATE]
         missing = [name for name in required if name not in cols]
         if missing:
-            raise ValueError(f"{source} lacks column(s) {', '.join(missing)}: certify writes them; re-run certify")
+            raise ConfigError(f"{source} lacks column(s) {', '.join(missing)}: certify writes them; re-run certify")
         flat = [name for name, arr in cols.items() if arr.ndim != 1]
         if flat:
-            raise ValueError(f"{source}: column(s) {', '.join(flat)} are not one value per input")
+            raise ConfigError(f"{source}: column(s) {', '.join(flat)} are not one value per input")
         lengths = {name: arr.shape[0] for name, arr in cols.items()}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"{source}: columns differ in length ({', '.join(f'{k}={v}' for k, v in lengths.items())})")
+            raise ConfigError(f"{source}: columns differ in length ({', '.join(f'{k}={v}' for k, v in lengths.items())})")
         self.n = next(iter(lengths.values()))
         if self.n == 0:
-            raise ValueError(NO_RECORDS)
+            raise ConfigError(NO_RECORDS)
         self.columns = cols
         self.core_correct = _flags(cols, "core_correct")
         self.core_ok = _flags(cols, "core_ok")
@@ -120,10 +121,10 @@ class Records:
     def split(self, name: str) -> "Records":
         """The records of one split; a one-line error when the file holds other splits only."""
         if "split" not in self.columns:
-            raise ValueError(f"{self.source} has no 'split' column, asked for {name!r}")
+            raise ConfigError(f"{self.source} has no 'split' column, asked for {name!r}")
         mask = self.columns["split"].astype(str) == name
         if not mask.any():
-            raise ValueError(f"records hold split(s) {_split_set(self.splits)}, asked for {name!r}")
+            raise ConfigError(f"records hold split(s) {_split_set(self.splits)}, asked for {name!r}")
         return self.select(mask)
 
 
@@ -139,11 +140,11 @@ def _flags(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
             arr = arr.astype(np.float64)
         except ValueError:
             bad = next(v for v in arr if v not in ("0", "1") and not _is_number(v))
-            raise ValueError(f"column {name}: value {bad!r} is not 0/1") from None
+            raise ConfigError(f"column {name}: value {bad!r} is not 0/1") from None
     bad = ~np.isin(arr, (0, 1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"column {name}: value {arr[i].item()!r} at row {i} is not 0/1")
+        raise ConfigError(f"column {name}: value {arr[i].item()!r} at row {i} is not 0/1")
     return arr.astype(bool)
 
 
@@ -162,10 +163,10 @@ def _numbers(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         arr = cols[name].astype(np.float64)
     except ValueError:
         bad = next(v for v in cols[name] if not _is_number(str(v)))
-        raise ValueError(f"column {name}: value {str(bad)!r} is not a number") from None
+        raise ConfigError(f"column {name}: value {str(bad)!r} is not a number") from None
     if np.isnan(arr).any():
         i = int(np.flatnonzero(np.isnan(arr))[0])
-        raise ValueError(f"column {name} has NaN at row {i}: gate values and bounds must be numbers (+-inf allowed)")
+        raise ConfigError(f"column {name} has NaN at row {i}: gate values and bounds must be numbers (+-inf allowed)")
     return arr
 
 
@@ -193,22 +194,22 @@ def load_records(path: Union[str, os.PathLike], split: str | None = None) -> Rec
     """Records from the certify stage's CSV (or Parquet when pyarrow is importable)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"records file not found: {path} (run certify first)")
+        raise InputNotFoundError(f"records file not found: {path} (run certify first)")
     if path.endswith(".parquet"):
         table = _parquet("reading", path).read_table(path)
         columns = {name: np.asarray(table.column(name).to_numpy()) for name in table.column_names}
         if table.num_rows == 0:
-            raise ValueError(NO_RECORDS)
+            raise ConfigError(NO_RECORDS)
     else:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM
             reader = csv.reader(fh)
             header = next(reader, None)
             rows = [row for row in reader if row]
         if not header or not rows:
-            raise ValueError(NO_RECORDS)
+            raise ConfigError(NO_RECORDS)
         for k, row in enumerate(rows, start=2):
             if len(row) != len(header):
-                raise ValueError(f"{path}: line {k} has {len(row)} fields, the header has {len(header)}")
+                raise ConfigError(f"{path}: line {k} has {len(row)} fields, the header has {len(header)}")
         columns = {name.strip(): _parse_column(col) for name, col in zip(header, zip(*rows))}
         if "split" in columns:
             columns["split"] = columns["split"].astype(str)
@@ -227,7 +228,7 @@ def parquet_available() -> bool:
 def _parquet(verb: str, path: str):
     """pyarrow.parquet, or the one-line error saying how to get it."""
     if not parquet_available():
-        raise ValueError(f"{verb} {path} needs pyarrow (pip install pyarrow), or use CSV records")
+        raise ConfigError(f"{verb} {path} needs pyarrow (pip install pyarrow), or use CSV records")
     import pyarrow.parquet as pq
 
     return pq
@@ -304,9 +305,9 @@ def _outcomes(rec: Records, fire_g: np.ndarray, fire_lb: np.ndarray, fire_ub: np
 def _threshold_vector(rec: Records, T: Threshold) -> np.ndarray:
     arr = np.atleast_1d(np.asarray(T, dtype=np.float64))
     if arr.ndim != 1 or arr.shape[0] != rec.n_pairs:
-        raise ValueError(f"records hold {rec.n_pairs} (cert-net, gate) pair(s); got threshold {T!r}")
+        raise ConfigError(f"records hold {rec.n_pairs} (cert-net, gate) pair(s); got threshold {T!r}")
     if np.isnan(arr).any():
-        raise ValueError(f"threshold {T!r} is NaN")
+        raise ConfigError(f"threshold {T!r} is NaN")
     return arr
 
 
@@ -325,11 +326,11 @@ def evaluate(records: Union[Records, Mapping[str, Any]], T: Threshold) -> dict[s
 
 def _check_pair(rec: Records, pair: int, fixed: Threshold | None) -> np.ndarray:
     if not 1 <= pair <= rec.n_pairs:
-        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+        raise ConfigError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
     if rec.n_pairs == 1:
         return np.zeros(1)
     if fixed is None:
-        raise ValueError(f"sweeping pair {pair} of a {rec.n_pairs}-pair cascade needs the other thresholds: fixed=(T_1, ..., T_{rec.n_pairs})")
+        raise ConfigError(f"sweeping pair {pair} of a {rec.n_pairs}-pair cascade needs the other thresholds: fixed=(T_1, ..., T_{rec.n_pairs})")
     return _threshold_vector(rec, fixed)
 
 
@@ -346,7 +347,7 @@ def exact_thresholds(records: Union[Records, Mapping[str, Any]], pair: int = 1) 
     """
     rec = as_records(records)
     if not 1 <= pair <= rec.n_pairs:
-        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+        raise ConfigError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
     i = pair - 1
     return np.unique(np.concatenate([rec.g[i], rec.lb_g[i], rec.ub_g[i], [-np.inf, np.inf]]))
 
@@ -358,21 +359,21 @@ def threshold_grid(records: Union[Records, Mapping[str, Any]], grid: int | Seque
     given. The -inf/+inf ends are always included so each curve reaches its reference points."""
     rec = as_records(records)
     if not 1 <= pair <= rec.n_pairs:
-        raise ValueError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
+        raise ConfigError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
     i = pair - 1
     if grid is None:
         grid = DEFAULT_GRID
     if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
         if grid < 1:
-            raise ValueError("threshold grid is empty")
+            raise ConfigError("threshold grid is empty")
         g = rec.g[i][np.isfinite(rec.g[i])]
         points = np.quantile(g, np.linspace(0.0, 1.0, int(grid))) if g.size else np.empty(0)
     else:
         points = np.asarray(list(grid), dtype=np.float64).ravel()
         if points.size == 0:
-            raise ValueError("threshold grid is empty")
+            raise ConfigError("threshold grid is empty")
         if np.isnan(points).any():
-            raise ValueError("threshold grid contains NaN")
+            raise ConfigError("threshold grid contains NaN")
     parts = [points, [-np.inf, np.inf]]
     if exact:
         parts.append(exact_thresholds(rec, pair))
@@ -393,9 +394,9 @@ def sweep_arrays(records: Union[Records, Mapping[str, Any]], thresholds: Sequenc
     i = pair - 1
     T = np.asarray(thresholds, dtype=np.float64).ravel()
     if T.size == 0:
-        raise ValueError("threshold grid is empty")
+        raise ConfigError("threshold grid is empty")
     if np.isnan(T).any():
-        raise ValueError("threshold grid contains NaN")
+        raise ConfigError("threshold grid contains NaN")
     t = base[:, None]
     fire = [rec.g >= t, rec.lb_g >= t, rec.ub_g >= t]
     table = {name: np.empty((8, rec.n), np.int64) for name in METRICS}  # F[mask], bit0 g, bit1 lb, bit2 ub
@@ -520,7 +521,7 @@ def choose_operating_points(val_rows: Sequence[Mapping[str, float]], core_nat: f
     """
     rows = sorted(_metric_rows(val_rows), key=lambda r: r["threshold"])
     if not rows:
-        raise ValueError("threshold sweep with no rows: run sweep first")
+        raise ConfigError("threshold sweep with no rows: run sweep first")
     floor = core_nat - tolerance - 1e-12
     keys = {
         "nat_within_1pt": lambda r: (r["cert_acc"], r["nat_acc"]) if r["nat_acc"] >= floor else None,

@@ -1,37 +1,21 @@
-"""Hydra entry point: ``python -m ace_lightning.train stage=<core|cert|...> data=<name> eps=<eps>``.
+"""Hydra entry point: ``ace-train stage=<core|cert|gate|entropy|certify|pipeline> data=<name> eps=<eps>``
+(or ``python -m ace_lightning.train ...``).
 
-Multirun chains stages (``-m stage=core,cert``): every job of one (data, eps) combination shares
-the run folder, each stage reads what the earlier ones wrote. Bad input exits with code 2 and a
-one-line message; nothing already written is touched.
+``stage=pipeline`` runs the stages of one run folder in order in one job, so sweeps over datasets
+and epsilons run in parallel under any Hydra launcher (``hydra/launcher=joblib`` here,
+``submitit_slurm`` on a cluster). ``-m stage=core,cert,gate,certify`` chains the stages as
+separate jobs, which only the basic launcher runs in order (a parallel launcher is refused).
+Bad input exits with code 2 and a one-line message; nothing already written is touched.
 """
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def error_line(err: BaseException) -> str:
-    """The first line of a user error's message (ACE_TRACEBACK=1: re-raise it, for debugging)."""
-    if os.environ.get("ACE_TRACEBACK"):
-        raise err
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return msg.strip("'\"")
-
-
-def fail_on(err: BaseException) -> None:
-    fail(error_line(err))
+from ace_lightning.errors import USER_ERRORS, fail_on
 
 
 def ddp_job_in_multirun(cfg: DictConfig) -> bool:
@@ -41,8 +25,10 @@ def ddp_job_in_multirun(cfg: DictConfig) -> bool:
     from hydra.types import RunMode
 
     strategy = str((cfg.get("trainer") or {}).get("strategy", "auto"))
+    # under Slurm (submitit) every rank is its own task already: Lightning's SLURMEnvironment
+    started_by_slurm = "SLURM_NTASKS" in os.environ and "SLURM_JOB_NAME" in os.environ
     return (HydraConfig.get().mode == RunMode.MULTIRUN and strategy.startswith("ddp")
-            and "spawn" not in strategy and "LOCAL_RANK" not in os.environ)
+            and "spawn" not in strategy and "LOCAL_RANK" not in os.environ and not started_by_slurm)
 
 
 def run_job_as_single_run() -> int:
@@ -57,15 +43,18 @@ def run_job_as_single_run() -> int:
     return subprocess.run(cmd).returncode
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    from ace_lightning.console import setup_console
+
+    setup_console()
     if ddp_job_in_multirun(cfg):
         code = run_job_as_single_run()
         if code:
             sys.exit(code)  # the job printed its own error line
         return
-    from ace_lightning.stages import run_stage
+    from ace_lightning.registry import run_stage
 
     try:
         run_stage(cfg)

@@ -1,4 +1,4 @@
-"""Attack on the composed model (ace-method.md section 7): PGD that maximises the loss of a branch
+"""Attack on the composed model (docs/METHOD.md section 7): PGD that maximises the loss of a branch
 while pushing the gates so that this branch answers (across the threshold toward the weaker
 branch), for every branch, plus a smooth surrogate of the composed output; random restarts; every
 iterate is checked against the *composed* prediction and the worst point per input is kept.
@@ -11,28 +11,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ace_lightning.bounds.entropy import entropy
+from ace_lightning.routing import composed_output, first_firing
 
 
 def _branch_outputs(model, z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Logits of every cert-net and the core, and the gate values [B, n], all differentiable."""
     cert_logits = [cert(z) for cert in model.certs]
-    gates = []
-    for i, sel in enumerate(model.selection):
-        gates.append(model.gates[str(i)](z).squeeze(-1) if sel == "gate" else -entropy(cert_logits[i]))
+    gates = [model.gate_value(i, z, cert_logits[i]) for i in range(len(cert_logits))]
     return cert_logits + [model.core(z)], torch.stack(gates, dim=1)
 
 
 def _composed_prediction(outputs: list[torch.Tensor], gates: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    n = gates.shape[1]
-    pred = outputs[n].argmax(-1)
-    undecided = torch.ones_like(pred, dtype=torch.bool)
-    chosen = pred.clone()
-    for i in range(n):
-        fire = undecided & (gates[:, i] >= thresholds[i])
-        chosen[fire] = outputs[i].argmax(-1)[fire]
-        undecided &= ~fire
-    return chosen
+    """The composed model's label (the routing rule of ace_lightning.routing)."""
+    return composed_output([o.argmax(-1) for o in outputs], first_firing(gates, thresholds))
 
 
 def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: float) -> torch.Tensor:

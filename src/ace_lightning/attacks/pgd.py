@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from ace_lightning.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,7 +44,7 @@ def pgd(
     decay_at: Sequence[float] = (),
 ) -> torch.Tensor:
     """Adversarial inputs maximising ``loss_fn(net(x'), y)`` (per-input CE by default).
-    ``step_size`` is relative to eps (ace-method.md: 0.25 eps); it is multiplied by 0.1 at each
+    ``step_size`` is relative to eps (docs/METHOD.md: 0.25 eps); it is multiplied by 0.1 at each
     fraction of the steps in ``decay_at`` (SABR's schedule: 0.5, 0.8, 0.9). The point with the
     highest loss per input over every iterate of every restart is kept. The net's mode and
     parameters are left untouched."""
@@ -86,7 +87,7 @@ def adversarial_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     """Boolean per input: still classified correctly after PGD (and at x itself). ``loss``: ce
     or margin (then an input counts as broken if any iterate is misclassified)."""
     if loss not in LOSSES:
-        raise ValueError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     with torch.no_grad():
         clean = net(x).argmax(-1) == y
     x_adv = pgd(net, x, y, eps, steps=steps, step_size=step_size, restarts=restarts, loss_fn=LOSSES[loss])

@@ -1,6 +1,6 @@
 """Make auto-LiRPA 0.3 (the only release on PyPI, written for torch < 1.13) work on torch 2.x.
 
-Every break measured on torch 2.13/2.14 (ace-method.md section 10) is restored here, each one
+Every break measured on torch 2.13/2.14 (docs/METHOD.md section 10) is restored here, each one
 *only when the thing it restores is missing* (so a future auto_LiRPA or torch that fixes it makes
 the patch a no-op). ``apply()`` must run before ``import auto_LiRPA`` (patches 1-5) and again after
 it (patches 6-8); ``ace_lightning.bounds`` does both, and nothing else in the package imports
@@ -11,11 +11,14 @@ the bound layer passes ``bound_opts={'minimum_sparsity': 1.0}``, see ``DEFAULT_B
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import logging
 import os
 import sys
 import types
+import warnings
 from typing import Callable
 
 import torch
@@ -316,6 +319,34 @@ _DONE = False
 SKIP_ENV = "ACE_LIRPA_COMPAT_SKIP"
 
 
+@contextlib.contextmanager
+def quiet_import():
+    """auto_LiRPA 0.3's import configures the whole process: ``logging.basicConfig(stream=sys.stdout)``
+    (a root handler: every library's log records then print a second time, in its format, on
+    stdout), ``warnings.simplefilter("once")`` twice (every DeprecationWarning of every library shows
+    from then on, over any filter set before), torch.jit.script's FutureWarning from its operators,
+    and torch.utils.cpp_extension's "No CUDA runtime is found" on CPU-only torch (about the CUDA
+    extension auto_LiRPA can build, which ace-lightning never does). Inside this block basicConfig
+    finds a (placeholder) root handler and does nothing, the warning filters are restored after,
+    and the warnings raised are recorded: deprecations dropped, any other shown again."""
+    root = logging.getLogger()
+    placeholder = logging.NullHandler()
+    root.addHandler(placeholder)
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension.level
+    cpp_extension.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        root.removeHandler(placeholder)
+        cpp_extension.setLevel(level)
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def apply(skip: tuple[str, ...] = ()) -> dict[str, bool]:
     """Apply every needed patch and import auto_LiRPA; later calls are no-ops (the first call
     wins). ``skip`` (or the comma-separated env var ACE_LIRPA_COMPAT_SKIP) exists for the tests
@@ -332,7 +363,8 @@ def apply(skip: tuple[str, ...] = ()) -> dict[str, bool]:
     for name, fn in PRE_IMPORT.items():
         if name not in skip:
             _record(name, fn())
-    importlib.import_module("auto_LiRPA")
+    with quiet_import():
+        importlib.import_module("auto_LiRPA")
     for name, fn in POST_IMPORT.items():
         if name not in skip:
             _record(name, fn())

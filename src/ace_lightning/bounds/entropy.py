@@ -1,11 +1,11 @@
-"""Bounds of the entropy-selection gate g(x) = -H(softmax(f_cert(x))) over the ball (ace-method.md
+"""Bounds of the entropy-selection gate g(x) = -H(softmax(f_cert(x))) over the ball (docs/METHOD.md
 sections 2b, 5 and 6).
 
 Upper bounds of H over B(x) prove "routed to the cert-net"; lower bounds prove "routed to the
 core". Routes (``entropy_bounds``):
 - "interval" (the reference code's): bound the logits, then interval arithmetic for H over that
   box. Sound, loose: the logit box forgets that all logits move together.
-- "margin" (ace-method.md section 5): from m = min_{j != yhat} lb(z_yhat - z_j) alone, the exact
+- "margin" (docs/METHOD.md section 5): from m = min_{j != yhat} lb(z_yhat - z_j) alone, the exact
   maximum of H over all logits whose others sit at least m below z_yhat
   (``entropy_upper_bound_margin``). Decreasing in m, so "certifiably selected" is a threshold on
   the certified margin (``margin_threshold_for_entropy``).
@@ -28,6 +28,7 @@ from torch import nn
 
 from ace_lightning.bounds.lirpa import (_working, bounded_module, margin_spec, normalize_method, output_bounds,
                                        precise)
+from ace_lightning.errors import ConfigError
 
 ROUTES = ("box", "margin", "interval")
 
@@ -108,7 +109,7 @@ def _interval_entropy_bounds(lb: torch.Tensor, ub: torch.Tensor, form: str = "be
     "plogp" form, or the "best" of both (each is sound, so their min/max is). Clamped to
     [0, log K]."""
     if form not in ("best", "lse", "plogp"):
-        raise ValueError(f"unknown interval form {form!r}; choose best, lse or plogp")
+        raise ConfigError(f"unknown interval form {form!r}; choose best, lse or plogp")
     log_k = math.log(lb.shape[-1])
     logp_lo, logp_hi = _log_prob_bounds(lb, ub)
     p_lo, p_hi = logp_lo.exp(), logp_hi.exp()
@@ -184,7 +185,7 @@ def entropy_upper_bound_margin(m: torch.Tensor, num_classes: int) -> torch.Tenso
     the K-1 margin constraints."""
     k = int(num_classes)
     if k < 2:
-        raise ValueError(f"entropy bounds need at least 2 classes, got {num_classes}")
+        raise ConfigError(f"entropy bounds need at least 2 classes, got {num_classes}")
     m = torch.as_tensor(m)
     m = m if m.is_floating_point() else m.double()
     mc = torch.nan_to_num(m, nan=0.0).clamp_min(0.0)  # NaN margin: assume nothing (log K)
@@ -206,10 +207,10 @@ def margin_threshold_for_entropy(tau: float, num_classes: int) -> float:
     relative). -inf when tau >= log K (every input qualifies), +inf when tau <= 0 (none does)."""
     k = int(num_classes)
     if k < 2:
-        raise ValueError(f"entropy bounds need at least 2 classes, got {num_classes}")
+        raise ConfigError(f"entropy bounds need at least 2 classes, got {num_classes}")
     tau = float(tau)
     if math.isnan(tau):
-        raise ValueError("tau must be a number")
+        raise ConfigError("tau must be a number")
     if tau >= math.log(k):
         return -math.inf
     if tau <= 0.0:
@@ -258,15 +259,15 @@ def entropy_bounds_from_margins(lb_d: torch.Tensor, ub_d: Optional[torch.Tensor]
     lb_H by interval arithmetic on the relative box for both (0 if ub_d is None)."""
     route = str(route).lower()
     if route not in ("box", "margin"):
-        raise ValueError(f"entropy from margin bounds: route must be box or margin, got {route!r}")
+        raise ConfigError(f"entropy from margin bounds: route must be box or margin, got {route!r}")
     num_classes = lb_d.shape[-1] + 1
     ref = torch.as_tensor(ref, device=lb_d.device).long().view(-1)
     if ref.shape[0] != lb_d.shape[0] or (ref.numel() and (ref.min() < 0 or ref.max() >= num_classes)):
-        raise ValueError(f"ref must be {lb_d.shape[0]} class indices in [0, {num_classes})")
+        raise ConfigError(f"ref must be {lb_d.shape[0]} class indices in [0, {num_classes})")
     h_margin = entropy_upper_bound_margin(lb_d.min(dim=-1).values, num_classes)
     if ub_d is None:
         if route == "box":
-            raise ValueError("route 'box' needs upper bounds of the margins too")
+            raise ConfigError("route 'box' needs upper bounds of the margins too")
         return torch.zeros_like(h_margin), h_margin
     w_lo, w_hi = _relative_box(lb_d, ub_d, ref)
     h_lo, h_int = _interval_entropy_bounds(w_lo, w_hi, upper=route == "box")
@@ -294,7 +295,7 @@ def _margin_pass(net, x, ref, eps, method, beta):
     num_classes = bounded_module(net, x, kind).ace_num_outputs  # cached: no extra trace
     ref = torch.as_tensor(ref, device=x.device).long().view(-1)
     if ref.shape[0] != x.shape[0] or (ref.numel() and (ref.min() < 0 or ref.max() >= num_classes)):
-        raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {num_classes})")
+        raise ConfigError(f"labels must be {x.shape[0]} class indices in [0, {num_classes})")
     C = margin_spec(ref, num_classes, dtype=x.dtype)
     return output_bounds(net, x, eps, method, beta=beta, C=C, return_logits=True)
 
@@ -302,7 +303,7 @@ def _margin_pass(net, x, ref, eps, method, beta):
 def _entropy_bounds(net, x, eps, method, route, beta, dtype=None):
     route = str(route).lower()
     if route not in ROUTES:
-        raise ValueError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
+        raise ConfigError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
     net, x, _ = _working(net, x, dtype)
     if route == "interval":
         lb, ub, logits = output_bounds(net, x, eps, method, beta=beta, return_logits=True)
@@ -331,7 +332,7 @@ def entropy_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "I
 def entropy_gate_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IBP",
                         route: str = "box", *, beta: Optional[float] = None, dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(g, lb_g, ub_g) for the gate g = -H(softmax(net(x))) (ace-method.md section 2b: select the
+    """(g, lb_g, ub_g) for the gate g = -H(softmax(net(x))) (docs/METHOD.md section 2b: select the
     cert-net iff g >= T = -tau): lb_g = -ub_H, ub_g = -lb_H; g from the same forward pass."""
     h_lo, h_hi, logits = _entropy_bounds(net, x, eps, method, route, beta, dtype)
     return -entropy(logits), -h_hi, -h_lo
@@ -351,7 +352,7 @@ def entropy_selection_loss_from_margins(lb_d: torch.Tensor, ub_d: torch.Tensor, 
 @precise
 def entropy_selection_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                            method: str = "IBP", *, beta: Optional[float] = None) -> torch.Tensor:
-    """Worst-case entropy loss for co-training the cert-net with the entropy gate (ace-method.md
+    """Worst-case entropy loss for co-training the cert-net with the entropy gate (docs/METHOD.md
     section 6): push ub(H) down where argmax net(x) == y, push lb(H) up elsewhere.
 
     Bound choice: the "box" bounds on the relative logits z - z_y, from the specification-folded

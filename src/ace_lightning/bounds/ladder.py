@@ -1,11 +1,11 @@
 """Certification from cheap to tight, and the float64 re-check near a decision.
 
-Nets trained with SABR or MTL-IBP have loose IBP bounds by design (ace-method.md section 11), so a
+Nets trained with SABR or MTL-IBP have loose IBP bounds by design (docs/METHOD.md section 11), so a
 certifier tries bound methods per input from cheap to tight (IBP, CROWN-IBP, CROWN, alpha-CROWN) and
 stops at the first that certifies; inputs misclassified at x, or refuted by an attack, never reach
 the expensive methods. Bounds are computed in float32 by default; an input whose certified margin
 (or gate bound) lies within ``recheck_tol`` of the decision is re-checked in float64 and keeps its
-certificate only if it holds there (ace-method.md section 12), so rounding cannot flip one.
+certificate only if it holds there (docs/METHOD.md section 12), so rounding cannot flip one.
 
 Everything here is a list of sound bounds: the max of sound lower bounds is sound, so is the
 intersection of sound intervals.
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ace_lightning.bounds.lirpa import margin_lower_bounds, normalize_method, resolve_dtype
+from ace_lightning.errors import ConfigError
 
 NO_METHOD = -1  # method index of an input no method certified
 # (x subset, method, dtype) -> (g, lb_g, ub_g) over the ball, for one selector
@@ -113,7 +114,7 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     ``recheck_tol`` > 0: inputs whose certified margin lies within it of 0 are decided in float64."""
     methods = [normalize_method(m) for m in methods]
     if not methods:
-        raise ValueError("certification needs at least one bound method")
+        raise ConfigError("certification needs at least one bound method")
     work = resolve_dtype(dtype, x, net)
     lb, logits = margin_lower_bounds(net, x, y, eps, methods[0], return_logits=True, dtype=work)
     margin = lb.min(dim=1).values
@@ -175,7 +176,7 @@ def gate_interval(bound: IntervalFn, x: torch.Tensor, methods: Sequence[str], *,
     """The intersection of the selector's intervals by every method in ``methods``, on every input."""
     methods = [normalize_method(m) for m in methods]
     if not methods:
-        raise ValueError("the gate interval needs at least one bound method")
+        raise ConfigError("the gate interval needs at least one bound method")
     g = lb = ub = None
     for name in methods:
         g_k, lb_k, ub_k = bound(x, name, dtype)

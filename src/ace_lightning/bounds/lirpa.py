@@ -2,14 +2,14 @@
 
 This module and ``compat`` are the only places in ace-lightning that touch auto_LiRPA: everything
 else asks for "output bounds of this net on this ball" or "margin lower bounds". Why a wrapper:
-- the ball is always intersected with [0, 1] (eps lives in pixel space, ace-method.md section 1);
+- the ball is always intersected with [0, 1] (eps lives in pixel space, docs/METHOD.md section 1);
 - BoundedModules are expensive to build (a trace + ONNX pass), so they are cached per net, input
   shape, mode and parameter identity;
 - auto_LiRPA copies buffers: BatchNorm running statistics would be updated in the wrapper's copy
   only. We alias the wrapper's buffers to the user's tensors so there is one copy;
 - building a BoundedModule runs the net twice; in train mode that would move the running
   statistics, so they are restored afterwards;
-- every bound is computed in full precision whatever the caller's context (ace-method.md section
+- every bound is computed in full precision whatever the caller's context (docs/METHOD.md section
   12): autocast off, TF32 / bf16 float32 kernels off during the call (restored afterwards, also
   on error), inputs and net in float32 or float64 (``dtype``). Bounds computed under bfloat16
   autocast came back as float32 tensors with lower bounds that were too high: false certificates.
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ace_lightning.bounds import compat
+from ace_lightning.errors import ConfigError
 
 compat.apply()
 
@@ -53,8 +54,23 @@ SUPPORTED_OPS = frozenset({
 _FUSION_OPS = frozenset({"BoundExp", "BoundReduceSum", "BoundGatherElements", "BoundNeg"})
 
 _STRICT_AVGPOOL = True  # 0.3 is unsound on overlapping windows (tests/test_bounds_reference.py)
-ALPHA_CROWN_ITERATIONS = 20
+ALPHA_CROWN_ITERATIONS = 20  # defaults of conf/stage/certify.yaml alpha_crown_iterations / _lr
 ALPHA_CROWN_LR = 0.5
+_ALPHA_CROWN = {"iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}
+
+
+@contextlib.contextmanager
+def alpha_crown_options(iterations: int = ALPHA_CROWN_ITERATIONS, lr: float = ALPHA_CROWN_LR):
+    """alpha-CROWN's slope optimisation (steps, learning rate) for the bounds computed inside."""
+    if int(iterations) < 1 or not float(lr) > 0:
+        raise ConfigError(f"alpha-CROWN needs iterations >= 1 and lr > 0, got {iterations} and {lr}")
+    saved = dict(_ALPHA_CROWN)
+    _ALPHA_CROWN.update(iteration=int(iterations), lr_alpha=float(lr))
+    try:
+        yield
+    finally:
+        _ALPHA_CROWN.clear()
+        _ALPHA_CROWN.update(saved)
 
 # -- full precision, whatever the caller set ------------------------------------------------------
 # Backends whose float32 kernels may silently run in TF32 or bfloat16 (torch >= 2.9 API; the legacy
@@ -121,10 +137,10 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], x: Optional[torch.Tensor
         return torch.float64 if wide else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"bound dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise ConfigError(f"bound dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         return DTYPES[dtype]
     if dtype not in DTYPES.values():
-        raise ValueError(f"bound dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise ConfigError(f"bound dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
 
 
@@ -161,7 +177,7 @@ def normalize_method(method: str) -> str:
     """Canonical method name, or a one-line ValueError listing the known ones."""
     canon = _METHOD_ALIASES.get(str(method).lower())
     if canon is None:
-        raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
     return canon
 
 
@@ -170,13 +186,13 @@ def validate_ball(x: torch.Tensor, eps: float) -> float:
     try:
         eps_f = float(eps)
     except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number in [0, 1] (pixel space), got {eps!r}") from None
+        raise ConfigError(f"eps must be a number in [0, 1] (pixel space), got {eps!r}") from None
     if not np.isfinite(eps_f) or eps_f < 0 or eps_f > 1:
-        raise ValueError(f"eps must be in [0, 1] (pixel space, e.g. 2/255), got {eps_f}")
+        raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255), got {eps_f}")
     if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError("x must be a floating-point tensor of images in [0, 1]")
+        raise ConfigError("x must be a floating-point tensor of images in [0, 1]")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"x must lie in the pixel box [0, 1] (got values in [{x.min().item():.4g}, "
+        raise ConfigError(f"x must lie in the pixel box [0, 1] (got values in [{x.min().item():.4g}, "
                          f"{x.max().item():.4g}]); normalisation belongs inside the net")
     return eps_f
 
@@ -241,12 +257,12 @@ def _check_ops(bounded: BoundedModule, net: nn.Module, extra: frozenset = frozen
         if _STRICT_AVGPOOL and kind == "BoundAveragePool" and (list(node.kernel_size) != list(node.stride)
                                            or any(node.padding)):
             # 0.3's backward pass for average pooling is exact only for non-overlapping windows.
-            raise ValueError(f"bound layer handles AvgPool2d only with stride == kernel_size and no "
+            raise ConfigError(f"bound layer handles AvgPool2d only with stride == kernel_size and no "
                              f"padding (got kernel {list(node.kernel_size)}, stride "
                              f"{list(node.stride)}, padding {list(node.padding)})")
         if kind not in allowed:
             where = getattr(node, "ori_name", "") or node.name
-            raise ValueError(f"bound layer cannot handle operation {kind[5:] or kind} (at {where!r}) in "
+            raise ConfigError(f"bound layer cannot handle operation {kind[5:] or kind} (at {where!r}) in "
                              f"{type(net).__name__}; supported: Linear, Conv2d, ReLU, BatchNorm, "
                              f"AvgPool2d, Flatten, residual add, Normalize")
 
@@ -269,11 +285,11 @@ def _build(net: nn.Module, x: torch.Tensor, kind: str) -> _Entry:
             bounded = BoundedModule(model, dummy, bound_opts=dict(compat.DEFAULT_BOUND_OPTS),
                                     device=x.device)
     except NotImplementedError as err:
-        raise ValueError(f"bound layer cannot handle {type(net).__name__}: auto_LiRPA reports "
+        raise ConfigError(f"bound layer cannot handle {type(net).__name__}: auto_LiRPA reports "
                          f"{str(err).splitlines()[0] if str(err) else 'an unsupported operation'}") from None
     except Exception as err:  # tracing failures: name the module, keep it one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"bound layer cannot handle {type(net).__name__}: {first}") from None
+        raise ConfigError(f"bound layer cannot handle {type(net).__name__}: {first}") from None
     finally:
         with torch.no_grad():
             for name, value in saved.items():
@@ -303,7 +319,7 @@ def bounded_module(net: nn.Module, x: torch.Tensor, kind: str = "plain") -> Boun
     "plain"; "fusion" (the loss-fusion head); "alpha" (alpha-CROWN keeps optimised slopes in the
     module and reuses them in later backward passes, so it never shares a module with CROWN)."""
     if kind not in ("plain", "fusion", "alpha"):
-        raise ValueError(f"unknown BoundedModule kind {kind!r}")
+        raise ConfigError(f"unknown BoundedModule kind {kind!r}")
     key = (kind, tuple(x.shape), x.device, x.dtype, net.training,
            tuple(id(p) for p in net.parameters()))
     per_net = _CACHE.setdefault(net, {})
@@ -333,31 +349,31 @@ def validate_box(lower: torch.Tensor, upper: torch.Tensor, x: Optional[torch.Ten
     """Check a box [lower, upper] inside the pixel box [0, 1] (and x inside it, when given)."""
     for name, t in (("lower", lower), ("upper", upper)):
         if not torch.is_tensor(t) or not t.is_floating_point():
-            raise ValueError(f"box {name} corner must be a floating-point tensor of images in [0, 1]")
+            raise ConfigError(f"box {name} corner must be a floating-point tensor of images in [0, 1]")
     if lower.shape != upper.shape:
-        raise ValueError(f"box corners differ in shape: {tuple(lower.shape)} vs {tuple(upper.shape)}")
+        raise ConfigError(f"box corners differ in shape: {tuple(lower.shape)} vs {tuple(upper.shape)}")
     if lower.numel() == 0:
         return
     if lower.min() < 0 or upper.max() > 1:
-        raise ValueError(f"box must lie in the pixel box [0, 1] (got values in [{lower.min().item():.4g}, "
+        raise ConfigError(f"box must lie in the pixel box [0, 1] (got values in [{lower.min().item():.4g}, "
                          f"{upper.max().item():.4g}]); normalisation belongs inside the net")
     if (lower > upper).any():
-        raise ValueError("box lower corner exceeds its upper corner somewhere (need lower <= upper)")
+        raise ConfigError("box lower corner exceeds its upper corner somewhere (need lower <= upper)")
     if x is not None:
         if x.shape != lower.shape:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the box {tuple(lower.shape)}")
+            raise ConfigError(f"x has shape {tuple(x.shape)} but the box {tuple(lower.shape)}")
         if (x < lower).any() or (x > upper).any():
-            raise ValueError("x must lie inside the box [lower, upper]")
+            raise ConfigError("x must lie inside the box [lower, upper]")
 
 
 def _check_beta(method: str, beta: Optional[float]) -> Optional[float]:
     if beta is None:
         return None
     if method != "CROWN-IBP":
-        raise ValueError(f"beta mixes CROWN-IBP with IBP; it is meaningless for method {method!r}")
+        raise ConfigError(f"beta mixes CROWN-IBP with IBP; it is meaningless for method {method!r}")
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+        raise ConfigError(f"beta must be in [0, 1], got {beta}")
     return beta
 
 
@@ -366,8 +382,7 @@ def _alpha_crown(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Te
     """alpha-CROWN is an evaluation method: only the ReLU slopes are optimised, the parameters are
     held fixed (with them requiring grad, train-mode BN statistics carry a graph that every
     optimisation step back-propagates through, and 0.3 fails on the second step)."""
-    bounded.set_bound_opts({"optimize_bound_args": {
-        "iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}})
+    bounded.set_bound_opts({"optimize_bound_args": dict(_ALPHA_CROWN)})
     params = [p for p in bounded.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -430,13 +445,13 @@ def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
 
 def _check_c(C: Optional[torch.Tensor], batch: int) -> None:
     if C is not None and (C.dim() != 3 or C.shape[0] != batch):
-        raise ValueError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
+        raise ConfigError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
 
 
 def _labels(y, batch: int, num_classes: int, device) -> torch.Tensor:
     y = torch.as_tensor(y, device=device).long().view(-1)
     if y.shape[0] != batch or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
-        raise ValueError(f"labels must be {batch} class indices in [0, {num_classes})")
+        raise ConfigError(f"labels must be {batch} class indices in [0, {num_classes})")
     return y
 
 
@@ -544,7 +559,7 @@ def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optiona
     method = normalize_method(method)
     beta = _check_beta(method, beta)
     if (eps is None) == (box is None):
-        raise ValueError("bound_pass needs exactly one of eps (the ball around x) or box (lower, upper)")
+        raise ConfigError("bound_pass needs exactly one of eps (the ball around x) or box (lower, upper)")
     if eps is not None:
         region: Union[float, tuple] = validate_ball(x, eps)
     else:
@@ -563,7 +578,7 @@ def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optiona
 
 def worst_case_ce(lb_margins: torch.Tensor) -> torch.Tensor:
     """Mean CE of the negated margin lower bounds [B, K-1] (true-class entry 0): an upper bound of
-    the worst-case cross-entropy over the ball (ace-method.md section 6)."""
+    the worst-case cross-entropy over the ball (docs/METHOD.md section 6)."""
     worst = torch.cat([torch.zeros_like(lb_margins[:, :1]), -lb_margins], dim=1)
     target = torch.zeros(lb_margins.shape[0], dtype=torch.long, device=lb_margins.device)
     return nn.functional.cross_entropy(worst, target)
@@ -574,7 +589,7 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                    method: str = "IBP", *, beta: Optional[float] = None, loss_fusion: bool = False,
                    return_logits: bool = False):
     """Upper bound of the worst-case cross-entropy over the ball (mean over the batch): the CE of
-    the negated margin lower bounds (true-class entry 0), ace-method.md section 6. With
+    the negated margin lower bounds (true-class entry 0), docs/METHOD.md section 6. With
     ``loss_fusion`` the CE itself is bounded (sum_j exp(z_j - z_y) from above), which costs one
     bound row instead of K-1 (much cheaper with CROWN-IBP and many classes). In fusion mode
     ``return_logits`` runs the plain net once more for the clean logits. A training loss: always
@@ -587,7 +602,7 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     method = normalize_method(method)
     beta = _check_beta(method, beta)
     if method not in ("IBP", "CROWN-IBP"):
-        raise ValueError(f"loss fusion is a training method: use IBP or CROWN-IBP, not {method}")
+        raise ConfigError(f"loss fusion is a training method: use IBP or CROWN-IBP, not {method}")
     eps = validate_ball(x, eps)
     net, x, _ = _working(net, x, None)
     y = torch.as_tensor(y, device=x.device).long().view(-1)

@@ -3,7 +3,7 @@
 Besides the usual train/val/test loaders it offers ``train_eval_dataloader()``: the *un-augmented*
 training images in a fixed order, with exactly the training indices. The gate stage labels
 these images (cert-net certified correct or not); the reference implementation labelled
-augmented images by mistake (ace-method.md section 6).
+augmented images by mistake (docs/METHOD.md section 6).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ace_lightning.data.registry import DatasetInfo, get_dataset_info
+from ace_lightning.errors import ConfigError
 
 
 def _seeded_perm(n: int, seed: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ class ACEDataModule(L.LightningDataModule):
         super().__init__()
         self.base_info = get_dataset_info(name)
         if val_size < 0 or (subset is not None and subset <= 0):
-            raise ValueError(f"val_size must be >= 0 and subset > 0, got val_size={val_size}, subset={subset}")
+            raise ConfigError(f"val_size must be >= 0 and subset > 0, got val_size={val_size}, subset={subset}")
         self.name, self.data_dir = name, str(data_dir) if data_dir is not None else f"data/{name}"
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.download = num_workers, download
@@ -77,7 +78,7 @@ class ACEDataModule(L.LightningDataModule):
         train_aug.transform = self.base_info.train_transform()
         n = len(train_plain)
         if self.val_size >= n:
-            raise ValueError(f"val_size={self.val_size} leaves no training images ({self.name} has {n})")
+            raise ConfigError(f"val_size={self.val_size} leaves no training images ({self.name} has {n})")
         perm = _seeded_perm(n, self.seed)
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size:]
         test_idx = torch.arange(len(test))

@@ -16,6 +16,7 @@ from ace_lightning.data.cifar import CIFAR10
 from ace_lightning.data.mnist import MNIST, FashionMNIST
 from ace_lightning.data.synthetic import SyntheticDataset
 from ace_lightning.data.tinyimagenet import ImageNet200, TinyImageNet
+from ace_lightning.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,4 +89,4 @@ def get_dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}") from None
+        raise ConfigError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}") from None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ace_lightning.data.transforms import to_float_tensor
+from ace_lightning.errors import ConfigError
 
 
 class SyntheticDataset(Dataset):
@@ -33,7 +34,7 @@ class SyntheticDataset(Dataset):
     ) -> None:
         c, h, w = (int(v) for v in input_shape)
         if num_classes < 2:
-            raise ValueError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+            raise ConfigError(f"synthetic: num_classes must be >= 2, got {num_classes}")
         self.train, self.transform = train, transform
         self.classes = [f"class_{i}" for i in range(num_classes)]
         g = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ from ace_lightning.nets.cert import CERT_NETS, create_cert_net
 from ace_lightning.nets.core import CORE_NETS, PretrainedUnavailableError, create_core
 from ace_lightning.nets.gate import create_gate, final_linear_name, init_gate_from_cert
 from ace_lightning.nets.layers import Normalize
+from ace_lightning.errors import ConfigError
 
 
 def build_net(cfg: Mapping[str, Any], info: Any, **overrides: Any) -> nn.Module:
@@ -22,7 +23,7 @@ def build_net(cfg: Mapping[str, Any], info: Any, **overrides: Any) -> nn.Module:
         return create_gate(name, info.input_shape, info.mean, info.std, **kw)
     if kind == "core":
         return create_core(name, info.num_classes, info.input_shape, mean=info.mean, std=info.std, **kw)
-    raise ValueError(f"unknown net kind '{kind}'; known: cert, core, gate")
+    raise ConfigError(f"unknown net kind '{kind}'; known: cert, core, gate")
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Certification networks (ace-method.md section 8), built for any input shape and class count.
+"""Certification networks (docs/METHOD.md section 8), built for any input shape and class count.
 
 Every net is a plain ``nn.Sequential``: [optional AvgPool2d downsample] -> Normalize -> body ->
 Linear(K). Only layers the bound layer (auto_LiRPA) traces are used: Conv2d, Linear, ReLU,
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ace_lightning.nets.layers import Normalize
+from ace_lightning.errors import ConfigError
 
 Shape = tuple[int, int, int]
 
@@ -37,14 +38,14 @@ def input_stem(
 ) -> InputStem:
     c, h, w = (int(v) for v in input_shape)
     if len(mean) != c or len(std) != c:
-        raise ValueError(f"mean/std need {c} entries for input shape {tuple(input_shape)}, got {len(mean)}/{len(std)}")
+        raise ConfigError(f"mean/std need {c} entries for input shape {tuple(input_shape)}, got {len(mean)}/{len(std)}")
     layers: list[nn.Module] = []
     body = (c, h, w)
     if downsample is not None and (downsample, downsample) != (h, w):
         d = int(downsample)
         if d <= 0 or h % d or w % d:
             valid = [v for v in range(min(h, w), 0, -1) if h % v == 0 and w % v == 0][:8]
-            raise ValueError(
+            raise ConfigError(
                 f"downsample={downsample} must divide the input size {h}x{w} (average pooling by an "
                 f"integer factor); valid sizes include {', '.join(map(str, valid))}"
             )
@@ -187,7 +188,7 @@ def create_cert_net(
 ) -> nn.Sequential:
     """A cert-net from the zoo: logits [B, num_classes] for inputs [B, *input_shape] in [0, 1]."""
     if name not in CERT_NETS:
-        raise ValueError(f"unknown cert-net '{name}'; known: {', '.join(sorted(CERT_NETS))}")
+        raise ConfigError(f"unknown cert-net '{name}'; known: {', '.join(sorted(CERT_NETS))}")
     if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+        raise ConfigError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     return CERT_NETS[name](input_stem(input_shape, mean, std, downsample), int(num_classes), **kwargs)

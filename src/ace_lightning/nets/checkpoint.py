@@ -9,13 +9,14 @@ import os
 from typing import Iterable, Mapping
 
 import torch
+from ace_lightning.errors import ConfigError, InputNotFoundError
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a weight file; one-line errors for missing or unsupported files."""
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file not found: {path}")
+        raise InputNotFoundError(f"weight file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -23,13 +24,13 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise ConfigError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+        raise ConfigError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return dict(obj)
 
 
@@ -94,6 +95,6 @@ def load_external_weights(net: torch.nn.Module, path: str, what: str = "cert-net
             state, how = dict(zip(learnt.keys(), values)), "order"
     problem = describe_mismatch(learnt, state)
     if problem:
-        raise ValueError(f"{path} does not fit {what}: {problem}")
+        raise ConfigError(f"{path} does not fit {what}: {problem}")
     net.load_state_dict({**target, **state})
     return how

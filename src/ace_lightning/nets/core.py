@@ -2,7 +2,7 @@
 
 The core is never certified or retrained by ACE, it only has to be accurate. At 32 px the usual
 ImageNet stems throw away most of the image, so small inputs get an adapted stem
-(ace-method.md section 6): ResNets a 3x3 stride-1 first conv and no max-pool, EfficientNets a
+(docs/METHOD.md section 6): ResNets a 3x3 stride-1 first conv and no max-pool, EfficientNets a
 stride-1 stem; the reference code upsampled to 224 px instead (slow).
 
 Returned modules are ``nn.Sequential(normalize=Normalize, model=<net>)``. Weights come from a
@@ -24,6 +24,7 @@ from torch import nn
 
 from ace_lightning.nets.checkpoint import describe_mismatch, load_state_dict_file, strip_prefix
 from ace_lightning.nets.layers import Normalize
+from ace_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,11 @@ def create_core(
     std = tuple(std) if std is not None else (1.0,) * c
     if name in CORE_NETS:
         if pretrained and not pretrained_path:
-            raise ValueError(f"core '{name}' has no hub weights; pass pretrained_path=<file> or pretrained=false")
+            raise ConfigError(f"core '{name}' has no hub weights; pass pretrained_path=<file> or pretrained=false")
         model = CORE_NETS[name]((c, h, w), num_classes, **kwargs)
     else:
         if not timm.is_model(name):
-            raise ValueError(
+            raise ConfigError(
                 f"unknown core '{name}': neither a built-in core ({', '.join(CORE_NETS)}) nor a timm model; "
                 f"list timm names with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
             )
@@ -170,7 +171,7 @@ def load_core_weights(net: nn.Sequential, path: str, name: str = "core") -> None
     if any(k.startswith(("normalize.", "model.")) for k in state):
         problem = describe_mismatch(net.state_dict(), state)
         if problem:
-            raise ValueError(f"{path} does not fit core '{name}': {problem}")
+            raise ConfigError(f"{path} does not fit core '{name}': {problem}")
         net.load_state_dict(state)
         return
     target = net.model.state_dict()
@@ -189,7 +190,7 @@ def load_core_weights(net: nn.Sequential, path: str, name: str = "core") -> None
         del state[k]
     problem = describe_mismatch({k: v for k, v in target.items() if k not in skipped}, state)
     if problem:
-        raise ValueError(f"{path} does not fit core '{name}': {problem}")
+        raise ConfigError(f"{path} does not fit core '{name}': {problem}")
     if skipped:
         log.info("core '%s': kept fresh %s (shape differs from %s)", name, ", ".join(skipped), path)
     net.model.load_state_dict({**target, **state})

@@ -1,5 +1,5 @@
 """Selection networks: the cert-net architecture with one output logit, initialised from a
-trained cert-net except for the last linear layer (ace-method.md section 2a).
+trained cert-net except for the last linear layer (docs/METHOD.md section 2a).
 
 The reference implementation crashed while copying these weights; here every parameter and
 buffer but the final Linear is checked by name and shape first, and the first mismatch is named.
@@ -13,13 +13,14 @@ from torch import nn
 
 from ace_lightning.nets.cert import create_cert_net
 from ace_lightning.nets.checkpoint import load_state_dict_file, strip_prefix
+from ace_lightning.errors import ConfigError
 
 
 def final_linear_name(net: nn.Module) -> str:
     """Qualified name of the last ``nn.Linear`` (the classification head)."""
     names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise ValueError(f"{type(net).__name__} has no Linear layer to replace")
+        raise ConfigError(f"{type(net).__name__} has no Linear layer to replace")
     return names[-1]
 
 
@@ -33,19 +34,19 @@ def init_gate_from_cert(gate: nn.Module, cert: Union[nn.Module, str]) -> nn.Modu
     src = f"cert-net {cert if isinstance(cert, str) else type(cert).__name__}"
     for k in body:
         if k not in state:
-            raise ValueError(f"{src} does not match the gate architecture: it lacks {k} {list(target[k].shape)}")
+            raise ConfigError(f"{src} does not match the gate architecture: it lacks {k} {list(target[k].shape)}")
         if state[k].shape != target[k].shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{src} does not match the gate architecture: {k} is {list(state[k].shape)} in the cert-net, "
                 f"{list(target[k].shape)} in the gate"
             )
     head_w = state.get(head + ".weight")
     if head_w is None or head_w.shape[1:] != target[head + ".weight"].shape[1:]:
         shape = None if head_w is None else list(head_w.shape)
-        raise ValueError(f"{src} does not match the gate architecture: head {head}.weight is {shape}, gate expects [*, {target[head + '.weight'].shape[1]}]")
+        raise ConfigError(f"{src} does not match the gate architecture: head {head}.weight is {shape}, gate expects [*, {target[head + '.weight'].shape[1]}]")
     extra = [k for k in state if k not in target]
     if extra:
-        raise ValueError(f"{src} does not match the gate architecture: it has {extra[0]} {list(state[extra[0]].shape)} which the gate lacks")
+        raise ConfigError(f"{src} does not match the gate architecture: it has {extra[0]} {list(state[extra[0]].shape)} which the gate lacks")
     with torch.no_grad():
         gate.load_state_dict({**target, **{k: state[k] for k in body}})
     return gate

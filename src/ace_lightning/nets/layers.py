@@ -1,7 +1,7 @@
 """Small building blocks shared by every architecture.
 
 Normalisation is a layer inside each net so that eps is always given in pixel space [0, 1]
-(ace-method.md section 1) and the bound layer sees the exact affine map.
+(docs/METHOD.md section 1) and the bound layer sees the exact affine map.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from ace_lightning.errors import ConfigError
 
 
 class Normalize(nn.Module):
@@ -19,7 +20,7 @@ class Normalize(nn.Module):
         mean_t = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
         if (std_t <= 0).any():
-            raise ValueError(f"Normalize: std must be positive, got {list(std)}")
+            raise ConfigError(f"Normalize: std must be positive, got {list(std)}")
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
 

@@ -1,5 +1,4 @@
-"""Training stages (one LightningModule each) and the registry the CLI dispatches on. Stages never
-import each other: they meet through the run folder's manifests and exported weights."""
-from ace_lightning.stages.registry import STAGES, run_stage
-
-__all__ = ["STAGES", "run_stage"]
+"""The training stages: one LightningModule each (core, cert, gate, entropy) and the skeleton that
+trains one (runner.py). Stages never import each other: they meet through the run folder
+(ace_lightning.rundir). The registry that dispatches on stage names lives above them
+(ace_lightning.registry)."""

@@ -12,18 +12,42 @@ from torchmetrics import MeanMetric
 
 from ace_lightning.bounds import full_precision
 from ace_lightning.stages.schedules import CertSchedule, step_decay
+from ace_lightning.errors import ConfigError
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def build_optimizer(params, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """From the stage's ``optimizer`` config: ``_target_`` (any optimizer class, built with
+    hydra.utils.instantiate) or the short form ``name: adam | adamw | sgd``."""
     cfg = dict(cfg)
+    if "_target_" in cfg:
+        from hydra.errors import InstantiationException
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate({**cfg, "_partial_": True})(params)
+        except InstantiationException as err:
+            raise ConfigError(f"optimizer {cfg['_target_']!r} cannot be built: {err}") from None
     name = str(cfg.pop("name", "adam")).lower()
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
     if name == "sgd":
         cfg.setdefault("momentum", 0.9)
     return OPTIMIZERS[name](params, **cfg)
+
+
+def config_kwargs(cls: type, st: Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` found in a stage config (conf/stage/<name>.yaml with its
+    overrides) plus ``given``: a stage's knobs reach its LightningModule by name, without a
+    hand-written copy per knob. Keys the constructor does not take (name, epochs of the trainer,
+    checkpointing, ...) belong to the runner and are left out."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    kw = {k: v for k, v in st.items() if k in params and k not in ("self", "net")}
+    kw.update(given)
+    return kw
 
 
 class StageModule(L.LightningModule):
@@ -116,7 +140,7 @@ class StageModule(L.LightningModule):
         state = self.net.state_dict()
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise ValueError(f"the weights became NaN/inf by epoch {self.current_epoch} ({len(bad)} tensors, "
+            raise ConfigError(f"the weights became NaN/inf by epoch {self.current_epoch} ({len(bad)} tensors, "
                              f"e.g. {bad[0]}): training diverged; lower optimizer.lr or set grad_clip")
 
     def _eval_context(self):

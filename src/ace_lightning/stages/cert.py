@@ -1,4 +1,4 @@
-"""Certification-network stage: certified training (ace-method.md sections 6 and 11).
+"""Certification-network stage: certified training (docs/METHOD.md sections 6 and 11).
 
 L = kappa * CE(f(x), y) + (1 - kappa) * L_method, with eps ramping 0 -> eps_train = factor x eps
 after a natural warm-up, kappa 1 -> kappa_end and (CROWN-IBP) beta 1 -> 0 over the same ramp,
@@ -35,6 +35,7 @@ from ace_lightning.stages.common import l1_penalty
 from ace_lightning.stages.losses import (CERT_METHODS, CertifiedLoss, build_loss, check_method_knobs, ibp_init,
                                          margin_ce, shi_regularizer)
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress
+from ace_lightning.errors import ConfigError
 
 TRAIN_METHODS = CERT_METHODS
 CLASSIC = ("IBP", "CROWN-IBP")  # bounds over the whole ball; loss fusion and co-training apply
@@ -161,49 +162,49 @@ class CertStage(StageModule):
         method = check_method_knobs(st.get("method", "IBP"), st.get("sabr_lambda", 0.4), st.get("alpha", 0.5),
                                     st.get("attack"))
         if st.get("loss_fusion") and method not in CLASSIC:
-            raise ValueError(f"loss_fusion bounds the CE over the whole ball: IBP or CROWN-IBP only, not {method}")
+            raise ConfigError(f"loss_fusion bounds the CE over the whole ball: IBP or CROWN-IBP only, not {method}")
         if not float(st.get("shi_reg_weight", 0.5)) >= 0:
-            raise ValueError(f"shi_reg_weight must be >= 0, got {st.get('shi_reg_weight')}")
+            raise ConfigError(f"shi_reg_weight must be >= 0, got {st.get('shi_reg_weight')}")
         if not 0.0 < float(st.get("shi_tol", 0.5)) <= 1.0:
-            raise ValueError(f"shi_tol must be in (0, 1], got {st.get('shi_tol')}")
+            raise ConfigError(f"shi_tol must be in (0, 1], got {st.get('shi_tol')}")
         kappa_end = float(st.get("kappa_end", 0.5))
         if not 0.0 <= kappa_end <= 1.0:
-            raise ValueError(f"kappa_end must be in [0, 1], got {kappa_end}")
+            raise ConfigError(f"kappa_end must be in [0, 1], got {kappa_end}")
         if not 0.0 < float(eps) <= 1.0:
-            raise ValueError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+            raise ConfigError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
         if float(st.get("eps_factor", 1.0)) <= 0:
-            raise ValueError(f"eps_factor must be positive, got {st.get('eps_factor')}")
+            raise ConfigError(f"eps_factor must be positive, got {st.get('eps_factor')}")
         warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
         epochs = st.get("epochs")
         if warmup < 0 or ramp < 0:
-            raise ValueError("warmup_epochs and ramp_epochs must be >= 0")
+            raise ConfigError("warmup_epochs and ramp_epochs must be >= 0")
         if epochs is not None and warmup + ramp > float(epochs):
-            raise ValueError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
+            raise ConfigError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
                              f"epochs > {epochs} epochs (lower the ramp or raise stage.epochs)")
         ramp_progress(0, 0, 1, st.get("ramp_shape", "linear"))
         lam = float(st.get("select_weight", 0.0))
         if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
+            raise ConfigError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
         if lam > 0:
             if method == "SABR":
-                raise ValueError("select_weight > 0 needs certified margins over the whole ball, which SABR "
+                raise ConfigError("select_weight > 0 needs certified margins over the whole ball, which SABR "
                                  "does not compute: use IBP, CROWN-IBP, MTL-IBP, CC-IBP or Exp-IBP")
             if not float(st.get("select_margin", 4.0)) > 0:
-                raise ValueError(f"select_margin must be positive, got {st.get('select_margin')}")
+                raise ConfigError(f"select_margin must be positive, got {st.get('select_margin')}")
             if st.get("select_negatives", "uncertified") not in ("uncertified", "wrong"):
-                raise ValueError(f"select_negatives must be uncertified or wrong, got {st.get('select_negatives')!r}")
+                raise ConfigError(f"select_negatives must be uncertified or wrong, got {st.get('select_negatives')!r}")
             if float(st.get("select_uncertified_weight", 1.0)) < 0:
-                raise ValueError(f"select_uncertified_weight must be >= 0, got {st.get('select_uncertified_weight')}")
+                raise ConfigError(f"select_uncertified_weight must be >= 0, got {st.get('select_uncertified_weight')}")
             if st.get("loss_fusion"):
-                raise ValueError("select_weight > 0 needs the margin bounds: set loss_fusion: false")
+                raise ConfigError("select_weight > 0 needs the margin bounds: set loss_fusion: false")
             start = st.get("select_start_epoch")
             if start is not None and float(start) < warmup + ramp:
-                raise ValueError(f"select_start_epoch {start} is inside the eps schedule (warm-up + ramp = "
+                raise ConfigError(f"select_start_epoch {start} is inside the eps schedule (warm-up + ramp = "
                                  f"{warmup + ramp:g} epochs): the selection loss needs the full eps")
             if start is not None and epochs is not None and float(start) >= float(epochs):
-                raise ValueError(f"select_start_epoch {start} >= epochs {epochs}: the selection loss would never run")
+                raise ConfigError(f"select_start_epoch {start} >= epochs {epochs}: the selection loss would never run")
             if st.get("select_lr") is not None and not float(st["select_lr"]) > 0:
-                raise ValueError(f"select_lr must be positive (or null: keep the stage's lr schedule), got {st['select_lr']}")
+                raise ConfigError(f"select_lr must be positive (or null: keep the stage's lr schedule), got {st['select_lr']}")
         return method
 
     def selection_loss(self, lb_margins: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

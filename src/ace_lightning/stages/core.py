@@ -1,5 +1,5 @@
 """Core stage: the accurate network (any timm model or the small CPU core), trained naturally or
-with PGD at a small eps (ace-method.md section 6). It never needs to be certifiable."""
+with PGD at a small eps (docs/METHOD.md section 6). It never needs to be certifiable."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -10,6 +10,7 @@ from torch import nn
 from ace_lightning.attacks import adversarial_correct, pgd
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import l1_penalty
+from ace_lightning.errors import ConfigError
 
 
 class CoreStage(StageModule):
@@ -31,9 +32,9 @@ class CoreStage(StageModule):
     ) -> None:
         super().__init__(net, optimizer, lr_schedule)
         if mode not in ("natural", "pgd"):
-            raise ValueError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
+            raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
         if mode == "pgd" and not 0.0 < train_eps <= 1.0:
-            raise ValueError(f"PGD core training needs train_eps in (0, 1], got {train_eps}")
+            raise ConfigError(f"PGD core training needs train_eps in (0, 1], got {train_eps}")
         self.mode, self.train_eps = mode, float(train_eps)
         self.pgd_steps, self.pgd_step_size = int(pgd_steps), float(pgd_step_size)
         self.eval_eps, self.eval_pgd_steps, self.l1 = float(eval_eps), int(eval_pgd_steps), float(l1)

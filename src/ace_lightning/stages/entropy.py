@@ -1,4 +1,4 @@
-"""Entropy-selection stage (ace-method.md sections 2b, 5 and 6): co-train the cert-net so that its
+"""Entropy-selection stage (docs/METHOD.md sections 2b, 5 and 6): co-train the cert-net so that its
 own entropy works as the gate, g(x) = -H(softmax(f_cert(x))) with threshold T = -tau.
 
     L = (1 - lambda) L_cert + lambda L_ent,      lambda = 0.5 by default,
@@ -38,9 +38,11 @@ from ace_lightning.bounds import (
 )
 from ace_lightning.bounds.entropy import ROUTES
 from ace_lightning.stages.cert import CLASSIC, CertStage
-from ace_lightning.stages.common import l1_penalty, load_weights, require_stage, write_manifest
-from ace_lightning.stages.gate_labels import check_same_data, stage_weights
-from ace_lightning.stages.runner import run_training_stage, to_dict
+from ace_lightning.config import to_dict
+from ace_lightning.errors import ConfigError
+from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
+from ace_lightning.stages.common import l1_penalty
+from ace_lightning.stages.runner import run_training_stage
 
 
 def natural_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,11 +67,11 @@ class EntropyStage(CertStage):
     @staticmethod
     def check_entropy_config(lam: float, tau: float, route: str) -> None:
         if not 0.0 <= float(lam) <= 1.0:
-            raise ValueError(f"lambda (stage.lam) must be in [0, 1], got {lam}")
+            raise ConfigError(f"lambda (stage.lam) must be in [0, 1], got {lam}")
         if not (float(tau) > 0 and math.isfinite(float(tau))):
-            raise ValueError(f"tau must be a positive entropy in nats (select iff H <= tau), got {tau}")
+            raise ConfigError(f"tau must be a positive entropy in nats (select iff H <= tau), got {tau}")
         if str(route).lower() not in ROUTES:
-            raise ValueError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
+            raise ConfigError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -118,7 +120,7 @@ def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
     if CertStage.check_config(st, eps) not in CLASSIC:
-        raise ValueError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
+        raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
                          f"{st.get('method')}: train the cert stage with it and use entropy selection on it "
                          f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")
     EntropyStage.check_entropy_config(st["lam"], st["tau"], st["route"])
@@ -133,13 +135,10 @@ def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
         inputs["cert"] = {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}
     else:
         net_cfg = dict(to_dict(cfg["cert_net"]))
-    trained: dict[str, bool] = {}
-
     def make(net: nn.Module, dm: Any) -> EntropyStage:
         if init:
             check_same_data(dm.info, cert_manifest, cert_stage, "entropy")
             load_weights(net, cert_path, f"stage 'entropy': cert-net of stage '{cert_stage}'")
-        trained["yes"] = True
         return EntropyStage(net, st["optimizer"], st["lr_schedule"], eps=eps, lam=st["lam"], tau=st["tau"],
                             route=st["route"], method=st["method"], eps_factor=st["eps_factor"],
                             warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
@@ -149,11 +148,8 @@ def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
 
     plain = dict(to_dict(cfg))
     plain["entropy_net"] = net_cfg
-    manifest = run_training_stage(plain, "entropy", make, "entropy_net", EntropyStage.key_metric,
-                                  "entropy_cert.pt", inputs=inputs, pre_check=pre_check, callbacks=callbacks)
-    if trained and manifest:
-        manifest["selection"] = {"type": "entropy", "tau": float(st["tau"]), "threshold": -float(st["tau"]),
-                                 "route": str(st["route"]).lower(), "lam": float(st["lam"]),
-                                 "init_from_cert": init}
-        manifest = write_manifest(run_dir / "entropy", manifest)
-    return manifest
+    selection = {"type": "entropy", "tau": float(st["tau"]), "threshold": -float(st["tau"]),
+                 "route": str(st["route"]).lower(), "lam": float(st["lam"]), "init_from_cert": init}
+    return run_training_stage(plain, "entropy", make, "entropy_net", EntropyStage.key_metric,
+                              "entropy_cert.pt", inputs=inputs, pre_check=pre_check, callbacks=callbacks,
+                              manifest_extra=lambda module: {"selection": selection})

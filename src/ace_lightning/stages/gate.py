@@ -1,4 +1,4 @@
-"""Selection-network stage (ace-method.md sections 2a and 6): the gate g, the cert-net's
+"""Selection-network stage (docs/METHOD.md sections 2a and 6): the gate g, the cert-net's
 architecture with one output logit, initialised from the trained cert-net except the last layer,
 learns to fire (g >= T) exactly where the cert-net is certified correct.
 
@@ -42,43 +42,31 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ace_lightning.bounds import output_bounds
 from ace_lightning.nets import build_net, final_linear_name, init_gate_from_cert
 from ace_lightning.stages.base import StageModule
-from ace_lightning.stages.common import (
-    StageInputError,
-    l1_penalty,
-    load_weights,
-    require_stage,
-    write_manifest,
-)
+from ace_lightning.config import to_dict
+from ace_lightning.errors import ConfigError, StageInputError
+from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
+from ace_lightning.stages.common import l1_penalty
 from ace_lightning.stages.gate_labels import (
     EarlierGate,
-    attach_labels,
+    GateLabelsDataModule,
     cascade_key,
-    compute_labels,
-    find_cached,
-    label_balance,
-    label_problems,
-    labels_filename,
-    make_payload,
-    read_labels,
-    save_labels,
-    stage_weights,
-    check_same_data,
-    label_methods,
-    training_labels,
     check_negatives,
+    label_methods,
+    label_problems,
+    read_labels,
 )
 from ace_lightning.stages.losses import CERT_METHODS, build_loss, check_method_knobs
-from ace_lightning.stages.runner import run_training_stage, to_dict
+from ace_lightning.stages.runner import run_training_stage
 from ace_lightning.stages.schedules import CertSchedule, ramp_progress
 
 TRAIN_METHODS = CERT_METHODS
@@ -96,12 +84,12 @@ COLLAPSE_WARNING = 0.1  # warn when more test inputs than this reach the head wi
 def balanced_pos_weight(p: float) -> float:
     """c0 = (1 - p) / p: weights both classes equally in the BCE (p: fraction of label 1)."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"the label-1 fraction must be in (0, 1) for class balancing, got {p}")
+        raise ConfigError(f"the label-1 fraction must be in (0, 1) for class balancing, got {p}")
     return (1.0 - p) / p
 
 
 def pos_weight_schedule(epoch: float, total_epochs: float, c0: float, sigma: float = 1.0) -> float:
-    """c(e) = s(e)(c0 - 1) + 1 with s(e) = 1 - clip((e - 0.1N)/(0.7N), 0, sigma) (ace-method.md
+    """c(e) = s(e)(c0 - 1) + 1 with s(e) = 1 - clip((e - 0.1N)/(0.7N), 0, sigma) (docs/METHOD.md
     section 6): class-balanced until 0.1N, then sliding towards unweighted (reached at 0.8N when
     sigma = 1; sigma < 1 stops the slide part-way)."""
     n = float(total_epochs)
@@ -120,7 +108,7 @@ def freeze_all_but_last_linear(net: nn.Module, k: Optional[int]) -> list[str]:
         return [n for n, _ in net.named_parameters()]
     linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not 1 <= int(k) <= len(linears):
-        raise ValueError(f"train_last_k must be between 1 and {len(linears)} (the gate's Linear layers), got {k}")
+        raise ConfigError(f"train_last_k must be between 1 and {len(linears)} (the gate's Linear layers), got {k}")
     for p in net.parameters():
         p.requires_grad_(False)
     names = []
@@ -218,21 +206,57 @@ class GateStage(StageModule):
         self.pos_weight_mode, self.pos_weight_sigma = pos_weight, float(pos_weight_sigma)
         self.worst_case_negatives = bool(worst_case_negatives)
         self.l1, self.val_crown_ibp = float(l1), bool(val_crown_ibp)
-        self.constant_output = None if constant_output is None else float(constant_output)
+        self.train_last_k = train_last_k
+        self.constant_output: Optional[float] = None
         self.label_balance = dict(label_balance or {})
         self.steps_per_epoch = steps_per_epoch
         self._schedule: Optional[CertSchedule] = None
+        self._set_constant(constant_output)
+        self.save_hyperparameters(ignore=["net"])
+
+    def _set_constant(self, constant_output: Optional[float]) -> None:
+        """A gate whose training set has one class only outputs a constant: no step is taken."""
+        self.constant_output = None if constant_output is None else float(constant_output)
         if self.constant_output is not None:
             set_constant_output(self.net, self.constant_output)
             freeze_all_but_last_linear(self.net, 1)
             self.optimizer_cfg["lr"] = 0.0  # the zero steps below stay zero whatever weight decay says
         else:
-            freeze_all_but_last_linear(self.net, train_last_k)
+            freeze_all_but_last_linear(self.net, self.train_last_k)
         # BatchNorm layers with frozen parameters keep their running statistics too (eval mode)
         self._frozen_norms = [m for m in self.net.modules()
                               if isinstance(m, nn.modules.batchnorm._BatchNorm)
                               and not any(p.requires_grad for p in m.parameters())]
-        self.save_hyperparameters(ignore=["net"])
+
+    def use_labels(self, balance: Mapping[str, Any], cert_stage: str = "cert") -> str:
+        """Adopt the label balance of the gate's data (GateLabelsDataModule): the positive
+        fraction the class weighting needs, a constant output when the training set has one
+        class; returns the gate status for the manifest."""
+        train = balance["train"]
+        self.label_balance = {s: b.as_dict() for s, b in balance.items()}
+        if train.positives == 0:
+            why = ("every training input is taken by an earlier cascade pair" if train.labelled == 0 else
+                   f"the cert-net of stage '{cert_stage}' certifies none of the {train.labelled} training inputs "
+                   f"at eps={self.eps:g}")
+            rank_zero_warn(f"gate: {why}; the gate will select nothing (g = -{GATE_CONSTANT:g})")
+            self.label_fraction = 0.5
+            self._set_constant(-GATE_CONSTANT)
+            return "selects_nothing"
+        if train.negatives == 0:
+            rank_zero_warn(f"gate: the cert-net of stage '{cert_stage}' certifies all {train.labelled} training "
+                          f"inputs at eps={self.eps:g}; the gate will select everything (g = +{GATE_CONSTANT:g})")
+            self.label_fraction = 0.5
+            self._set_constant(GATE_CONSTANT)
+            return "selects_everything"
+        self.label_fraction = train.fraction
+        return "trained"
+
+    def setup(self, stage: str) -> None:
+        """Labels arrive with the datamodule (computed once, before this runs on any rank)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        balance = getattr(dm, "balance", None)
+        if balance is not None and not self.label_balance:
+            self.gate_status = self.use_labels(balance, getattr(dm, "cert_stage", "cert"))
 
     @staticmethod
     def check_config(st: Mapping[str, Any], eps: float) -> str:
@@ -240,27 +264,27 @@ class GateStage(StageModule):
         method = check_method_knobs(st.get("method") or "IBP", st.get("sabr_lambda") or 0.4, st.get("alpha") or 0.5,
                                     st.get("attack"))
         if not 0.0 < float(eps) <= 1.0:
-            raise ValueError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+            raise ConfigError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
         if not 0.0 <= float(st.get("kappa_end", 0.0)) <= 1.0:
-            raise ValueError(f"kappa_end must be in [0, 1], got {st.get('kappa_end')}")
+            raise ConfigError(f"kappa_end must be in [0, 1], got {st.get('kappa_end')}")
         if float(st.get("eps_factor", 1.0)) <= 0:
-            raise ValueError(f"eps_factor must be positive, got {st.get('eps_factor')}")
+            raise ConfigError(f"eps_factor must be positive, got {st.get('eps_factor')}")
         mode = st.get("pos_weight", "sliding")
         if mode not in POS_WEIGHT_MODES:
-            raise ValueError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {mode!r}")
+            raise ConfigError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {mode!r}")
         if not 0.0 <= float(st.get("pos_weight_sigma", 1.0)) <= 1.0:
-            raise ValueError(f"pos_weight_sigma must be in [0, 1], got {st.get('pos_weight_sigma')}")
+            raise ConfigError(f"pos_weight_sigma must be in [0, 1], got {st.get('pos_weight_sigma')}")
         k = st.get("train_last_k")
         if k is not None and int(k) < 1:
-            raise ValueError(f"train_last_k must be null (train everything) or >= 1, got {k}")
+            raise ConfigError(f"train_last_k must be null (train everything) or >= 1, got {k}")
         if not math.isfinite(float(st.get("threshold", 0.0))):
-            raise ValueError(f"threshold must be a finite number, got {st.get('threshold')}")
+            raise ConfigError(f"threshold must be a finite number, got {st.get('threshold')}")
         warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
         if warmup < 0 or ramp < 0:
-            raise ValueError("warmup_epochs and ramp_epochs must be >= 0")
+            raise ConfigError("warmup_epochs and ramp_epochs must be >= 0")
         epochs = st.get("epochs")
         if epochs is not None and warmup + ramp > float(epochs):
-            raise ValueError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
+            raise ConfigError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
                              f"epochs > {epochs} epochs (lower the ramp or raise stage.epochs)")
         ramp_progress(0, 0, 1, st.get("ramp_shape", "linear"))
         return method
@@ -385,9 +409,9 @@ class GateStage(StageModule):
         self.log(f"{split}/selection_score", score, prog_bar=split == "val")
         collapsed = self._rate(split, "collapsed_rate")
         if split == "test" and self.constant_output is None and collapsed > COLLAPSE_WARNING:
-            warnings.warn(f"gate: on {100 * collapsed:.0f}% of the test inputs every unit of the last hidden "
+            rank_zero_warn(f"gate: on {100 * collapsed:.0f}% of the test inputs every unit of the last hidden "
                           f"layer is off, so g(x) is the same constant for all of them (dead units); try a "
-                          f"lower lr, a longer eps ramp or train_last_k", stacklevel=2)
+                          f"lower lr, a longer eps ramp or train_last_k")
 
     def on_validation_epoch_end(self) -> None:
         self._log_score("val")
@@ -411,43 +435,6 @@ def check_labels_file(path: Path, payload: Mapping[str, Any], **expected: Any) -
     if problems:
         raise StageInputError(f"gate labels {path}: {problems[0]}; point stage.labels_file at labels made "
                               f"for this run or set it to null to recompute")
-
-
-def obtain_labels(stage_dir: Path, dm: Any, cert_net: nn.Module, cert_sha: str, eps: float, method: str,
-                  earlier: list[EarlierGate], device: torch.device, progress: bool,
-                  labels_file: Optional[str] = None) -> tuple[dict, Path, str]:
-    """(payload, path, 'file' | 'cache' | 'computed'): the explicit file if one is configured (a
-    mismatch is an error), else the cache entry for this key, else a fresh certification pass."""
-    indices = {"train": dm.train_indices, "test": dm.test_indices}
-    if len(dm.val_indices):
-        indices["val"] = dm.val_indices
-    after = cascade_key(earlier)
-    if labels_file:
-        path = Path(labels_file).expanduser().resolve()
-        payload = read_labels(path)
-        check_labels_file(path, payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
-                          indices=indices)
-        return payload, path, "file"
-    name = labels_filename(cert_sha, eps, after)
-    cached = find_cached(stage_dir, name)
-    if cached is not None:
-        try:
-            payload = read_labels(cached)
-            problems = label_problems(payload, eps=eps, method=method, cert_sha256=cert_sha, after=after,
-                                      indices=indices)
-        except StageInputError as err:
-            problems = [str(err)]
-        if not problems:
-            return payload, cached, "cache"
-        print(f"[ace] gate labels: cached {cached.name} does not fit ({problems[0]}): recomputing")
-    val_loader = dm.val_dataloader() if "val" in indices else None
-    loaders = {"train": dm.train_eval_dataloader(), "val": val_loader or None, "test": dm.test_dataloader()}
-    print(f"[ace] gate labels: certifying the cert-net on the un-augmented train/val/test images "
-          f"({method}, eps={eps:g})")
-    labels = compute_labels(cert_net, loaders, eps, method, earlier, device, progress)
-    payload = make_payload(labels, indices, eps=eps, method=method, cert_sha256=cert_sha, after=after)
-    path = save_labels(payload, Path(stage_dir) / name)
-    return payload, path, "computed"
 
 
 def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
@@ -481,8 +468,8 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
     # earlier pairs of a cascade: their gates must exist (trained in order)
     thresholds = st.get("cascade_thresholds")
     if thresholds is not None and len(thresholds) != position:
-        raise ValueError(f"stage.cascade_thresholds needs one threshold per earlier pair ({position}), "
-                         f"got {len(thresholds)}")
+        raise ConfigError(f"stage.cascade_thresholds needs one threshold per earlier pair ({position}), "
+                          f"got {len(thresholds)}")
     earlier: list[EarlierGate] = []
     for i in range(position):
         name = gate_stage_name(i)
@@ -491,78 +478,52 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         sel = gm.get("selection") or {}
         t_i = float(thresholds[i]) if thresholds is not None else float(sel.get("threshold", 0.0))
         earlier.append(EarlierGate(name, sel.get("method") or "IBP", t_i, g_sha, gm["net"], g_path))
-    after = cascade_key(earlier)
     labels_file = st.get("labels_file")
     if labels_file:  # fail before any data is loaded
         path = Path(labels_file).expanduser().resolve()
-        check_labels_file(path, read_labels(path), eps=eps, method=label_method, cert_sha256=cert_sha, after=after)
+        check_labels_file(path, read_labels(path), eps=eps, method=label_method, cert_sha256=cert_sha,
+                          after=cascade_key(earlier))
 
     inputs: dict[str, Any] = {"cert": {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}}
     for g in earlier:
         inputs[g.name] = {"stage": g.name, "path": str(g.path), "sha256": g.sha256}
-    state: dict[str, Any] = {}
     progress = bool(to_dict(cfg["trainer"]).get("enable_progress_bar", True))
+    labelled: dict[str, GateLabelsDataModule] = {}
 
-    def make(net: nn.Module, dm: Any) -> GateStage:
+    def with_labels(dm: Any) -> GateLabelsDataModule:
+        """The gate's data: the run's images with labels certified once (GateLabelsDataModule)."""
         info = dm.info
         check_same_data(info, cert_manifest, cert_stage, stage)
-        cert_net = build_net(cert_manifest["net"], info)
-        load_weights(cert_net, cert_path, f"stage '{stage}': cert-net of stage '{cert_stage}'")
-        if st.get("init_from_cert", True):
-            init_gate_from_cert(net, cert_net)  # ValueError naming the first mismatching layer
+        cert_net = load_weights(build_net(cert_manifest["net"], info), cert_path,
+                                f"stage '{stage}': cert-net of stage '{cert_stage}'")
         for g in earlier:
             g.net = load_weights(build_net(g.net_cfg, info), g.path, f"stage '{stage}': gate of stage '{g.name}'")
-        dm.prepare_data()
-        dm.setup("fit")
-        payload, path, source = obtain_labels(stage_dir, dm, cert_net, cert_sha, eps, label_method, earlier,
-                                              _label_device(cfg), progress, labels_file)
-        splits = {s: {**d, "labels": training_labels(d, negatives)}
-                  for s, d in payload["splits"].items()}
-        balance = {s: label_balance(d["labels"]) for s, d in splits.items()}
-        verb = {"cache": "reused cached", "file": "loaded", "computed": "computed"}[source]
-        print(f"[ace] gate labels: {verb} {path.name}: train {balance['train'].describe()}" +
-              "".join(f"; {s} {b.describe()}" for s, b in balance.items() if s != "train"))
-        train = balance["train"]
-        constant, status = None, "trained"
-        if train.positives == 0:
-            why = ("every training input is taken by an earlier cascade pair" if train.labelled == 0 else
-                   f"the cert-net of stage '{cert_stage}' certifies none of the {train.labelled} training inputs "
-                   f"at eps={eps:g}")
-            warnings.warn(f"gate: {why}; the gate will select nothing (g = -{GATE_CONSTANT:g})", stacklevel=2)
-            constant, status = -GATE_CONSTANT, "selects_nothing"
-        elif train.negatives == 0:
-            warnings.warn(f"gate: the cert-net of stage '{cert_stage}' certifies all {train.labelled} training "
-                          f"inputs at eps={eps:g}; the gate will select everything (g = +{GATE_CONSTANT:g})",
-                          stacklevel=2)
-            constant, status = GATE_CONSTANT, "selects_everything"
-        # a constant gate takes no step, but the loop still needs a non-empty training set
-        attach_labels(dm, {s: d["labels"] for s, d in splits.items()}, drop_excluded=constant is None)
-        state.update(labels={"file": path.name if source != "file" else str(path), "source": source,
-                             "method": label_method, "eps": eps,
-                             **{s: b.as_dict() for s, b in balance.items()}},
-                     gate_status=status)
-        module = GateStage(
+        labelled["dm"] = GateLabelsDataModule(dm, stage_dir, cert_net, cert_sha, eps, label_method, earlier,
+                                              negatives, _label_device(cfg), progress, labels_file)
+        labelled["dm"].cert_stage = cert_stage
+        return labelled["dm"]
+
+    def make(net: nn.Module, dm: GateLabelsDataModule) -> GateStage:
+        if st.get("init_from_cert", True):
+            init_gate_from_cert(net, dm.cert_net)  # ConfigError naming the first mismatching layer
+        return GateStage(
             net, st["optimizer"], st["lr_schedule"], eps=eps, method=method, epochs=st["epochs"],
-            label_fraction=0.5 if constant is not None else train.fraction, threshold=st["threshold"],
-            eps_factor=st["eps_factor"], warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
-            ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"], pos_weight=st["pos_weight"],
-            pos_weight_sigma=st["pos_weight_sigma"],
+            threshold=st["threshold"], eps_factor=st["eps_factor"], warmup_epochs=st["warmup_epochs"],
+            ramp_epochs=st["ramp_epochs"], ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
+            pos_weight=st["pos_weight"], pos_weight_sigma=st["pos_weight_sigma"],
             worst_case_negatives=st.get("worst_case_negatives", True), train_last_k=st["train_last_k"], l1=st["l1"],
-            val_crown_ibp=st["val_crown_ibp"], constant_output=constant,
-            label_balance={s: b.as_dict() for s, b in balance.items()}, attack=st.get("attack"), **knobs)
-        return module
+            val_crown_ibp=st["val_crown_ibp"], attack=st.get("attack"), **knobs)
+
+    def manifest_extra(module: GateStage) -> dict:
+        """What the composition needs from this stage: the selector, its labels, its status."""
+        return {"selection": {"type": "network", "threshold": float(st["threshold"]),
+                              "method": method if method in CLASSIC else "IBP", "training_method": method,
+                              "cert_stage": cert_stage, "position": position, "cascade": cascade,
+                              "earlier_thresholds": [g.threshold for g in earlier]},
+                "labels": labelled["dm"].info_dict, "gate_status": getattr(module, "gate_status", "trained")}
 
     plain = dict(to_dict(cfg))
     plain["gate_net"] = gate_net_cfg
-    manifest = run_training_stage(plain, stage, make, "gate_net", GateStage.key_metric, f"{stage}.pt",
-                                  inputs=inputs, pre_check=pre_check, callbacks=callbacks)
-    if state and manifest:  # this call trained (not skipped): add what the composition needs
-        manifest.update({
-            "selection": {"type": "network", "threshold": float(st["threshold"]),
-                          "method": method if method in CLASSIC else "IBP", "training_method": method,
-                          "cert_stage": cert_stage, "position": position, "cascade": cascade,
-                          "earlier_thresholds": [g.threshold for g in earlier]},
-            "labels": state["labels"], "gate_status": state["gate_status"]})
-        manifest = write_manifest(stage_dir, manifest)
-    return manifest
-
+    return run_training_stage(plain, stage, make, "gate_net", GateStage.key_metric, f"{stage}.pt",
+                              inputs=inputs, pre_check=pre_check, callbacks=callbacks,
+                              datamodule=with_labels, manifest_extra=manifest_extra)

@@ -1,4 +1,4 @@
-"""Gate labels (ace-method.md section 6): an input gets label 1 iff the cert-net is certified
+"""Gate labels (docs/METHOD.md section 6): an input gets label 1 iff the cert-net is certified
 correct on it (every margin z_y - z_j provably positive over the ball), computed on the
 *un-augmented* images (the reference code labelled augmented ones by mistake).
 
@@ -8,7 +8,7 @@ numbers, strings; ``torch.load(weights_only=True)``) holding eps, the bound meth
 hash and, per split, the labels with the dataset indices they belong to. A resumed or
 re-configured gate stage reuses it instead of certifying the training set again.
 
-Cascades (ace-method.md section 2): pairs (cert-net, gate) are tried in order and the first gate
+Cascades (docs/METHOD.md section 2): pairs (cert-net, gate) are tried in order and the first gate
 that fires answers. If an earlier gate certifiably fires on x (lb_g >= T over the whole ball),
 pair i is never reached anywhere on the ball, so x says nothing about gate i: it gets the label
 ``EXCLUDED`` (-1) and is left out of gate i's training set and metrics.
@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
+import lightning as L
 from torch import nn
 from torch.utils.data import Dataset
 
 from ace_lightning.bounds import normalize_method, output_bounds
 from ace_lightning.bounds.ladder import margin_ladder
-from ace_lightning.stages.common import StageInputError, atomic_torch_save, sha256_file
+from ace_lightning.atomic import atomic_torch_save
+from ace_lightning.errors import ConfigError, StageInputError
 
 LABELS_FORMAT = 1
 EXCLUDED = -1
@@ -50,7 +52,7 @@ def cascade_labels(cert_ok: torch.Tensor, taken_before: Optional[torch.Tensor] =
         if taken.dim() == 2:
             taken = taken.any(dim=0)
         if taken.shape != labels.shape:
-            raise ValueError(f"taken_before has shape {tuple(taken_before.shape)}, cert_ok {tuple(cert_ok.shape)}")
+            raise ConfigError(f"taken_before has shape {tuple(taken_before.shape)}, cert_ok {tuple(cert_ok.shape)}")
         labels = torch.where(taken, torch.full_like(labels, EXCLUDED), labels)
     return labels
 
@@ -91,7 +93,7 @@ def label_methods(method: Any) -> str:
     ladder ('IBP+CROWN-IBP+CROWN', from a list or a '+'-joined string), as certify runs it."""
     parts = method.split("+") if isinstance(method, str) else list(method)
     if not parts:
-        raise ValueError("gate labels need at least one bound method")
+        raise ConfigError("gate labels need at least one bound method")
     return "+".join(normalize_method(m) for m in parts)
 
 
@@ -109,11 +111,9 @@ def eval_mode(net: nn.Module):
 
 
 def _batches(loader: Iterable, desc: str, progress: bool):
-    if not progress:
-        return loader
-    from tqdm.auto import tqdm
+    from ace_lightning.console import progress as bar
 
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    return bar(loader, progress, desc=desc)
 
 
 @torch.no_grad()
@@ -197,7 +197,7 @@ def check_negatives(negatives: Optional[str]) -> str:
     """The ``negatives`` option (null: uncertified), or a one-line error."""
     negatives = negatives or "uncertified"
     if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+        raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
     return negatives
 
 
@@ -309,7 +309,7 @@ class LabeledDataset(Dataset):
 
     def __init__(self, base: Dataset, labels: torch.Tensor, drop_excluded: bool = False) -> None:
         if len(base) != len(labels):
-            raise ValueError(f"{len(labels)} gate labels for a dataset of {len(base)} images")
+            raise ConfigError(f"{len(labels)} gate labels for a dataset of {len(base)} images")
         self.base = base
         self.labels = labels.to(torch.int8).clone()
         self.positions = (self.labels != EXCLUDED).nonzero().flatten() if drop_excluded else None
@@ -333,31 +333,118 @@ def attach_labels(dm: Any, labels: Mapping[str, torch.Tensor], drop_excluded: bo
         dm.test_set = LabeledDataset(dm.test_set, labels["test"])
 
 
-# -- inputs from earlier stages (shared by the gate and entropy stages) ------------------------------
+# -- the datamodule that carries the labels ---------------------------------------------------------
 
-def stage_weights(run_dir: Path, stage: str, manifest: Mapping[str, Any], needed_by: str) -> tuple[Path, str]:
-    """Path and sha256 of a completed stage's exported weights (checked against its manifest)."""
-    stage_dir = Path(run_dir) / stage
-    try:
-        rec = manifest["outputs"]["weights"]
-        path = stage_dir / rec["path"]
-    except (KeyError, TypeError):
-        raise StageInputError(f"stage '{needed_by}': the manifest of '{stage}' in {stage_dir} lists no "
-                              f"weights") from None
-    if not path.is_file():
-        raise StageInputError(f"stage '{needed_by}': weights {path} of stage '{stage}' are missing: rerun "
-                              f"stage '{stage}' (overwrite=true)")
-    sha = sha256_file(path)
-    if rec.get("sha256") and rec["sha256"] != sha:
-        raise StageInputError(f"stage '{needed_by}': {path} changed after stage '{stage}' wrote it "
-                              f"(sha256 {sha[:12]} != manifest {rec['sha256'][:12]}): rerun stage '{stage}'")
-    return path, sha
+class GateLabelsDataModule(L.LightningDataModule):
+    """The run's datamodule with gate labels attached (items ``(x, y, gate_label)``).
 
+    ``prepare_data`` (one process for the whole job: Lightning calls it on global rank 0 only)
+    finds the labels (an explicit ``labels_file``, the stage folder's cache, or a fresh
+    certification pass written to the cache); ``setup`` (every rank) reads that one file and
+    attaches the labels. Under DDP the cert-net is certified once, not once per rank.
+    """
 
-def check_same_data(info: Any, manifest: Mapping[str, Any], stage: str, needed_by: str) -> None:
-    data = manifest.get("data") or {}
-    want = (data.get("name"), list(data.get("input_shape") or []), data.get("num_classes"))
-    have = (info.name, list(info.input_shape), info.num_classes)
-    if data and want != have:
-        raise StageInputError(f"stage '{needed_by}': stage '{stage}' was trained on {want[0]} {want[1]} with "
-                              f"{want[2]} classes, this run's data is {have[0]} {have[1]} with {have[2]}")
+    prepare_data_per_node = False  # the run folder is shared by every node
+
+    def __init__(self, base: Any, stage_dir: Path, cert_net: nn.Module, cert_sha: str, eps: float,
+                 method: str, earlier: Sequence[EarlierGate] = (), negatives: str = "uncertified",
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 labels_file: Optional[str] = None) -> None:
+        super().__init__()
+        self.base, self.stage_dir, self.cert_net, self.cert_sha = base, Path(stage_dir), cert_net, cert_sha
+        self.eps, self.method, self.earlier = float(eps), label_methods(method), list(earlier)
+        self.negatives = check_negatives(negatives)
+        self.device, self.progress = device, progress
+        self.labels_file = Path(labels_file).expanduser().resolve() if labels_file else None
+        self.after = cascade_key(self.earlier)
+        self.source = "file" if self.labels_file else "cache"
+        self.balance: Optional[dict[str, Balance]] = None
+
+    def __getattr__(self, name: str) -> Any:  # info, indices, splits: the wrapped datamodule's
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def path(self) -> Path:
+        return self.labels_file or self.stage_dir / labels_filename(self.cert_sha, self.eps, self.after)
+
+    def _indices(self) -> dict[str, Sequence[int]]:
+        out = {"train": self.base.train_indices, "test": self.base.test_indices}
+        if len(self.base.val_indices):
+            out["val"] = self.base.val_indices
+        return out
+
+    def _problems(self, path: Path) -> list[str]:
+        try:
+            payload = read_labels(path)
+        except StageInputError as err:
+            return [str(err)]
+        return label_problems(payload, eps=self.eps, method=self.method, cert_sha256=self.cert_sha,
+                              after=self.after, indices=self._indices())
+
+    def prepare_data(self) -> None:
+        from ace_lightning.console import log
+
+        self.base.prepare_data()
+        self.base.setup("fit")
+        if self.labels_file:
+            problems = self._problems(self.labels_file)
+            if problems:
+                raise StageInputError(f"gate labels {self.labels_file}: {problems[0]}; point stage.labels_file "
+                                      f"at labels made for this run or set it to null to recompute")
+            return
+        cached = find_cached(self.stage_dir, self.path.name)
+        if cached is not None:
+            problems = self._problems(cached)
+            if not problems:
+                return
+            log.info(f"gate labels: cached {cached.name} does not fit ({problems[0]}): recomputing")
+        indices = self._indices()
+        loaders = {"train": self.base.train_eval_dataloader(),
+                   "val": self.base.val_dataloader() if "val" in indices else None,
+                   "test": self.base.test_dataloader()}
+        log.info(f"gate labels: certifying the cert-net on the un-augmented train/val/test images "
+                 f"({self.method}, eps={self.eps:g})")
+        for g in self.earlier:
+            if g.net is None:
+                raise StageInputError(f"the gate of stage '{g.name}' is not loaded")
+        labels = compute_labels(self.cert_net, loaders, self.eps, self.method, self.earlier, self.device,
+                                self.progress)
+        save_labels(make_payload(labels, indices, eps=self.eps, method=self.method, cert_sha256=self.cert_sha,
+                                 after=self.after), self.path)
+        self.source = "computed"
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.base.setup(stage)
+        if self.balance is not None:
+            return
+        payload = read_labels(self.path)
+        problems = self._problems(self.path)
+        if problems:  # a file changed between prepare_data and setup, or prepare_data did not run
+            raise StageInputError(f"gate labels {self.path}: {problems[0]}")
+        splits = {s: training_labels(d, self.negatives) for s, d in payload["splits"].items()}
+        self.balance = {s: label_balance(v) for s, v in splits.items()}
+        train = self.balance["train"]
+        attach_labels(self.base, splits, drop_excluded=0 < train.positives < train.labelled)
+        from ace_lightning.console import log
+
+        verb = {"cache": "reused cached", "file": "loaded", "computed": "computed"}[self.source]
+        log.info(f"gate labels: {verb} {self.path.name}: train {train.describe()}" +
+                 "".join(f"; {s} {b.describe()}" for s, b in self.balance.items() if s != "train"))
+
+    @property
+    def info_dict(self) -> dict:
+        """What the manifest records about the labels."""
+        return {"file": self.path.name if not self.labels_file else str(self.path), "source": self.source,
+                "method": self.method, "eps": self.eps,
+                **{s: b.as_dict() for s, b in (self.balance or {}).items()}}
+
+    def train_dataloader(self):
+        return self.base.train_dataloader()
+
+    def val_dataloader(self):
+        return self.base.val_dataloader()
+
+    def test_dataloader(self):
+        return self.base.test_dataloader()

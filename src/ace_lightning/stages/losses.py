@@ -1,4 +1,4 @@
-"""Certified-training losses (ace-method.md sections 6 and 11), one small class per method, shared
+"""Certified-training losses (docs/METHOD.md sections 6 and 11), one small class per method, shared
 by the cert stage (margins z_y - z_j) and the gate stage (one signed gate logit).
 
 Every method sees the same problem: a spec C ([B, S, K]) whose rows should stay positive over the
@@ -30,6 +30,7 @@ from torch import nn
 
 from ace_lightning.attacks.pgd import pgd
 from ace_lightning.bounds import bound_pass, input_box
+from ace_lightning.errors import ConfigError
 
 CERT_METHODS = ("IBP", "CROWN-IBP", "SABR", "MTL-IBP", "CC-IBP", "Exp-IBP")
 EXPRESSIVE = ("MTL-IBP", "CC-IBP", "Exp-IBP")
@@ -52,7 +53,7 @@ def normalize_training_method(method: str) -> str:
     """Canonical training-method name, or a one-line ValueError listing the known ones."""
     canon = _ALIASES.get(str(method).lower())
     if canon is None:
-        raise ValueError(f"certified-training method must be one of {', '.join(CERT_METHODS)}, got {method!r}")
+        raise ConfigError(f"certified-training method must be one of {', '.join(CERT_METHODS)}, got {method!r}")
     return canon
 
 
@@ -188,17 +189,17 @@ def check_method_knobs(method: str, sabr_lambda: float, alpha: float, attack: Op
     """One-line ValueErrors for the method's knobs; returns the canonical method name."""
     method = normalize_training_method(method)
     if not 0.0 < float(sabr_lambda) <= 1.0:
-        raise ValueError(f"sabr_lambda (SABR's small-box radius / eps) must be in (0, 1], got {sabr_lambda}")
+        raise ConfigError(f"sabr_lambda (SABR's small-box radius / eps) must be in (0, 1], got {sabr_lambda}")
     if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha (the IBP weight of MTL-/CC-/Exp-IBP) must be in (0, 1], got {alpha}")
+        raise ConfigError(f"alpha (the IBP weight of MTL-/CC-/Exp-IBP) must be in (0, 1], got {alpha}")
     atk = attack or {}
     if atk.get("steps") is not None and int(atk["steps"]) < 1:
-        raise ValueError(f"attack.steps must be >= 1, got {atk['steps']}")
+        raise ConfigError(f"attack.steps must be >= 1, got {atk['steps']}")
     for key in ("step_size", "eps_factor"):
         if atk.get(key) is not None and not float(atk[key]) > 0:
-            raise ValueError(f"attack.{key} must be positive, got {atk[key]}")
+            raise ConfigError(f"attack.{key} must be positive, got {atk[key]}")
     if atk.get("restarts") is not None and int(atk["restarts"]) < 1:
-        raise ValueError(f"attack.restarts must be >= 1, got {atk['restarts']}")
+        raise ConfigError(f"attack.restarts must be >= 1, got {atk['restarts']}")
     return method
 
 

@@ -7,9 +7,7 @@ A stage folder made by a *different* config is never overwritten silently.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -17,69 +15,22 @@ from typing import Any, Callable, Mapping, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
 
 from ace_lightning.data import ACEDataModule
 from ace_lightning.loggers import StageCSVLogger, extra_loggers, finish_loggers
 from ace_lightning.nets import build_net
-from ace_lightning.stages.common import (
-    StageInputError,
+from ace_lightning.config import datamodule_from, to_dict
+from ace_lightning.console import log
+from ace_lightning.errors import ConfigError
+from ace_lightning.rundir import (
+    RUN_STATE,
     atomic_write_text,
     config_hash,
     export_weights,
-    read_manifest,
+    identity_config,
+    prepare_stage_dir,
     write_manifest,
 )
-
-RUN_STATE = "run_state.json"
-
-
-def to_dict(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def datamodule_from(cfg: Mapping[str, Any]) -> ACEDataModule:
-    data = dict(to_dict(cfg["data"]))
-    return ACEDataModule(**data)
-
-
-def identity_config(cfg: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> dict:
-    """The parts of the config that change a stage's result (not devices, workers, logging)."""
-    data = {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir",
-                                                                         "pin_memory", "eval_batch_size")}
-    trainer = to_dict(cfg.get("trainer", {})) or {}
-    ident = {
-        "stage": to_dict(cfg["stage"]), "data": data, "eps": cfg.get("eps"), "seed": cfg.get("seed"),
-        "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "limit_train_batches",
-                                                "limit_val_batches", "gradient_clip_val")},
-    }
-    ident.update(extra or {})
-    return ident
-
-
-def prepare_stage_dir(stage_dir: Path, ident_hash: str, overwrite: bool) -> Optional[dict]:
-    """Returns the completed manifest to skip with, or None to (re)run. Refuses to mix configs."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(stage_dir)
-    if manifest and manifest.get("status") == "complete" and manifest.get("config_hash") == ident_hash \
-            and not overwrite:
-        return manifest
-    state_path = stage_dir / RUN_STATE
-    previous = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if previous and previous.get("config_hash") != ident_hash:
-        if not overwrite:
-            raise StageInputError(
-                f"{stage_dir} holds stage '{stage_dir.name}' made with a different config "
-                f"(hash {previous.get('config_hash')} != {ident_hash}); use another run_dir or overwrite=true")
-        backup = stage_dir.with_name(f"{stage_dir.name}.old-{dt.datetime.now():%Y%m%d-%H%M%S}")
-        shutil.move(str(stage_dir), backup)
-        stage_dir.mkdir(parents=True)
-        print(f"[ace] moved the previous '{stage_dir.name}' stage to {backup}")
-    atomic_write_text(state_path, json.dumps({"config_hash": ident_hash, "status": "running"}))
-    return None
-
 
 HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
 
@@ -91,7 +42,7 @@ def check_certified_precision(cfg: Mapping[str, Any], stage: str) -> None:
     plain forward passes run in it."""
     precision = str(to_dict(cfg["trainer"]).get("precision", "32-true"))
     if precision in HALF_PRECISIONS:
-        raise ValueError(f"stage '{stage}' trains with certified bounds, which need float32 weights: "
+        raise ConfigError(f"stage '{stage}' trains with certified bounds, which need float32 weights: "
                          f"trainer.precision={precision} is not supported; use 16-mixed or bf16-mixed")
 
 
@@ -128,19 +79,23 @@ def run_training_stage(
     pre_check: Optional[Callable[[torch.nn.Module, ACEDataModule], None]] = None,
     callbacks: tuple = (),
     pretrained: Optional[str] = None,
+    datamodule: Optional[Callable[[ACEDataModule], L.LightningDataModule]] = None,
+    manifest_extra: Optional[Callable[[L.LightningModule], Mapping[str, Any]]] = None,
 ) -> dict:
     """The shared skeleton of the core, cert and gate stages. With ``pretrained`` (a weights file
     of the stage's architecture, e.g. a cert-net trained by another library) nothing is trained:
-    the weights are loaded, validated and tested, and exported like trained ones."""
+    the weights are loaded, validated and tested, and exported like trained ones. ``datamodule``
+    wraps the run's data (the gate's labels); ``manifest_extra`` adds a stage's own keys to the
+    manifest (written once, by this function)."""
     run_dir = Path(cfg["run_dir"]).resolve()
     stage_dir = run_dir / stage
     net_cfg = to_dict(cfg[net_cfg_key])
     ident = identity_config(cfg, {"net": net_cfg, "inputs": {k: v.get("sha256") if isinstance(v, dict) else v
                                                              for k, v in (inputs or {}).items()}})
     ident_hash = config_hash(ident)
-    done = prepare_stage_dir(stage_dir, ident_hash, bool(cfg.get("overwrite", False)))
+    done = prepare_stage_dir(stage_dir, ident_hash, bool(cfg.get("overwrite", False)), ident)
     if done is not None:
-        print(f"[ace] stage '{stage}' already complete in {stage_dir} (same config): skipped")
+        log.info(f"stage '{stage}' already complete in {stage_dir} (same config): skipped")
         return done
 
     started = time.perf_counter()
@@ -153,6 +108,8 @@ def run_training_stage(
         from ace_lightning.nets.checkpoint import load_external_weights
 
         matched_by = load_external_weights(net, pretrained, f"{stage} net {net_cfg.get('name')!r}")
+    if datamodule is not None:
+        dm = datamodule(dm)
     if pre_check is not None:
         pre_check(net, dm)
     module = make_module(net, dm)
@@ -168,7 +125,7 @@ def run_training_stage(
     else:
         resume = str(last) if last.is_file() and cfg.get("resume", True) else None
         if resume and trainer.is_global_zero:
-            print(f"[ace] resuming stage '{stage}' from {last}")
+            log.info(f"resuming stage '{stage}' from {last}")
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"stage '{stage}' interrupted: rerun the same command to resume from "
@@ -197,10 +154,11 @@ def run_training_stage(
             "wall_s": time.perf_counter() - started,
             "global_step": int(trainer.global_step),
             "precision": str(trainer.precision),
+            **(dict(manifest_extra(module)) if manifest_extra is not None else {}),
         }
         manifest = write_manifest(stage_dir, manifest)
         atomic_write_text(stage_dir / RUN_STATE, json.dumps({"config_hash": ident_hash, "status": "complete"}))
-        print(f"[ace] stage '{stage}' complete: {stage_dir}  " +
+        log.info(f"stage '{stage}' complete: {stage_dir}  " +
               "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     finish_loggers(trainer.loggers)
     trainer.strategy.barrier()

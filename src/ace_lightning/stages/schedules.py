@@ -2,13 +2,14 @@
 (which restores ``global_step``) continues them exactly where they were.
 
 eps: 0 for ``warmup`` steps, then a ramp to ``eps_train`` over ``ramp`` steps (linear, or smoothed:
-slow start, ace-method.md section 6), then constant. kappa (natural-loss weight) follows the same
+slow start, docs/METHOD.md section 6), then constant. kappa (natural-loss weight) follows the same
 ramp from 1 to ``kappa_end``; CROWN-IBP's beta goes 1 -> 0 (auto_LiRPA's convention:
 beta = (eps_train - eps) / eps_train).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ace_lightning.errors import ConfigError
 
 
 def ramp_progress(step: int, warmup: int, ramp: int, shape: str = "linear") -> float:
@@ -22,7 +23,7 @@ def ramp_progress(step: int, warmup: int, ramp: int, shape: str = "linear") -> f
         return t
     if shape == "smooth":
         return t * t * (3.0 - 2.0 * t)
-    raise ValueError(f"unknown ramp shape {shape!r}; use 'linear' or 'smooth'")
+    raise ConfigError(f"unknown ramp shape {shape!r}; use 'linear' or 'smooth'")
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,11 @@ class CertSchedule:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.kappa_end <= 1.0:
-            raise ValueError(f"kappa_end must be in [0, 1], got {self.kappa_end}")
+            raise ConfigError(f"kappa_end must be in [0, 1], got {self.kappa_end}")
         if not 0.0 <= self.eps_train <= 1.0:
-            raise ValueError(f"eps_train must be in [0, 1] (pixel space), got {self.eps_train}")
+            raise ConfigError(f"eps_train must be in [0, 1] (pixel space), got {self.eps_train}")
         if self.warmup_steps < 0 or self.ramp_steps < 0:
-            raise ValueError("warm-up and ramp lengths must be >= 0")
+            raise ConfigError("warm-up and ramp lengths must be >= 0")
         ramp_progress(0, 0, 1, self.shape)  # validates the shape name
 
     def progress(self, step: int) -> float:
