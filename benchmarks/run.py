@@ -30,6 +30,7 @@ import ace_costs  # noqa: E402
 import bound_step_cost  # noqa: E402
 import lightning_overhead  # noqa: E402
 import nets_cost  # noqa: E402
+import stage_cost  # noqa: E402
 from timing import device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +46,7 @@ C5_CASE = {"c5_cifar10_3x32x32": ("c5", (3, 32, 32), 10, 2 / 255)}
 THROUGHPUT_CASES = ("c3_cifar10_3x32x32", *C5_CASE)
 # skipped by --no-large (quick runs and the test of the GPU path)
 LARGE_NETS = {"c5", "wrn", "resnet18", "efficientnet_b0"}
-SECTIONS = ("bound_step_cost", "lightning_overhead", "ace_costs", "nets_cost")
+SECTIONS = ("bound_step_cost", "lightning_overhead", "ace_costs", "nets_cost", "stage_cost")
 
 
 def bound_steps(batch: int, reps: int, device: torch.device, cases: dict = BOUND_CASES) -> dict:
@@ -87,6 +88,12 @@ def measure_sections(wanted, batch: int, reps: int, device: torch.device, large:
         if own_batch:
             sections["nets_cost"].update(nets_cost.measure_all(batch=16, reps=2, only=sorted(own_batch),
                                                                device=device))
+    if "stage_cost" in wanted and device.type == "cpu":
+        print("[bench] the demo's stages against their arithmetic (stage step / bare loop; certify / its "
+              "certification pass)", flush=True)
+        sections["stage_cost"] = {"core": stage_cost.training_stage("core"),
+                                  "cert": stage_cost.training_stage("cert"),
+                                  "certify": stage_cost.certify_stage()}
     return sections
 
 
@@ -120,6 +127,19 @@ def print_tables(sections: dict, where: str) -> None:
         for case, rec in sections["lightning_overhead"].items():
             print(f"{case:32s} {rec['bare_loop_step_s']:10.4f} {rec['lightning_step_s']:12.4f} "
                   f"{rec['ratio_lightning_to_bare']:8.2f}")
+    if "stage_cost" in sections:
+        sc = sections["stage_cost"]
+        print(f"\n{'demo stage vs its arithmetic':32s} {'bare s':>10s} {'stage s':>12s} {'ratio':>8s}")
+        for name in ("core", "cert"):
+            rec = sc[name]
+            print(f"{name + ' training step':32s} {rec['bare_loop_step_s']:10.4f} {rec['stage_step_s']:12.4f} "
+                  f"{rec['ratio_stage_to_bare']:8.2f}")
+        c = sc["certify"]
+        if "skipped" in c:
+            print(f"certify: skipped ({c['skipped']})")
+        else:
+            print(f"{'certify wall / certification':32s} {c['certification_pass_s']:10.2f} {c['wall_s']:12.2f} "
+                  f"{c['ratio_wall_to_certification']:8.2f}")
     if "ace_costs" in sections:
         a = sections["ace_costs"]["fashion_mnist_demo"]
         print(f"\ncomposed model ({a['model']}), routing rate to cert-net {a['routing_rate_to_cert']:.2f}:")

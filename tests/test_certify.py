@@ -172,3 +172,77 @@ def test_attack_breaks_something_it_should(trained):
     x, y = _data(48, 12)
     ok, _ = attack_composed(trained, x, y, 0.4, [0.0], steps=10)
     assert ok.float().mean() < 0.5
+
+
+def _stage_attack_inputs(model, n: int = 96, seed: int = 11):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data(n, seed)
+    rec = certify_batch(model, x, y, EPS, CertifySettings(methods=("IBP", "CROWN-IBP"), refine_methods=()))
+    cols = {k: v.numpy() for k, v in rec.items()} | {"index": np.arange(n), "split": np.array(["test"] * n)}
+    loader = DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=32, shuffle=False)
+    return x, y, rec, cols, loader
+
+
+ATTACK = {"steps": 15, "restarts": 2, "step_size": 0.25, "decay_at": [0.5], "loss": "margin", "push": 1.0,
+          "margin": 0.05, "seed": 0}
+
+
+def test_stage_attack_counts_certified_inputs_robust_and_attacks_the_rest(trained):
+    """certify's attack_test_split: every uncertified input is attacked, certified ones count as
+    robust (a sample is attacked for the soundness check), so certified <= adversarial, and the
+    uncertified inputs get the same verdict as attacking everything."""
+    from ace_lightning.certify import attack_test_split
+
+    x, y, rec, cols, loader = _stage_attack_inputs(trained)
+    T = float(np.median(cols["g"]))
+    points = [{"key": "p", "threshold": T}]
+    adv, violations = attack_test_split(trained, loader, Records(cols), EPS, {**ATTACK, "certified_sample": None},
+                                        points, progress=False)
+    assert violations == 0
+    certified = composed_certified(rec["cert_ok"][:, None], rec["core_ok"], rec["lb_g"][:, None],
+                                   rec["ub_g"][:, None], torch.tensor([T])).numpy()
+    assert (adv["p"] >= certified).all() and adv["p"].mean() <= float((trained.forward_all(x).argmax(-1) == y).float().mean())
+    assert (adv["cert_alone"] >= rec["cert_ok"].numpy()).all()
+    assert adv["core_alone"].mean() < 1.0  # the core is attacked (nothing certifies it)
+    sampled, _ = attack_test_split(trained, loader, Records(cols), EPS, {**ATTACK, "certified_sample": 0},
+                                   points, progress=False)
+    assert (sampled["p"][certified] == 1).all()  # not attacked: robust by their certificate
+
+
+def test_stage_attack_finds_an_unsound_certificate(trained):
+    """Break the records on purpose (claim certificates for inputs the cert-net gets wrong): the
+    stage's soundness check attacks certified inputs and reports them."""
+    from ace_lightning.certify import attack_test_split
+
+    x, y, rec, cols, loader = _stage_attack_inputs(trained)
+    points = [{"key": "p", "threshold": -1e9}]  # everything routed to the cert-net
+    honest, violations = attack_test_split(trained, loader, Records(cols), EPS,
+                                           {**ATTACK, "certified_sample": None}, points, progress=False)
+    assert violations == 0 and (~honest["cert_alone"]).any(), "some uncertified input must be breakable"
+    broken = dict(cols)
+    broken["cert_ok"] = np.ones_like(cols["cert_ok"])  # an unsound certifier: every input certified
+    _, violations = attack_test_split(trained, loader, Records(broken), EPS, {**ATTACK, "certified_sample": None},
+                                      points, progress=False)
+    assert violations > 0
+    _, unchecked = attack_test_split(trained, loader, Records(broken), EPS, {**ATTACK, "certified_sample": 0},
+                                     points, progress=False)
+    assert unchecked == 0  # with no certified input attacked nothing can be found: the sample matters
+
+
+def test_composed_attack_skips_the_core_where_the_gate_surely_fires(trained):
+    """reachable: inputs whose gate certifiably fires (lb_g >= T) never run the core."""
+    x, y, rec, cols, loader = _stage_attack_inputs(trained)
+    T = float(np.quantile(cols["lb_g"], 0.5))
+    sure = torch.as_tensor(cols["lb_g"] >= T)
+    seen = []
+    core = trained.core
+    hook = core.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        reachable = torch.stack([torch.as_tensor(cols["ub_g"] >= T), ~sure], dim=1)
+        attack_composed(trained, x[sure], y[sure], EPS, [T], steps=5, reachable=reachable[sure])
+        assert not seen  # no core forward at all for inputs that can only reach the cert-net
+        attack_composed(trained, x, y, EPS, [T], steps=5, reachable=reachable)
+        assert seen and max(seen) <= int((~sure).sum())
+    finally:
+        hook.remove()

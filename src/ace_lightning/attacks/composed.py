@@ -6,19 +6,45 @@ iterate is checked against the *composed* prediction and the worst point per inp
 A certified input that this attack breaks is a soundness bug (tests/test_certify.py)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ace_lightning.attacks.pgd import margin_loss
 from ace_lightning.routing import composed_output, first_firing
 
 
-def _branch_outputs(model, z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Logits of every cert-net and the core, and the gate values [B, n], all differentiable."""
+def _branch_outputs(model, z: torch.Tensor, thresholds: torch.Tensor, core_needed: torch.Tensor | None = None,
+                    core_grad: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Logits of every cert-net and the core, and the gate values [B, n], all differentiable.
+
+    The core is the costly net, so it runs only where its output can matter: on the inputs the
+    gates route to it at this very point (no gradient unless ``core_grad``) and, when the attacked
+    objective involves it (``core_grad``), wherever it may answer (``core_needed`` [B]: the gate
+    bounds allow it somewhere on the ball; None: everywhere). Elsewhere its output is never
+    selected and is filled with the last cert-net's logits."""
     cert_logits = [cert(z) for cert in model.certs]
-    gates = [model.gate_value(i, z, cert_logits[i]) for i in range(len(cert_logits))]
-    return cert_logits + [model.core(z)], torch.stack(gates, dim=1)
+    gates = torch.stack([model.gate_value(i, z, cert_logits[i]) for i in range(len(cert_logits))], dim=1)
+    with torch.no_grad():  # the inputs the gates route to the core at this point: always computed
+        rows = first_firing(gates.detach(), thresholds) == len(cert_logits)
+    if core_grad:  # the attacked objective involves the core: wherever it may answer
+        rows |= torch.ones_like(rows) if core_needed is None else core_needed
+    if bool(rows.all()):
+        core = model.core(z) if core_grad else _no_grad(model.core, z)
+    else:
+        core = cert_logits[-1].detach().clone()
+        if bool(rows.any()):
+            out = model.core(z[rows]) if core_grad else _no_grad(model.core, z[rows])
+            core = core.to(out.dtype)
+            core[rows] = out
+    return cert_logits + [core], gates
+
+
+def _no_grad(net, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(z.detach())
 
 
 def _composed_prediction(outputs: list[torch.Tensor], gates: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -26,10 +52,17 @@ def _composed_prediction(outputs: list[torch.Tensor], gates: torch.Tensor, thres
     return composed_output([o.argmax(-1) for o in outputs], first_firing(gates, thresholds))
 
 
-def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: float) -> torch.Tensor:
+def _branch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "margin":
+        return margin_loss(logits, y)
+    return nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: float,
+               loss_name: str = "ce") -> torch.Tensor:
     """Loss of branch ``target`` minus a hinge that rewards routing to it (target n = the core)."""
     n = gates.shape[1]
-    loss = nn.functional.cross_entropy(outputs[target], y, reduction="none")
+    loss = _branch_loss(outputs[target], y, loss_name)
     if target == -1:  # smooth surrogate of the composed output
         weights, rest = [], torch.ones_like(y, dtype=outputs[0].dtype)
         for i in range(n):
@@ -37,7 +70,7 @@ def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: 
             weights.append(rest * s)
             rest = rest * (1 - s)
         weights.append(rest)
-        return sum(w * nn.functional.cross_entropy(o, y, reduction="none") for w, o in zip(weights, outputs))
+        return sum(w * _branch_loss(o, y, loss_name) for w, o in zip(weights, outputs))
     for k in range(min(target, n)):  # earlier gates must stay below their thresholds
         loss = loss - push * torch.relu(gates[:, k] - thresholds[k] + margin)
     if target < n:  # and this one must fire
@@ -48,9 +81,18 @@ def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: 
 def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
                     thresholds: Sequence[float] | torch.Tensor | None = None, steps: int = 20,
                     restarts: int = 1, step_size: float = 0.1, push: float = 1.0,
-                    margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+                    margin: float = 0.05, loss: str = "ce", decay_at: Sequence[float] = (),
+                    reachable: torch.Tensor | None = None, first_step: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(adv_correct [B] bool, x_adv [B, ...]): adv_correct is False iff some point found in the
-    ball (x itself included) is misclassified by the composed model at ``thresholds``."""
+    ball (x itself included) is misclassified by the composed model at ``thresholds``.
+
+    ``reachable`` [B, n + 1] (branch k may answer somewhere on the ball, from the records' gate
+    bounds; the core is column n): a branch that cannot answer is not attacked, and the core does
+    not run for inputs that can never reach it. None: every branch, every input. ``loss``: ce or
+    margin for the attacked branch; the step size (relative to eps) is multiplied by 0.1 at each
+    fraction of the steps in ``decay_at``; ``first_step`` (relative to eps) sizes the first step of
+    each restart and target."""
     t = model.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
     t = t.to(x.device)
     was = model.training
@@ -60,35 +102,47 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
         p.requires_grad_(False)
     x = x.detach()
     x_l, x_u = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    n = model.num_branches
+    if reachable is None:
+        reachable = torch.ones(x.shape[0], n + 1, dtype=torch.bool, device=x.device)
+    reachable = reachable.to(x.device).bool()
+    milestones = sorted(math.ceil(f * steps) for f in decay_at)
     try:
         with torch.no_grad():
-            outs, gates = _branch_outputs(model, x)
+            outs, gates = _branch_outputs(model, x, t, reachable[:, n], core_grad=False)
             correct = _composed_prediction(outs, gates, t) == y
         x_adv = x.clone()
-        n = model.num_branches
         targets = list(range(n + 1)) + [-1]
-        alpha = step_size * eps
         for restart in range(max(1, restarts)):
             for target in targets:
-                live = correct.nonzero().flatten()  # only inputs not yet broken are attacked
+                # only inputs not yet broken, and only where this branch (or, for the smooth
+                # surrogate, more than one branch) can answer
+                can = reachable[:, target] if target >= 0 else reachable.sum(dim=1) > 1
+                live = (correct & can).nonzero().flatten()
                 if live.numel() == 0 or eps <= 0:
-                    break
+                    continue
                 xs, ys, lo, hi = x[live], y[live], x_l[live], x_u[live]
+                core_needed = reachable[live, n]
                 z = xs if restart == 0 else lo + (hi - lo) * torch.rand_like(xs)
                 for step in range(steps + 1):
                     z = z.detach().requires_grad_(step < steps)
                     with torch.enable_grad():
-                        outs, gates = _branch_outputs(model, z)
+                        outs, gates = _branch_outputs(model, z, t, core_needed, core_grad=target in (n, -1))
                         if step < steps:
-                            obj = _objective(target, outs, gates, ys, t, push, margin)
+                            obj = _objective(target, outs, gates, ys, t, push, margin, loss)
                             grad, = torch.autograd.grad(obj.sum(), z)
                     with torch.no_grad():
                         wrong = _composed_prediction(outs, gates, t) != ys
-                        hit = live[wrong & correct[live]]
-                        x_adv[hit] = z.detach()[wrong & correct[live]]
-                        correct[hit] = False
-                    if step < steps:
-                        z = torch.max(torch.min(z.detach() + alpha * grad.sign(), hi), lo)
+                        x_adv[live[wrong]] = z.detach()[wrong]
+                        correct[live[wrong]] = False
+                    keep = ~wrong  # a broken input leaves the attack: its verdict is final
+                    if step == steps or not bool(keep.any()):
+                        break
+                    alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
+                    if step == 0 and first_step is not None:
+                        alpha = float(first_step) * eps
+                    live, ys, lo, hi, core_needed = live[keep], ys[keep], lo[keep], hi[keep], core_needed[keep]
+                    z = torch.max(torch.min(z.detach()[keep] + alpha * grad[keep].sign(), hi), lo)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

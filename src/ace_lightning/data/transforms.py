@@ -32,6 +32,14 @@ class ToFloatTensor:
         return "ToFloatTensor()"
 
 
+def is_identity(transform: Any) -> bool:
+    """No transform, or a pipeline of ToFloatTensor steps only (nothing but the conversion)."""
+    if transform is None or isinstance(transform, ToFloatTensor):
+        return True
+    steps = getattr(transform, "transforms", None)
+    return isinstance(steps, (list, tuple)) and all(isinstance(t, ToFloatTensor) for t in steps)
+
+
 def to_float_tensor(img: Any) -> torch.Tensor:
     return ToFloatTensor()(img)
 

@@ -50,6 +50,13 @@ def config_kwargs(cls: type, st: Mapping[str, Any], **given: Any) -> dict[str, A
     return kw
 
 
+def check_val_crown_ibp(value: Any) -> bool | str:
+    """``val_crown_ibp``: true, false or "after_ramp" (one-line error otherwise)."""
+    if isinstance(value, bool) or value == "after_ramp":
+        return value
+    raise ConfigError(f"val_crown_ibp must be true, false or after_ramp, got {value!r}")
+
+
 class StageModule(L.LightningModule):
     """Holds ``net`` (the network the stage trains) and named accuracy metrics per split."""
 
@@ -104,6 +111,20 @@ class StageModule(L.LightningModule):
                 ramp_steps=int(round(self.ramp_epochs * self.per_epoch)),
                 kappa_end=self.kappa_end, shape=self.ramp_shape)
         return self._schedule
+
+    def eval_crown_ibp(self) -> bool:
+        """Whether this validation/test pass also bounds with CROWN-IBP (``val_crown_ibp``): true,
+        false, or "after_ramp": only once eps has reached its target (validation before that
+        certifies with the training method alone; it cannot select the checkpoint, whose
+        certified accuracy at the target eps is far higher after the ramp). Test: always."""
+        mode = self.val_crown_ibp
+        if mode != "after_ramp":
+            return bool(mode)
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return True  # test, validate (a pretrained net), direct calls: the net is final
+        s = self.schedule
+        return self.global_step >= s.warmup_steps + s.ramp_steps
 
     def schedule_at(self, step: int) -> tuple[float, float, Optional[float]]:
         """(eps, kappa, beta) at an optimiser step; beta only for CROWN-IBP training."""

@@ -30,7 +30,7 @@ from ace_lightning.attacks import adversarial_correct
 from ace_lightning.bounds import (margin_lower_bounds, margin_spec, output_bounds,
                                   robust_ce_loss, worst_case_ce)
 from ace_lightning.nets import final_linear_name
-from ace_lightning.stages.base import StageModule
+from ace_lightning.stages.base import StageModule, check_val_crown_ibp
 from ace_lightning.stages.common import l1_penalty
 from ace_lightning.stages.losses import (CERT_METHODS, CertifiedLoss, build_loss, check_method_knobs, ibp_init,
                                          margin_ce, shi_regularizer)
@@ -94,7 +94,7 @@ class CertStage(StageModule):
         l1: float = 1e-5,
         epochs: Optional[int] = None,
         val_pgd_steps: int = 10,
-        val_crown_ibp: bool = True,
+        val_crown_ibp: bool | str = True,
         select_weight: float = 0.0,
         select_margin: float = 4.0,
         select_uncertified_weight: float = 1.0,
@@ -128,7 +128,7 @@ class CertStage(StageModule):
         self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
         self.ramp_shape, self.kappa_end = ramp_shape, float(kappa_end)
         self.loss_fusion, self.l1 = bool(loss_fusion), float(l1)
-        self.val_pgd_steps, self.val_crown_ibp = int(val_pgd_steps), bool(val_crown_ibp)
+        self.val_pgd_steps, self.val_crown_ibp = int(val_pgd_steps), check_val_crown_ibp(val_crown_ibp)
         self.num_classes = int(net.get_submodule(final_linear_name(net)).out_features)
         self.select_weight, self.select_margin = float(select_weight), float(select_margin)
         self.select_uncertified_weight = float(select_uncertified_weight)
@@ -294,7 +294,7 @@ class CertStage(StageModule):
         ibp = certified_correct(self.net, x, y, self.eps, "IBP")
         out = {"nat_acc": nat, "ibp_cert_acc": ibp}
         cert = ibp
-        if self.val_crown_ibp:
+        if self.eval_crown_ibp():
             crown = certified_correct(self.net, x, y, self.eps, "CROWN-IBP")
             out["crown_ibp_cert_acc"] = crown
             cert = ibp | crown  # a certificate from either bound is a certificate

@@ -103,7 +103,7 @@ class EntropyStage(CertStage):
         out = super().evaluate(x, y)
         with torch.no_grad():
             g, lb_g, _ = entropy_gate_bounds(self.net, x, self.eps, "IBP", self.route)
-            if self.val_crown_ibp:
+            if self.eval_crown_ibp():
                 _, lb2, _ = entropy_gate_bounds(self.net, x, self.eps, "CROWN-IBP", self.route)
                 lb_g = torch.maximum(lb_g, lb2)
         t = -self.tau

@@ -51,7 +51,7 @@ from torch import nn
 
 from ace_lightning.bounds import output_bounds
 from ace_lightning.nets import build_net, final_linear_name, init_gate_from_cert
-from ace_lightning.stages.base import StageModule
+from ace_lightning.stages.base import StageModule, check_val_crown_ibp
 from ace_lightning.config import to_dict
 from ace_lightning.errors import ConfigError, StageInputError
 from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
@@ -179,7 +179,7 @@ class GateStage(StageModule):
         worst_case_negatives: bool = True,
         train_last_k: Optional[int] = None,
         l1: float = 1e-5,
-        val_crown_ibp: bool = True,
+        val_crown_ibp: bool | str = True,
         constant_output: Optional[float] = None,
         label_balance: Optional[Mapping[str, Mapping[str, Any]]] = None,
         sabr_lambda: float = 0.4,
@@ -205,7 +205,7 @@ class GateStage(StageModule):
         self.ramp_shape, self.kappa_end = ramp_shape, float(kappa_end)
         self.pos_weight_mode, self.pos_weight_sigma = pos_weight, float(pos_weight_sigma)
         self.worst_case_negatives = bool(worst_case_negatives)
-        self.l1, self.val_crown_ibp = float(l1), bool(val_crown_ibp)
+        self.l1, self.val_crown_ibp = float(l1), check_val_crown_ibp(val_crown_ibp)
         self.train_last_k = train_last_k
         self.constant_output: Optional[float] = None
         self.label_balance = dict(label_balance or {})
@@ -382,7 +382,7 @@ class GateStage(StageModule):
         """(lb_g, ub_g) at the target eps: the stage's method, tightened by CROWN-IBP when
         ``val_crown_ibp`` (the max/min of two sound bounds is sound)."""
         lb, ub = output_bounds(self.net, x, self.eps, self.bound_method)
-        if self.val_crown_ibp and self.bound_method != "CROWN-IBP":
+        if self.bound_method != "CROWN-IBP" and self.eval_crown_ibp():
             lb2, ub2 = output_bounds(self.net, x, self.eps, "CROWN-IBP")
             lb, ub = torch.maximum(lb, lb2), torch.minimum(ub, ub2)
         return lb.view(-1), ub.view(-1)

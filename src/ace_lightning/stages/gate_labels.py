@@ -322,6 +322,13 @@ class LabeledDataset(Dataset):
         x, y = self.base[j][:2]
         return x, y, int(self.labels[j])
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch through the base dataset's batched fetch when it has one (the same items)."""
+        js = [int(self.positions[i]) if self.positions is not None else int(i) for i in indices]
+        fetch = getattr(self.base, "__getitems__", None)
+        items = fetch(js) if callable(fetch) else [self.base[j] for j in js]
+        return [(item[0], item[1], int(self.labels[j])) for item, j in zip(items, js)]
+
 
 def attach_labels(dm: Any, labels: Mapping[str, torch.Tensor], drop_excluded: bool = True) -> None:
     """Make the (set-up) datamodule's train/val/test loaders yield (x, y, gate_label); the training
