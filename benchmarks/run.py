@@ -60,7 +60,7 @@ def bound_steps(batch: int, reps: int, device: torch.device, cases: dict = BOUND
 
 
 def measure_sections(wanted, batch: int, reps: int, device: torch.device, large: bool = True,
-                     bound_cases: dict = BOUND_CASES) -> dict:
+                     bound_cases: dict = BOUND_CASES, demo_stages: bool = True) -> dict:
     """The sections in ``wanted`` on ``device``: the same figures on CPU and on a GPU."""
     sections: dict = {}
     if "bound_step_cost" in wanted:
@@ -88,7 +88,7 @@ def measure_sections(wanted, batch: int, reps: int, device: torch.device, large:
         if own_batch:
             sections["nets_cost"].update(nets_cost.measure_all(batch=16, reps=2, only=sorted(own_batch),
                                                                device=device))
-    if "stage_cost" in wanted and device.type == "cpu":
+    if "stage_cost" in wanted and demo_stages:  # the demo's CPU stages (not part of the GPU section)
         print("[bench] the demo's stages against their arithmetic (stage step / bare loop; certify / its "
               "certification pass)", flush=True)
         sections["stage_cost"] = {"core": stage_cost.training_stage("core"),
@@ -106,7 +106,7 @@ def gpu_section(device: torch.device, wanted, batch: int, reps: int, large: bool
         print(f"[bench] GPU section forced onto {device}: exercises its code path, not a GPU run")
         out["note"] = f"forced with --gpu-device {device}: the GPU section's code path, not a GPU run"
     out["sections"] = measure_sections(wanted, batch, reps, device, large,
-                                       {**BOUND_CASES, **(C5_CASE if large else {})})
+                                       {**BOUND_CASES, **(C5_CASE if large else {})}, demo_stages=False)
     steps = out["sections"].get("bound_step_cost", {})
     out["training_samples_per_s"] = {case: {v: rec["samples_per_s"] for v, rec in steps[case].items()}
                                      for case in THROUGHPUT_CASES if case in steps}
