@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
@@ -27,21 +25,10 @@ from ace_lightning.config import CONF_DIR, datamodule_from
 from ace_lightning.nets import build_net
 from ace_lightning.registry import run_stage
 from ace_lightning.stages.common import l1_penalty
+from lightning_overhead import _median_gap, _Stamps  # the same stamps and median as the Lightning-overhead bench
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "runs" / "demo_fmnist" / "eps_0.1"
-
-
-class _Stamps(L.Callback):
-    def __init__(self) -> None:
-        self.t: list[float] = []
-
-    def on_train_batch_start(self, *args, **kwargs) -> None:
-        self.t.append(time.perf_counter())
-
-
-def _median_gap(stamps: list[float], warmup: int) -> float:
-    return statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
 
 
 def _cfg(stage: str, runs_root: Path, steps: int, extra: tuple[str, ...] = ()):
@@ -82,7 +69,7 @@ def training_stage(stage: str, steps: int = 40, warmup: int = 5) -> dict:
         extra = ("++stage_overrides.cert.warmup_epochs=0", "++stage_overrides.cert.ramp_epochs=0") \
             if stage == "cert" else ()
         cfg = _cfg(stage, Path(tmp), steps, extra)
-        stamps = _Stamps()
+        stamps = _Stamps(torch.device("cpu"))
         run_stage(cfg, callbacks=(stamps,))
         staged = _median_gap(stamps.t, warmup)
         bare = _bare_step(stage, cfg, steps, warmup)

@@ -402,6 +402,9 @@ class CertifyJob:
     model: Optional[ACEModel] = None
     loaders: Optional[dict] = None
     timing: dict = field(default_factory=dict)
+    refinement: dict = field(default_factory=dict)  # refine_at_operating_points' summary
+    precision: dict = field(default_factory=dict)   # precision_summary for the manifest
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def progress(self) -> bool:
