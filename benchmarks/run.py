@@ -91,9 +91,7 @@ def measure_sections(wanted, batch: int, reps: int, device: torch.device, large:
     if "stage_cost" in wanted and demo_stages:  # the demo's CPU stages (not part of the GPU section)
         print("[bench] the demo's stages against their arithmetic (stage step / bare loop; certify / its "
               "certification pass)", flush=True)
-        sections["stage_cost"] = {"core": stage_cost.training_stage("core"),
-                                  "cert": stage_cost.training_stage("cert"),
-                                  "certify": stage_cost.certify_stage()}
+        sections["stage_cost"] = stage_cost.measure()
     return sections
 
 
@@ -129,11 +127,16 @@ def print_tables(sections: dict, where: str) -> None:
                   f"{rec['ratio_lightning_to_bare']:8.2f}")
     if "stage_cost" in sections:
         sc = sections["stage_cost"]
-        print(f"\n{'demo stage vs its arithmetic':32s} {'bare s':>10s} {'stage s':>12s} {'ratio':>8s}")
-        for name in ("core", "cert"):
+        print(f"\n{'demo stage vs its arithmetic':32s} {'bare s':>10s} {'stage s':>12s} {'ratio':>8s} "
+              f"{'(mean: bare':>12s} {'stage':>8s} {'ratio)':>7s}")
+        for name in ("core", "core_channels_last", "cert", "gate"):
             rec = sc[name]
+            if "skipped" in rec:
+                print(f"{name} training step: skipped ({rec['skipped']})")
+                continue
             print(f"{name + ' training step':32s} {rec['bare_loop_step_s']:10.4f} {rec['stage_step_s']:12.4f} "
-                  f"{rec['ratio_stage_to_bare']:8.2f}")
+                  f"{rec['ratio_stage_to_bare']:8.2f} {rec['bare_loop_step_mean_s']:12.4f} "
+                  f"{rec['stage_step_mean_s']:8.4f} {rec['ratio_stage_to_bare_mean']:7.2f}")
         c = sc["certify"]
         if "skipped" in c:
             print(f"certify: skipped ({c['skipped']})")

@@ -246,3 +246,87 @@ def test_composed_attack_skips_the_core_where_the_gate_surely_fires(trained):
         assert seen and max(seen) <= int((~sure).sum())
     finally:
         hook.remove()
+
+
+def _reference_pruned_verdicts(net, x, y, eps, steps, restarts, step_size, decay_at, noise):
+    """The evaluation attack without pruning: every input runs every step of every restart (the
+    same starts); broken iff some iterate is misclassified. Pruning must not change a verdict."""
+    import math
+    from ace_lightning.attacks.pgd import margin_loss
+
+    milestones = sorted(math.ceil(f * steps) for f in decay_at)
+    broken = torch.zeros(x.shape[0], dtype=torch.bool)
+    for restart in range(restarts):
+        z = x.clone() if restart == 0 else torch.min(torch.max(x + noise[restart - 1], x - eps), x + eps).clamp(0, 1)
+        for step in range(steps + 1):
+            z = z.detach().requires_grad_(True)
+            logits = net(z)
+            broken |= logits.argmax(-1) != y
+            if step == steps:
+                break
+            grad, = torch.autograd.grad(margin_loss(logits, y).sum(), z)
+            alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
+            z = torch.min(torch.max(z.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return ~broken
+
+
+def test_pruned_attack_gives_the_verdicts_of_the_unpruned_one_and_its_points(trained):
+    """pgd_pruned: an input leaves at its first misclassified iterate and the gradient of the rest
+    is recomputed when most broke; the verdicts are those of running everything, the returned
+    points are misclassified and in the ball, and the generator use does not depend on verdicts."""
+    from ace_lightning.attacks import pgd_pruned
+
+    x, y = _data(256, 21)
+    for net, eps in ((trained.core, 0.2), (trained.certs[0], EPS)):  # the core: most break at once
+        kw = dict(steps=6, restarts=3, step_size=0.4, decay_at=(0.5,))
+        gen = torch.Generator().manual_seed(4)
+        ok, x_adv = pgd_pruned(net, x, y, eps, loss="margin", generator=gen, **kw)
+        ref_gen = torch.Generator().manual_seed(4)
+        noise = [torch.empty(x.shape).uniform_(-eps, eps, generator=ref_gen) for _ in range(2)]
+        assert torch.equal(gen.get_state(), ref_gen.get_state())  # starts drawn up front, whatever broke
+        expected = _reference_pruned_verdicts(net, x, y, eps, noise=noise, **kw)
+        assert torch.equal(ok, expected)
+        assert 0 < int((~ok).sum()) < x.shape[0]  # both verdicts occur: a real comparison
+        with torch.no_grad():
+            assert (net(x_adv[~ok]).argmax(-1) != y[~ok]).all()
+        assert torch.equal(x_adv[ok], x[ok])
+        assert ((x_adv - x).abs() <= eps + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_composed_attack_checks_the_candidate_points_first(trained):
+    """Candidates (the single nets' adversarial points) break an input without a search when the
+    composed model gets them wrong; they are projected onto the ball first, so a point outside it
+    cannot count."""
+    from ace_lightning.attacks import pgd_pruned
+
+    x, y = _data(128, 22)
+    eps = 0.25
+    T = 0.0
+    _, core_points = pgd_pruned(trained.core, x, y, eps, steps=8, restarts=1, step_size=0.4, loss="margin")
+    alone, _ = attack_composed(trained, x, y, eps, [T], steps=0)  # steps=0: x itself only
+    ok, x_adv = attack_composed(trained, x, y, eps, [T], steps=0, candidates=[core_points])
+    assert (ok <= alone).all() and bool((alone & ~ok).any())
+    with torch.no_grad():
+        assert (trained.forward_all(x_adv[~ok]).argmax(-1) != y[~ok]).all()
+    far = x + 10.0 * (core_points - x)  # the same directions, far outside the ball
+    ok_far, x_far = attack_composed(trained, x, y, eps, [T], steps=0, candidates=[far])
+    assert ((x_far - x).abs() <= eps + 1e-6).all()
+    with torch.no_grad():
+        assert (trained.forward_all(x_far[~ok_far]).argmax(-1) != y[~ok_far]).all()
+
+
+def test_stage_attack_numbers_do_not_depend_on_the_global_rng(trained):
+    """Each attack draws its random restarts from its own seeded generator and leaves the global
+    RNG alone: the same adversarial numbers whatever ran before."""
+    from ace_lightning.certify import attack_test_split
+
+    x, y, rec, cols, loader = _stage_attack_inputs(trained)
+    points = [{"key": "p", "threshold": float(np.median(cols["g"]))}]
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        adv, _ = attack_test_split(trained, loader, Records(cols), EPS, {**ATTACK, "restarts": 3}, points,
+                                   progress=False)
+        results.append((adv, torch.rand(1)))
+    assert all((results[0][0][k] == results[1][0][k]).all() for k in results[0][0])
+    assert results[0][1] != results[1][1]  # the global stream was not reseeded by the attack

@@ -232,6 +232,27 @@ def test_core_stage(tmp_path, mode):
     assert manifest["config"]["stage"]["mode"] == mode
 
 
+def test_core_stage_channels_last_trains_and_exports_plain_weights(tmp_path):
+    """stage.channels_last: the core trains in NHWC; its exported weights load into a net built
+    from the config and give the stage's test accuracy."""
+    from ace_lightning.config import datamodule_from
+
+    cfg = compose_cfg(tmp_path, CORE_TINY + ["stage.channels_last=true", "stage.eval_pgd_steps=0"])
+    manifest = run_stage(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    dm = datamodule_from(cfg)
+    dm.setup("test")
+    net = build_net(dict(cfg.core_net), dm.info).eval()
+    net.load_state_dict(torch.load(run_dir / "core" / "core.pt", weights_only=True))
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += int((net(x).argmax(-1) == y).sum())
+            total += len(y)
+    assert correct / total == pytest.approx(manifest["metrics"]["test/nat_acc"], abs=1e-6)
+    assert manifest["config"]["stage"]["channels_last"] is True
+
+
 def test_unknown_timm_core_is_a_one_line_error_from_the_cli(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "ace_lightning.train", "stage=core", "data=synthetic",

@@ -1,4 +1,4 @@
 """Attacks: PGD (training and adversarial accuracy) and the composition-aware attack."""
-from ace_lightning.attacks.pgd import adversarial_correct, counterexample_found, margin_loss, pgd
+from ace_lightning.attacks.pgd import adversarial_correct, counterexample_found, margin_loss, pgd, pgd_pruned
 
-__all__ = ["adversarial_correct", "counterexample_found", "margin_loss", "pgd"]
+__all__ = ["adversarial_correct", "counterexample_found", "margin_loss", "pgd", "pgd_pruned"]

@@ -42,12 +42,14 @@ def pgd(
     restarts: int = 1,
     loss_fn: Optional[LossFn] = None,
     decay_at: Sequence[float] = (),
+    noise: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Adversarial inputs maximising ``loss_fn(net(x'), y)`` (per-input CE by default).
     ``step_size`` is relative to eps (docs/METHOD.md: 0.25 eps); it is multiplied by 0.1 at each
     fraction of the steps in ``decay_at`` (SABR's schedule: 0.5, 0.8, 0.9). The point with the
     highest loss per input over every iterate of every restart is kept. The net's mode and
-    parameters are left untouched."""
+    parameters are left untouched. ``noise``: the random starts' offsets, one per restart (drawn by
+    the caller; default: uniform on the ball, drawn here)."""
     if eps <= 0 or steps <= 0:
         return x.detach().clone()
     loss_fn = loss_fn or _ce_per_input
@@ -59,8 +61,11 @@ def pgd(
     for p in net.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(max(1, restarts)):
-            z = x + (torch.empty_like(x).uniform_(-eps, eps) if random_start else 0.0)
+        for restart in range(max(1, restarts)):
+            if not random_start:
+                z = x
+            else:
+                z = x + (noise[restart] if noise is not None else torch.empty_like(x).uniform_(-eps, eps))
             z = _project(z, x, eps)
             for step in range(steps + 1):
                 z.requires_grad_(step < steps)
@@ -84,56 +89,105 @@ def pgd(
 def adversarial_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                         steps: int = 20, step_size: float = 0.1, restarts: int = 1,
                         loss: str = "ce", decay_at: Sequence[float] = (), prune: bool = False,
-                        first_step: Optional[float] = None) -> torch.Tensor:
+                        first_step: Optional[float] = None, known: Optional[torch.Tensor] = None,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Boolean per input: still classified correctly after PGD (and at x itself). ``loss``: ce
-    or margin (then an input counts as broken if any iterate is misclassified). ``prune``: an
-    input leaves the attack at the first misclassified iterate (evaluation: the same verdicts for
-    a fraction of the work); the first restart starts from x, later ones from random points;
-    ``first_step`` (relative to eps, pruned attack only): the size of each restart's first step
-    (1.0: straight to the FGSM corner, which settles most non-robust inputs in one step)."""
+    or margin (then an input counts as broken if any iterate is misclassified). ``prune``: the
+    evaluation attack of ``pgd_pruned`` (an input leaves at its first misclassified iterate;
+    ``first_step``, ``generator`` apply to it). ``known`` [B] bool (unpruned attack only): inputs
+    already known robust (certified; sound bounds), counted robust and not attacked; the random
+    starts are still drawn for the whole batch, so the global RNG stream (and a training run that
+    validates this way) is the same as for an attack on every input."""
     if loss not in LOSSES:
         raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if prune:
+        return pgd_pruned(net, x, y, eps, steps=steps, step_size=step_size, restarts=restarts, loss=loss,
+                          decay_at=decay_at, first_step=first_step, generator=generator)[0]
     with torch.no_grad():
         correct = net(x).argmax(-1) == y
-    if not prune:  # one PGD over the whole batch (training stages: their random starts and RNG use)
+    if known is None:  # one PGD over the whole batch (training stages: their random starts and RNG use)
         x_adv = pgd(net, x, y, eps, steps=steps, step_size=step_size, restarts=restarts,
                     loss_fn=LOSSES[loss], decay_at=decay_at)
         with torch.no_grad():
             return correct & (net(x_adv).argmax(-1) == y)
     if eps <= 0 or steps <= 0:
         return correct
+    noise = [torch.empty_like(x).uniform_(-eps, eps) for _ in range(max(1, restarts))]
+    live = (correct & ~known.to(correct.device)).nonzero().flatten()
+    if live.numel():
+        x_adv = pgd(net, x[live], y[live], eps, steps=steps, step_size=step_size, restarts=restarts,
+                    loss_fn=LOSSES[loss], decay_at=decay_at, noise=[n[live] for n in noise])
+        with torch.no_grad():
+            correct[live] = net(x_adv).argmax(-1) == y[live]
+    return correct
+
+
+def pgd_pruned(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
+               step_size: float = 0.1, restarts: int = 1, loss: str = "margin", decay_at: Sequence[float] = (),
+               first_step: Optional[float] = None, generator: Optional[torch.Generator] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation attack: (correct [B] bool, x_adv): correct is False iff some iterate (x itself
+    included) is misclassified, and x_adv holds that first misclassified point (x where none).
+    An input leaves the attack at that point, so the work follows the inputs still standing; when
+    most of a step's inputs broke, the gradient of the rest is recomputed on them alone (cheaper
+    than a backward pass through all). The first restart starts from x (its first forward pass is
+    the natural check), later ones from random points of the ball drawn for the whole batch from
+    ``generator`` (the draws, hence the verdicts, do not depend on which inputs broke earlier).
+    ``first_step`` (relative to eps): the size of each restart's first step (1.0: the FGSM corner)."""
+    if loss not in LOSSES:
+        raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    loss_fn = LOSSES[loss]
+    x = x.detach()
+    x_adv = x.clone()
+    if eps <= 0 or steps <= 0:
+        with torch.no_grad():
+            return net(x).argmax(-1) == y, x_adv
+    correct = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     milestones = sorted(math.ceil(f * steps) for f in decay_at)
     requires = [p.requires_grad for p in net.parameters()]
     for p in net.parameters():
         p.requires_grad_(False)
+    # every random start drawn up front: the generator's use does not depend on the verdicts
+    noise = [torch.empty(x.shape, dtype=x.dtype, device=x.device).uniform_(-eps, eps, generator=generator)
+             for _ in range(max(1, restarts) - 1)]
     try:
         for restart in range(max(1, restarts)):
             live = correct.nonzero().flatten()
             if live.numel() == 0:
                 break
-            x0, y0 = x[live].detach(), y[live]
-            z = x0 if restart == 0 else _project(x0 + torch.empty_like(x0).uniform_(-eps, eps), x0, eps)
+            x0, y0 = x[live], y[live]
+            z = x0 if restart == 0 else _project(x0 + noise[restart - 1][live], x0, eps)
             for step in range(steps + 1):
                 z = z.detach().requires_grad_(step < steps)
                 with torch.enable_grad():
                     logits = net(z)
-                    if step < steps:
-                        grad, = torch.autograd.grad(LOSSES[loss](logits, y0).sum(), z)
                 with torch.no_grad():
                     broken = logits.argmax(-1) != y0
-                    correct[live[broken]] = False
+                    if bool(broken.any()):
+                        hit = live[broken]
+                        correct[hit] = False
+                        x_adv[hit] = z.detach()[broken]
                     keep = ~broken
-                if step == steps or not bool(keep.any()):
+                n_keep = int(keep.sum())
+                if step == steps or n_keep == 0:
                     break
+                if 2 * n_keep <= keep.numel():  # most broke: a fresh pass over the rest alone
+                    z = z.detach()[keep].requires_grad_(True)
+                    with torch.enable_grad():
+                        grad, = torch.autograd.grad(loss_fn(net(z), y0[keep]).sum(), z)
+                else:
+                    with torch.enable_grad():
+                        grad, = torch.autograd.grad(loss_fn(logits, y0).sum(), z)
+                    z, grad = z.detach()[keep], grad[keep]
+                live, x0, y0 = live[keep], x0[keep], y0[keep]
                 alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
                 if step == 0 and first_step is not None:
                     alpha = float(first_step) * eps
-                live, x0, y0 = live[keep], x0[keep], y0[keep]
-                z = _project(z.detach()[keep] + alpha * grad[keep].sign(), x0, eps)
+                z = _project(z.detach() + alpha * grad.sign(), x0, eps)
     finally:
         for p, r in zip(net.parameters(), requires):
             p.requires_grad_(r)
-    return correct
+    return correct, x_adv
 
 
 def counterexample_found(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10) -> torch.Tensor:

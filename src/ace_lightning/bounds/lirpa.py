@@ -240,6 +240,7 @@ class _Entry:
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+CACHE_PER_NET = 16  # BoundedModules kept per net (one per input shape and kind)
 
 
 def _resolve_buffer(root: nn.Module, dotted: str):
@@ -323,12 +324,27 @@ def bounded_module(net: nn.Module, x: torch.Tensor, kind: str = "plain") -> Boun
     key = (kind, tuple(x.shape), x.device, x.dtype, net.training,
            tuple(id(p) for p in net.parameters()))
     per_net = _CACHE.setdefault(net, {})
-    entry = per_net.get(key)
+    entry = per_net.pop(key, None)
     if entry is None:
-        entry = per_net[key] = _build(net, x, kind)
+        entry = _build(net, x, kind)
+        while len(per_net) >= CACHE_PER_NET:  # the least recently used shape goes (a module holds the
+            per_net.pop(next(iter(per_net)))  # intermediate bounds of its last pass)
+    per_net[key] = entry  # most recently used last
     entry.sync_buffers()
     entry.bounded.train(net.training)
     return entry.bounded
+
+
+def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(indices of ``mask``'s true rows padded to the next power of two by repeating the first, the
+    number of real ones): a bound pass on a varying subset of a batch then meets few input shapes,
+    so its BoundedModules come from the cache instead of being traced again."""
+    idx = mask.nonzero().flatten()
+    n = int(idx.numel())
+    size = min(1 << max(0, n - 1).bit_length(), int(mask.numel()))
+    if 0 < n < size:
+        idx = torch.cat([idx, idx[:1].expand(size - n)])
+    return idx, n
 
 
 def clear_cache(net: Optional[nn.Module] = None) -> None:

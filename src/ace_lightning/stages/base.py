@@ -112,6 +112,12 @@ class StageModule(L.LightningModule):
                 kappa_end=self.kappa_end, shape=self.ramp_shape)
         return self._schedule
 
+    @property
+    def fitting(self) -> bool:
+        """Inside Trainer.fit (validation between epochs), not test / validate / a direct call."""
+        trainer = self._trainer
+        return trainer is not None and trainer.state.fn == "fit"
+
     def eval_crown_ibp(self) -> bool:
         """Whether this validation/test pass also bounds with CROWN-IBP (``val_crown_ibp``): true,
         false, or "after_ramp": only once eps has reached its target (validation before that
@@ -120,8 +126,7 @@ class StageModule(L.LightningModule):
         mode = self.val_crown_ibp
         if mode != "after_ramp":
             return bool(mode)
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
+        if not self.fitting:
             return True  # test, validate (a pretrained net), direct calls: the net is final
         s = self.schedule
         return self.global_step >= s.warmup_steps + s.ramp_steps

@@ -29,7 +29,10 @@ class CoreStage(StageModule):
         eval_eps: float = 0.0,
         eval_pgd_steps: int = 10,
         l1: float = 0.0,
+        channels_last: bool = False,
     ) -> None:
+        if channels_last:  # NHWC convolutions: faster for many conv nets, different float rounding
+            net = net.to(memory_format=torch.channels_last)
         super().__init__(net, optimizer, lr_schedule)
         if mode not in ("natural", "pgd"):
             raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
@@ -38,10 +41,18 @@ class CoreStage(StageModule):
         self.mode, self.train_eps = mode, float(train_eps)
         self.pgd_steps, self.pgd_step_size = int(pgd_steps), float(pgd_step_size)
         self.eval_eps, self.eval_pgd_steps, self.l1 = float(eval_eps), int(eval_pgd_steps), float(l1)
+        self.channels_last = bool(channels_last)
         self.save_hyperparameters(ignore=["net"])
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch in the net's memory format (NHWC with ``channels_last``)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        x = self._layout(x)
         if self.mode == "pgd":
             was_training = self.net.training
             self.net.eval()  # attack the current weights with frozen BN statistics
@@ -56,6 +67,7 @@ class CoreStage(StageModule):
         return loss
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self._layout(x)
         with torch.no_grad():
             nat = self.net(x).argmax(-1) == y
         out = {"nat_acc": nat}

@@ -49,7 +49,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ace_lightning.bounds import output_bounds
+from ace_lightning.bounds import output_bounds, padded_rows
 from ace_lightning.nets import build_net, final_linear_name, init_gate_from_cert
 from ace_lightning.stages.base import StageModule, check_val_crown_ibp
 from ace_lightning.config import to_dict
@@ -378,19 +378,32 @@ class GateStage(StageModule):
         return loss
 
     # -- evaluation at the target eps --------------------------------------------------------------
-    def gate_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gate_bounds(self, x: torch.Tensor, g: Optional[torch.Tensor] = None,
+                    label: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(lb_g, ub_g) at the target eps: the stage's method, tightened by CROWN-IBP when
-        ``val_crown_ibp`` (the max/min of two sound bounds is sound)."""
+        ``val_crown_ibp`` (the max/min of two sound bounds is sound). With ``g`` (the gate at x)
+        and ``label`` in validation, CROWN-IBP bounds only the inputs where it can change a metric:
+        label 1 selected at x but not certifiably, label 0 rejected at x but not certifiably."""
         lb, ub = output_bounds(self.net, x, self.eps, self.bound_method)
+        lb, ub = lb.view(-1), ub.view(-1)
         if self.bound_method != "CROWN-IBP" and self.eval_crown_ibp():
-            lb2, ub2 = output_bounds(self.net, x, self.eps, "CROWN-IBP")
-            lb, ub = torch.maximum(lb, lb2), torch.minimum(ub, ub2)
-        return lb.view(-1), ub.view(-1)
+            if g is not None and label is not None and self.fitting:
+                t = self.threshold
+                rows, n = padded_rows(((label == 1) & (g >= t) & (lb < t)) | ((label == 0) & (g < t) & (ub >= t)))
+            else:
+                rows, n = torch.arange(x.shape[0], device=x.device), x.shape[0]
+            if n:
+                lb2, ub2 = output_bounds(self.net, x[rows], self.eps, "CROWN-IBP")
+                real = rows[:n]
+                lb, ub = lb.clone(), ub.clone()
+                lb[real] = torch.maximum(lb[real], lb2.view(-1)[:n])
+                ub[real] = torch.minimum(ub[real], ub2.view(-1)[:n])
+        return lb, ub
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             g, dead, collapsed = relu_activity(self.net, x)
-            lb, ub = self.gate_bounds(x)
+            lb, ub = self.gate_bounds(x, g.view(-1), label)
         g, t = g.view(-1), self.threshold
         pos, neg, labelled = label == 1, label == 0, label >= 0
         selected = g >= t

@@ -324,10 +324,11 @@ class LabeledDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list:
         """A batch through the base dataset's batched fetch when it has one (the same items)."""
-        js = [int(self.positions[i]) if self.positions is not None else int(i) for i in indices]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        js = (self.positions[idx] if self.positions is not None else idx).tolist()
         fetch = getattr(self.base, "__getitems__", None)
         items = fetch(js) if callable(fetch) else [self.base[j] for j in js]
-        return [(item[0], item[1], int(self.labels[j])) for item, j in zip(items, js)]
+        return [(item[0], item[1], label) for item, label in zip(items, self.labels[js].tolist())]
 
 
 def attach_labels(dm: Any, labels: Mapping[str, torch.Tensor], drop_excluded: bool = True) -> None:
