@@ -6,13 +6,11 @@ iterate is checked against the *composed* prediction and the worst point per inp
 A certified input that this attack breaks is a soundness bug (tests/test_certify.py)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
-from ace_lightning.attacks.pgd import margin_loss
+from ace_lightning.attacks.pgd import check_loss, frozen, step_sizes
 from ace_lightning.routing import composed_output, first_firing
 
 
@@ -61,17 +59,12 @@ def _composed_prediction(outputs: list[torch.Tensor], gates: torch.Tensor, thres
     return composed_output([o.argmax(-1) for o in outputs], first_firing(gates, thresholds))
 
 
-def _branch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    if loss == "margin":
-        return margin_loss(logits, y)
-    return nn.functional.cross_entropy(logits, y, reduction="none")
-
-
 def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: float,
                loss_name: str = "ce") -> torch.Tensor:
     """Loss of branch ``target`` minus a hinge that rewards routing to it (target n = the core)."""
     n = gates.shape[1]
-    loss = _branch_loss(outputs[target], y, loss_name)
+    branch_loss = check_loss(loss_name)
+    loss = branch_loss(outputs[target], y)
     if target == -1:  # smooth surrogate of the composed output
         weights, rest = [], torch.ones_like(y, dtype=outputs[0].dtype)
         for i in range(n):
@@ -79,7 +72,7 @@ def _objective(target: int, outputs, gates, y, thresholds, push: float, margin: 
             weights.append(rest * s)
             rest = rest * (1 - s)
         weights.append(rest)
-        return sum(w * _branch_loss(o, y, loss_name) for w, o in zip(weights, outputs))
+        return sum(w * branch_loss(o, y) for w, o in zip(weights, outputs))
     for k in range(min(target, n)):  # earlier gates must stay below their thresholds
         loss = loss - push * torch.relu(gates[:, k] - thresholds[k] + margin)
     if target < n:  # and this one must fire
@@ -108,68 +101,62 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
     target (its use does not depend on which inputs broke)."""
     t = model.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
     t = t.to(x.device)
+    check_loss(loss)
     was = model.training
     model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     x = x.detach()
     x_l, x_u = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
     n = model.num_branches
     if reachable is None:
         reachable = torch.ones(x.shape[0], n + 1, dtype=torch.bool, device=x.device)
     reachable = reachable.to(x.device).bool()
-    milestones = sorted(math.ceil(f * steps) for f in decay_at)
+    alphas = step_sizes(steps, step_size, eps, decay_at, first_step)
     try:
-        with torch.no_grad():
-            outs, gates = _branch_outputs(model, x, t, reachable[:, n], core_grad=False)
-            correct = _composed_prediction(outs, gates, t) == y
-            x_adv = x.clone()
-            for point in candidates:  # cheap first: known adversarial points of the parts
-                live = correct.nonzero().flatten()
-                if live.numel() == 0:
-                    break
-                z = torch.max(torch.min(point[live].to(x), x_u[live]), x_l[live])
-                outs, gates = _branch_outputs(model, z, t, reachable[live, n], core_grad=False)
-                wrong = _composed_prediction(outs, gates, t) != y[live]
-                x_adv[live[wrong]] = z[wrong]
-                correct[live[wrong]] = False
-        targets = list(range(n + 1)) + [-1]
-        for restart in range(max(1, restarts)):
-            for target in targets:
-                start = None if restart == 0 else torch.rand(x.shape, generator=generator, dtype=x.dtype,
-                                                              device=x.device)
-                # only inputs not yet broken, and only where this branch (or, for the smooth
-                # surrogate, more than one branch) can answer
-                can = reachable[:, target] if target >= 0 else reachable.sum(dim=1) > 1
-                live = (correct & can).nonzero().flatten()
-                if live.numel() == 0 or eps <= 0:
-                    continue
-                xs, ys, lo, hi = x[live], y[live], x_l[live], x_u[live]
-                core_needed = reachable[live, n]
-                z = xs if start is None else lo + (hi - lo) * start[live]
-                for step in range(steps + 1):
-                    z = z.detach().requires_grad_(step < steps)
-                    with torch.enable_grad():
-                        outs, gates = _branch_outputs(model, z, t, core_needed, core_grad=target in (n, -1),
-                                                      near=NEAR_MARGINS * margin)
-                        if step < steps:
-                            obj = _objective(target, outs, gates, ys, t, push, margin, loss)
-                            grad, = torch.autograd.grad(obj.sum(), z)
-                    with torch.no_grad():
-                        wrong = _composed_prediction(outs, gates, t) != ys
-                        x_adv[live[wrong]] = z.detach()[wrong]
-                        correct[live[wrong]] = False
-                    keep = ~wrong  # a broken input leaves the attack: its verdict is final
-                    if step == steps or not bool(keep.any()):
+        with frozen(model):
+            with torch.no_grad():
+                outs, gates = _branch_outputs(model, x, t, reachable[:, n], core_grad=False)
+                correct = _composed_prediction(outs, gates, t) == y
+                x_adv = x.clone()
+                for point in candidates:  # cheap first: known adversarial points of the parts
+                    live = correct.nonzero().flatten()
+                    if live.numel() == 0:
                         break
-                    alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
-                    if step == 0 and first_step is not None:
-                        alpha = float(first_step) * eps
-                    live, ys, lo, hi, core_needed = live[keep], ys[keep], lo[keep], hi[keep], core_needed[keep]
-                    z = torch.max(torch.min(z.detach()[keep] + alpha * grad[keep].sign(), hi), lo)
+                    z = torch.max(torch.min(point[live].to(x), x_u[live]), x_l[live])
+                    outs, gates = _branch_outputs(model, z, t, reachable[live, n], core_grad=False)
+                    wrong = _composed_prediction(outs, gates, t) != y[live]
+                    x_adv[live[wrong]] = z[wrong]
+                    correct[live[wrong]] = False
+            targets = list(range(n + 1)) + [-1]
+            for restart in range(max(1, restarts)):
+                for target in targets:
+                    start = None if restart == 0 else torch.rand(x.shape, generator=generator, dtype=x.dtype,
+                                                                  device=x.device)
+                    # only inputs not yet broken, and only where this branch (or, for the smooth
+                    # surrogate, more than one branch) can answer
+                    can = reachable[:, target] if target >= 0 else reachable.sum(dim=1) > 1
+                    live = (correct & can).nonzero().flatten()
+                    if live.numel() == 0 or eps <= 0:
+                        continue
+                    xs, ys, lo, hi = x[live], y[live], x_l[live], x_u[live]
+                    core_needed = reachable[live, n]
+                    z = xs if start is None else lo + (hi - lo) * start[live]
+                    for step in range(steps + 1):
+                        z = z.detach().requires_grad_(step < steps)
+                        with torch.enable_grad():
+                            outs, gates = _branch_outputs(model, z, t, core_needed, core_grad=target in (n, -1),
+                                                          near=NEAR_MARGINS * margin)
+                            if step < steps:
+                                obj = _objective(target, outs, gates, ys, t, push, margin, loss)
+                                grad, = torch.autograd.grad(obj.sum(), z)
+                        with torch.no_grad():
+                            wrong = _composed_prediction(outs, gates, t) != ys
+                            x_adv[live[wrong]] = z.detach()[wrong]
+                            correct[live[wrong]] = False
+                        keep = ~wrong  # a broken input leaves the attack: its verdict is final
+                        if step == steps or not bool(keep.any()):
+                            break
+                        live, ys, lo, hi, core_needed = live[keep], ys[keep], lo[keep], hi[keep], core_needed[keep]
+                        z = torch.max(torch.min(z.detach()[keep] + alphas[step] * grad[keep].sign(), hi), lo)
     finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
         model.train(was)
     return correct, x_adv

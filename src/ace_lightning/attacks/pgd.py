@@ -2,6 +2,7 @@
 training and for adversarial accuracy (an upper bound on robust accuracy; certified <= it)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +32,38 @@ def _project(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(z, x - eps), x + eps).clamp(0.0, 1.0)
 
 
+def check_loss(loss: str) -> LossFn:
+    """The per-input attack loss named ``loss`` (one-line error otherwise)."""
+    if loss not in LOSSES:
+        raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    return LOSSES[loss]
+
+
+def step_sizes(steps: int, step_size: float, eps: float, decay_at: Sequence[float] = (),
+               first_step: Optional[float] = None) -> list[float]:
+    """The absolute step of every PGD step: ``step_size`` x eps, x0.1 at each fraction of the
+    steps in ``decay_at``; ``first_step`` x eps for the first one when given."""
+    milestones = sorted(math.ceil(f * steps) for f in decay_at)
+    alphas = [step_size * eps * 0.1 ** sum(step >= m for m in milestones) for step in range(steps)]
+    if alphas and first_step is not None:
+        alphas[0] = float(first_step) * eps
+    return alphas
+
+
+@contextlib.contextmanager
+def frozen(net: nn.Module):
+    """The net's parameters without gradients for an attack (only the input's is needed), then
+    restored as they were."""
+    requires = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        yield net
+    finally:
+        for p, r in zip(net.parameters(), requires):
+            p.requires_grad_(r)
+
+
 def pgd(
     net: nn.Module,
     x: torch.Tensor,
@@ -53,14 +86,11 @@ def pgd(
     if eps <= 0 or steps <= 0:
         return x.detach().clone()
     loss_fn = loss_fn or _ce_per_input
-    milestones = sorted(math.ceil(f * steps) for f in decay_at)
+    alphas = step_sizes(steps, step_size, eps, decay_at)
     x = x.detach()
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
-    requires = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(net):
         for restart in range(max(1, restarts)):
             if not random_start:
                 z = x
@@ -78,36 +108,26 @@ def pgd(
                 best[better] = z.detach()[better]
                 best_loss = torch.where(better, loss, best_loss)
                 if step < steps:
-                    alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
-                    z = _project(z.detach() + alpha * grad.sign(), x, eps)
-    finally:
-        for p, r in zip(net.parameters(), requires):
-            p.requires_grad_(r)
+                    z = _project(z.detach() + alphas[step] * grad.sign(), x, eps)
     return best.detach()
 
 
 def adversarial_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                         steps: int = 20, step_size: float = 0.1, restarts: int = 1,
-                        loss: str = "ce", decay_at: Sequence[float] = (), prune: bool = False,
-                        first_step: Optional[float] = None, known: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Boolean per input: still classified correctly after PGD (and at x itself). ``loss``: ce
-    or margin (then an input counts as broken if any iterate is misclassified). ``prune``: the
-    evaluation attack of ``pgd_pruned`` (an input leaves at its first misclassified iterate;
-    ``first_step``, ``generator`` apply to it). ``known`` [B] bool (unpruned attack only): inputs
-    already known robust (certified; sound bounds), counted robust and not attacked; the random
-    starts are still drawn for the whole batch, so the global RNG stream (and a training run that
-    validates this way) is the same as for an attack on every input."""
-    if loss not in LOSSES:
-        raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if prune:
-        return pgd_pruned(net, x, y, eps, steps=steps, step_size=step_size, restarts=restarts, loss=loss,
-                          decay_at=decay_at, first_step=first_step, generator=generator)[0]
+                        loss: str = "ce", decay_at: Sequence[float] = (),
+                        known: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean per input: still classified correctly after PGD (and at x itself), the attack of
+    the training stages' validation (the certify stage's evaluation attack is ``pgd_pruned``).
+    ``loss``: ce or margin. ``known`` [B] bool: inputs already known robust (certified; sound
+    bounds), counted robust and not attacked; the random starts are still drawn for the whole
+    batch, so the global RNG stream (and a training run that validates this way) is the same as
+    for an attack on every input."""
+    loss_fn = check_loss(loss)
     with torch.no_grad():
         correct = net(x).argmax(-1) == y
     if known is None:  # one PGD over the whole batch (training stages: their random starts and RNG use)
         x_adv = pgd(net, x, y, eps, steps=steps, step_size=step_size, restarts=restarts,
-                    loss_fn=LOSSES[loss], decay_at=decay_at)
+                    loss_fn=loss_fn, decay_at=decay_at)
         with torch.no_grad():
             return correct & (net(x_adv).argmax(-1) == y)
     if eps <= 0 or steps <= 0:
@@ -116,7 +136,7 @@ def adversarial_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     live = (correct & ~known.to(correct.device)).nonzero().flatten()
     if live.numel():
         x_adv = pgd(net, x[live], y[live], eps, steps=steps, step_size=step_size, restarts=restarts,
-                    loss_fn=LOSSES[loss], decay_at=decay_at, noise=[n[live] for n in noise])
+                    loss_fn=loss_fn, decay_at=decay_at, noise=[n[live] for n in noise])
         with torch.no_grad():
             correct[live] = net(x_adv).argmax(-1) == y[live]
     return correct
@@ -134,23 +154,18 @@ def pgd_pruned(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     the natural check), later ones from random points of the ball drawn for the whole batch from
     ``generator`` (the draws, hence the verdicts, do not depend on which inputs broke earlier).
     ``first_step`` (relative to eps): the size of each restart's first step (1.0: the FGSM corner)."""
-    if loss not in LOSSES:
-        raise ConfigError(f"attack loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    loss_fn = LOSSES[loss]
+    loss_fn = check_loss(loss)
     x = x.detach()
     x_adv = x.clone()
     if eps <= 0 or steps <= 0:
         with torch.no_grad():
             return net(x).argmax(-1) == y, x_adv
     correct = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    milestones = sorted(math.ceil(f * steps) for f in decay_at)
-    requires = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
+    alphas = step_sizes(steps, step_size, eps, decay_at, first_step)
     # every random start drawn up front: the generator's use does not depend on the verdicts
     noise = [torch.empty(x.shape, dtype=x.dtype, device=x.device).uniform_(-eps, eps, generator=generator)
              for _ in range(max(1, restarts) - 1)]
-    try:
+    with frozen(net):
         for restart in range(max(1, restarts)):
             live = correct.nonzero().flatten()
             if live.numel() == 0:
@@ -180,13 +195,7 @@ def pgd_pruned(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
                         grad, = torch.autograd.grad(loss_fn(logits, y0).sum(), z)
                     z, grad = z.detach()[keep], grad[keep]
                 live, x0, y0 = live[keep], x0[keep], y0[keep]
-                alpha = step_size * eps * 0.1 ** sum(step >= m for m in milestones)
-                if step == 0 and first_step is not None:
-                    alpha = float(first_step) * eps
-                z = _project(z.detach() + alpha * grad.sign(), x0, eps)
-    finally:
-        for p, r in zip(net.parameters(), requires):
-            p.requires_grad_(r)
+                z = _project(z.detach() + alphas[step] * grad.sign(), x0, eps)
     return correct, x_adv
 
 
