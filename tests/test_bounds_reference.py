@@ -1,4 +1,4 @@
-"""The bound layer against an independent pure-PyTorch implementation (tests/reference_bounds.py,
+"""The bound layer against an independent pure-PyTorch implementation (bounds/reference.py,
 no auto_LiRPA code) and against exact ranges of tiny nets. A future torch or auto_LiRPA change
 that silently alters bounds fails here."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch import nn
 
 from ace_lightning.bounds import input_box, margin_lower_bounds, margin_spec, output_bounds
 from ace_lightning.bounds.lirpa import METHODS
+from ace_lightning.bounds.reference import crown, crown_ibp, exact_output_range, ibp
 from ace_lightning.nets.layers import Normalize
-from reference_bounds import crown, crown_ibp, exact_output_range, ibp
 from test_reference_bounds import conv_net, fc_net, tiny_conv
 
 AGREE = 1e-9

@@ -112,7 +112,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, written, tmp_pat
 
 
 def test_certify_a_run_folder_without_a_gate_stage(tmp_path):
-    """Manifests of core/ and cert/ only: the gate stage is named before anything is loaded."""
+    """Manifests of core/ and cert/ only, gate selection asked for: the gate stage is named before
+    anything is loaded (without selection=gate such a folder is certified with margin selection)."""
     run = tmp_path / "runs" / "synthetic" / "eps_0.03"
     for stage in ("core", "cert"):
         (run / stage).mkdir(parents=True)
@@ -123,10 +124,51 @@ def test_certify_a_run_folder_without_a_gate_stage(tmp_path):
             "outputs": {"weights": {"path": f"{stage}.pt"}}}))
         (run / stage / f"{stage}.pt").write_bytes(b"weights")
     before = snapshot(tmp_path / "runs")
-    res = cli("action=certify", f"run_dir={run}", cwd=tmp_path / "cwd")
+    res = cli("action=certify", f"run_dir={run}", "selection=gate", cwd=tmp_path / "cwd")
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and res.stderr.strip().splitlines()[-1] == errors[0]
     assert "needs stage 'gate'" in errors[0], errors
     assert snapshot(tmp_path / "runs") == before
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_help_lists_every_action_with_one_line(tmp_path):
+    """`ace-certify --help` starts with the actions: every one the CLI dispatches, one line each."""
+    import ast
+
+    import ace_lightning.cli as cli_module
+
+    tree = ast.parse(Path(cli_module.__file__).read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    table = next(n.value for n in ast.walk(main) if isinstance(n, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "actions" for t in n.targets))
+    actions = [k.value for k in table.keys]
+    res = cli("--help", cwd=tmp_path / "cwd")
+    assert res.returncode == 0, res.stderr[-2000:]
+    head = res.stdout.split("== Config groups", 1)[0].splitlines()
+    for action in actions:
+        lines = [line for line in head if line.startswith(f"{action} ")]
+        assert len(lines) == 1 and len(lines[0].split(None, 1)[1]) > 20, (action, head)
+
+
+def test_certify_writes_the_runs_summary_next_to_the_run_folder(tmp_path):
+    """action=certify sets runs_root (where summary.csv/.md go) beside the run folder: the root of
+    <root>/<data>/eps_<eps>, else the folder's parent; never the run folder itself."""
+    from hydra import compose, initialize_config_dir
+
+    from ace_lightning.cli import certify_overrides
+    from ace_lightning.config import CONF_DIR
+
+    data = {"name": "synthetic", "input_shape": [3, 32, 32], "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
+    for run, root in ((tmp_path / "runs" / "synthetic" / "eps_0.03", tmp_path / "runs"),
+                      (tmp_path / "elsewhere" / "my_run", tmp_path / "elsewhere")):
+        for stage in ("core", "cert", "gate"):
+            (run / stage).mkdir(parents=True)
+            (run / stage / "manifest.json").write_text(json.dumps({
+                "stage": stage, "status": "complete", "eps": 0.03, "data": data, "net": {"name": "fc"},
+                "config": {"data": {"name": "synthetic"}, "seed": 0}, "outputs": {"weights": {"path": f"{stage}.pt"}}}))
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="certify", overrides=["action=certify", f"run_dir={run}"])
+        overrides = certify_overrides(cfg, {}, [])
+        assert f"runs_root={json.dumps(str(root))}" in overrides, overrides

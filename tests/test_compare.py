@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ace_lightning.compare import dominance, single_front
@@ -100,3 +101,41 @@ def test_compare_refuses_bad_input_in_one_line(runs, tmp_path):
     assert res.returncode == 2 and "has no cert/ stage" in res.stderr.strip().splitlines()[-1]
     res = _cli("action=compare", f"runs=[{runs / 'mtl' / 'eps_0.05'}]", "attack_steps=0", cwd=tmp_path)
     assert res.returncode == 2 and "attack_steps" in res.stderr.strip().splitlines()[-1]
+
+
+def test_the_headline_compares_against_the_most_accurate_certified_network():
+    """Above the most accurate certified network only the core (0% certified) remains: the sentence
+    says where the composition dominates, claims no gain over 0% certified, and puts its operating
+    point against that network (not against the core)."""
+    from ace_lightning.compare import headline
+
+    top = {"name": "IBP [run]", "nat_acc": 0.80, "cert_acc": 0.70}
+    front = single_front([{"nat_acc": 0.90, "cert_acc": 0.0}, top])
+    curve = [{"nat_acc": 0.80, "cert_acc": 0.70}, {"nat_acc": 0.84, "cert_acc": 0.65},
+             {"nat_acc": 0.88, "cert_acc": 0.40}, {"nat_acc": 0.91, "cert_acc": 0.10}]
+    ops = [{"key": "max_certified", "name": "max certified", "test": {"nat_acc": 0.80, "cert_acc": 0.70}},
+           {"key": "nat_within_1pt", "name": "natural within 1 pt of core", "test": {"nat_acc": 0.88, "cert_acc": 0.40}}]
+    text = headline("ACE IBP [run]", dominance(curve, front), ops, top)
+    assert text.startswith("- ACE IBP [run]: dominates the best single network for 84.00-91.00% natural;")
+    assert "up to" not in text  # the front there is the core: a gain over 0% certified says nothing
+    assert ("at its operating point 'natural within 1 pt of core' (88.00% natural, 40.00% certified) it is "
+            "+8.00 points natural and -30.00 certified against the most accurate certified single network, "
+            "IBP [run] (80.00% / 70.00%).") in text
+    below = single_front([{"nat_acc": 0.90, "cert_acc": 0.0}, {"nat_acc": 0.86, "cert_acc": 0.30}, top])
+    spans = dominance(curve, below)  # at 84% the best network at least as accurate certifies 30%
+    assert "(up to +35.00 points certified over a certified single network, at 84.00%)" in \
+        headline("ACE", spans, ops, top)
+
+
+def test_mean_certified_is_the_average_of_the_best_certified_at_each_natural_accuracy():
+    from ace_lightning.compare import mean_certified
+
+    curve = [{"nat_acc": 0.80, "cert_acc": 0.70}, {"nat_acc": 0.85, "cert_acc": 0.60},
+             {"nat_acc": 0.90, "cert_acc": 0.40}, {"nat_acc": 0.88, "cert_acc": 0.30}]  # the last is dominated
+    # on [0.80, 0.92]: 0.60 up to 0.85, 0.40 up to 0.90, 0 above (no point that accurate)
+    want = (0.05 * 0.60 + 0.05 * 0.40 + 0.02 * 0.0) / 0.12
+    assert abs(mean_certified(curve, 0.80, 0.92) - want) < 1e-12
+    assert mean_certified(curve, 0.86, 0.90) == 0.40
+    assert mean_certified(curve, 0.90, 0.90) == 0.0
+    dense = [{"nat_acc": n, "cert_acc": 1 - n} for n in np.linspace(0, 1, 2001)]
+    assert abs(mean_certified(dense, 0.2, 0.6) - 0.6) < 1e-3  # the integral of 1 - n over [0.2, 0.6] / 0.4

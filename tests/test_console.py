@@ -146,3 +146,40 @@ def test_progress_follows_enable_progress_bar(monkeypatch):
     cfg = OmegaConf.create({"trainer": {"enable_progress_bar": False}})
     assert console.progress_enabled(cfg) is False and console.progress_enabled(cfg.trainer) is False
     assert console.progress_enabled(OmegaConf.create({"trainer": {}})) is True
+
+
+def test_without_bars_a_long_step_says_what_it_is_doing(fresh_console, capsys):
+    """Progress bars off (debug=tiny, CI): the step's description, once, on stdout."""
+    console.setup_console()
+    assert list(console.progress([1, 2, 3], False, desc="attack core")) == [1, 2, 3]
+    assert list(console.progress(iter([1]), False, desc="refine")) == [1]  # no length: the name alone
+    assert list(console.progress([1], False)) == [1]  # nothing to say without a description
+    assert capsys.readouterr() == ("attack core: 3 batches\nrefine\n", "")
+
+
+def test_progress_bars_go_to_stderr_tables_to_stdout(fresh_console, capsys):
+    """console.progress and Lightning's bar (progress_bar_callbacks) write to stderr only: a table
+    on stdout piped to a file stays clean."""
+    import lightning as L
+    import torch
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=console.progress_bar_callbacks(True))
+    trainer.fit(Tiny(), data)
+    list(console.progress([1, 2], True, desc="gate labels (train)"))
+    out, err = capsys.readouterr()
+    assert "Epoch 0" in err and "gate labels (train)" in err
+    assert "Epoch" not in out and "gate labels" not in out and "\r" not in out
+    assert console.progress_bar_callbacks(False) == []

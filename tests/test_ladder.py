@@ -115,13 +115,13 @@ def test_recheck_withdraws_a_certificate_float32_rounding_made(monkeypatch):
     net, x = _net(), _x(16)
     y = _labels(net, x)
     net = _on_the_edge(net, x, y, 0)
-    _biased(monkeypatch, 1e-5)
+    _biased(monkeypatch, 1e-3)  # beyond the outward slack (bounds/outward.py: ~1.5e-5 x scale)
     unsafe = margin_ladder(net, x, y, EPS, ["IBP"], recheck_tol=0.0)
     assert bool(unsafe.ok[0]), "the biased float32 bound certifies the edge input (a false certificate)"
-    safe = margin_ladder(net, x, y, EPS, ["IBP"], recheck_tol=1e-4)
+    safe = margin_ladder(net, x, y, EPS, ["IBP"], recheck_tol=1e-2)
     assert not bool(safe.ok[0]) and bool(safe.rechecked[0]) and bool(safe.flipped[0])
     # inputs far from the decision are left to float32
-    far = unsafe.margin.abs() > 1e-3
+    far = unsafe.margin.abs() > 1e-1
     assert not safe.rechecked[far].any()
     assert torch.equal(safe.ok[far], unsafe.ok[far])
 
@@ -136,12 +136,12 @@ def test_recheck_of_the_gate_interval_at_a_threshold(monkeypatch):
 
     exact = gate_interval(bound, x, ["IBP"], dtype=torch.float64)
     T = float(exact.lb[3].detach()) + 1e-7  # input 3 is NOT certifiably routed at T
-    _biased(monkeypatch, 1e-5)
+    _biased(monkeypatch, 1e-3)
     f32 = gate_interval(bound, x, ["IBP"])
     assert float(f32.lb[3]) >= T  # float32 (biased) claims it is
-    fixed = refine_gate(bound, x, f32, [T], ["IBP"], [], recheck_tol=1e-4)
+    fixed = refine_gate(bound, x, f32, [T], ["IBP"], [], recheck_tol=1e-2)
     assert float(fixed.lb[3]) < T and bool(fixed.rechecked[3]) and bool(fixed.flipped[3])
-    assert not fixed.rechecked[(f32.lb - T).abs() > 1e-2].any()
+    assert not fixed.rechecked[(f32.lb - T).abs() > 1e-1].any()
 
 
 def test_refine_tightens_only_straddling_intervals_and_never_loosens():
@@ -248,7 +248,8 @@ def test_certify_settings_from_config_keeps_defaults_for_null():
 
 
 @pytest.mark.parametrize("override, match", [("stage.time_budget_s=0", "time_budget_s must be a positive"),
-                                             ("stage.methods=[IBP,PGD]", "unknown bound method 'PGD'"),
+                                             # debug=tiny sets the methods: its own dialect overrides them
+                                             ("++stage_overrides.certify.methods=[IBP,PGD]", "unknown bound method 'PGD'"),
                                              ("stage.dtype=bfloat16", "dtype must be one of")])
 def test_certify_stage_refuses_bad_settings_before_reading_anything(tmp_path, override, match):
     from ace_lightning.registry import run_stage

@@ -162,6 +162,13 @@ def test_wandb_offline_run_has_the_logged_keys(tmp_path):
     for key in (b"train/loss", b"train/eps", b"val/cert_acc", b"val/ibp_cert_acc"):
         assert key in cert, key
     assert b"val/cert_acc" not in logged("core")  # each stage has its own run
+    for stage in ("core", "cert", "gate", "certify"):  # the config a dashboard filters runs by
+        rec = logged(stage)
+        for key in (b"stage_name", b"selection", b"method", b"seed"):
+            assert key in rec, (stage, key)
+    assert b"operating_points" in certify  # the records' summary per operating point
+    sweep = sorted(tmp_path.glob("wandb/offline-run-*"))  # the multirun's summary table, once
+    assert len(sweep) == 1 and b"runs_summary" in b"".join(f.read_bytes() for f in sweep[0].glob("run-*.wandb"))
 
 
 CIFAR_FAST = ["cifar10_aceentropy_ibp_2_255", "cifar10_acenet_mtlibp_2_255"]

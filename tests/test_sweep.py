@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
+from rule_oracle import brute_cascade, brute_single
 from ace_lightning.report import PLOT_DPI, PLOT_SIZE, format_table, write_sweep_outputs
 from ace_lightning.sweep import (
     METRICS,
@@ -38,43 +39,6 @@ UP = lambda x: float(np.nextafter(x, np.inf))  # noqa: E731
 
 
 # --------------------------------------------------------------------------- brute-force oracles
-
-
-def brute_single(cols, T):
-    """ace-method 4.5 written out, one input at a time."""
-    n = len(cols["g"])
-    nat = cert = route = croute = undecided = 0
-    for k in range(n):
-        g, lb, ub = float(cols["g"][k]), float(cols["lb_g"][k]), float(cols["ub_g"][k])
-        cc, co = bool(cols["cert_correct"][k]), bool(cols["cert_ok"][k])
-        kc, ko = bool(cols["core_correct"][k]), bool(cols["core_ok"][k])
-        nat += cc if g >= T else kc
-        cert += (lb >= T and co) or (ub < T and ko) or (co and ko)
-        route += g >= T
-        croute += lb >= T
-        undecided += lb < T <= ub
-    return dict(zip(METRICS, (nat / n, cert / n, route / n, croute / n, undecided / n)))
-
-
-def brute_cascade(cols, T, n_pairs):
-    """Semantic oracle for sound records: enumerate every way the gates can fall over the ball
-    (gate k may fire iff ub_k >= T_k, may stay off iff lb_k < T_k); certified iff every branch
-    that can answer is certified."""
-    n = len(cols["core_correct"])
-    nat = cert = route = croute = undecided = 0
-    for k in range(n):
-        col = lambda name, i: cols[f"{name}_{i + 1}"][k]  # noqa: E731
-        answer = next((i for i in range(n_pairs) if col("g", i) >= T[i]), None)
-        nat += bool(col("cert_correct", answer)) if answer is not None else bool(cols["core_correct"][k])
-        route += answer is not None
-        options = [[s for s in (True, False) if (col("ub_g", i) >= T[i] if s else col("lb_g", i) < T[i])]
-                   for i in range(n_pairs)]
-        possible = {next((i for i, s in enumerate(states) if s), None) for states in itertools.product(*options)}
-        ok = lambda b: bool(cols["core_ok"][k]) if b is None else bool(col("cert_ok", b))  # noqa: E731
-        cert += all(ok(b) for b in possible)
-        croute += len(possible) == 1 and None not in possible
-        undecided += len(possible) > 1
-    return dict(zip(METRICS, (nat / n, cert / n, route / n, croute / n, undecided / n)))
 
 
 def metrics(row):
@@ -410,9 +374,11 @@ def test_error_bad_values_and_grid(tmp_path):
         sweep(cols, grid=[], exact=False)
     with pytest.raises(ValueError, match="threshold grid is empty"):
         sweep(cols, grid=0)
-    bad = dict(cols, g=np.array([0.1, np.nan] + [0.0] * 6))
-    with pytest.raises(ValueError, match="column g has NaN at row 1"):
-        evaluate(bad, 0.5)
+    # a NaN gate value or bound is accepted and never certified (ace_lightning.rule)
+    nan = dict(cols, lb_g=np.where(np.arange(8) == 1, np.nan, cols["lb_g"]))
+    assert evaluate(nan, 0.5)["cert_acc"] == evaluate(cols, 0.5)["cert_acc"] - 1 / 8
+    with pytest.raises(ValueError, match="column g: value 'x' is not a number"):
+        evaluate(dict(cols, g=np.array(["x"] + ["0.1"] * 7)), 0.5)
     with pytest.raises(ValueError, match="column cert_ok: value 2"):
         evaluate(dict(cols, cert_ok=np.array([2] + [0] * 7)), 0.5)
     with pytest.raises(FileNotFoundError, match="run certify first"):

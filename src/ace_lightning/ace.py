@@ -12,18 +12,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from ace_lightning import rule
 from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize_method, output_bounds
 from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
+from ace_lightning.bounds.gap import gap, gap_bounds
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
 from ace_lightning.bounds.lirpa import alpha_crown_options, net_in_dtype, precise
-from ace_lightning.errors import ConfigError, InputNotFoundError
+from ace_lightning.bounds.outward import param_dtype, widen
+from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError
 from ace_lightning.routing import composed_output, first_firing, selects
 
 FORMAT = "ace-lightning/ace-model/1"
-SELECTIONS = ("gate", "entropy")
+SELECTIONS = ("gate", "entropy", "margin")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class CertifySettings:
     (0: none). time_budget_s: seconds per input for the tighter methods (None: no limit; with one,
     records can depend on the machine's speed: alpha-CROWN that does not fit is skipped). dtype: float32 or
     float64 for the whole pass; recheck_tol: inputs within it of a decision are re-checked in
-    float64 (0: off). core_method: also try to certify the core (rarely possible).
+    float64, which decides (it may withdraw or add a certificate; 0: off). core_method: also try to certify the core (rarely possible).
     alpha_crown_iterations, alpha_crown_lr: alpha-CROWN's slope optimisation."""
 
     methods: tuple[str, ...] = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
@@ -96,32 +100,42 @@ def method_name(code: int) -> str:
     return "none" if int(code) == NO_METHOD else METHODS[int(code)]
 
 
-def composed_certified(cert_ok: torch.Tensor, core_ok: torch.Tensor, lb_g: torch.Tensor,
-                       ub_g: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """The certification rule of docs/METHOD.md section 4.3 for a cascade of n pairs.
+def composed_certified(cert_ok: Any, core_ok: Any, lb_g: Any, ub_g: Any, thresholds: Any,
+                       g: Any = None, kappa: Any = None, cls: Any = None) -> torch.Tensor:
+    """The certification rule of docs/METHOD.md section 4.3 (ace_lightning.rule) for a cascade of
+    n pairs: certified iff every branch that may answer somewhere on the ball is certified.
 
-    cert_ok, lb_g, ub_g: [B, n]; core_ok: [B]; thresholds: [n]. Branch k *may* answer for some
-    x' in the ball iff every earlier gate may stay below its threshold and ub_g_k >= T_k; once a
-    gate surely fires (lb_g_k >= T_k) nothing after it is reachable. Certified iff every branch
-    that may answer is certified. One pair: lb_g >= T -> cert_ok; ub_g < T -> core_ok; else both.
-    """
-    batch, n = lb_g.shape
-    certified = torch.ones(batch, dtype=torch.bool, device=lb_g.device)
-    reachable = torch.ones(batch, dtype=torch.bool, device=lb_g.device)
-    for k in range(n):
-        may_fire = reachable & selects(ub_g[:, k], thresholds[k])
-        certified &= ~may_fire | cert_ok[:, k].bool()
-        reachable &= ~selects(lb_g[:, k], thresholds[k])
-    certified &= ~reachable | core_ok.bool()
-    return certified
+    cert_ok, lb_g, ub_g, g: [B, n]; core_ok: [B]; thresholds: [n] (tensors, arrays or lists).
+    An interval that is not finite, inverted, or (given g, the selector at x) does not contain
+    g is undecided: its selector may fire and may not; a NaN anywhere is never certified. One
+    pair with a decided interval: lb_g >= T -> cert_ok; ub_g < T -> core_ok; else both.
+    ``kappa`` [n, K] (NaN rows: not margin selection) and ``cls`` [B, n] (the cert-nets' classes at
+    x): margin selection's class thresholds (rule.per_input_thresholds)."""
+    def arr(v, dtype):
+        v = v.detach().cpu().numpy() if torch.is_tensor(v) else v
+        return np.asarray(v, dtype=dtype)
+    lb, ub = arr(lb_g, np.float64), arr(ub_g, np.float64)
+    lb, ub = np.atleast_2d(lb.T if lb.ndim == 2 else lb), np.atleast_2d(ub.T if ub.ndim == 2 else ub)
+    value = lb if g is None else np.atleast_2d(arr(g, np.float64).T)
+    ok = arr(cert_ok, bool)
+    ok = np.atleast_2d(ok.T if ok.ndim == 2 else ok)
+    if kappa is not None:
+        kappa = np.atleast_2d(arr(kappa, np.float64))
+        cls = np.atleast_2d(arr(cls, np.int64).T)
+    out = rule.certified_at(value, lb, ub, arr(thresholds, np.float64).ravel(), ok, arr(core_ok, bool).ravel(),
+                            kappa, cls)
+    device = lb_g.device if torch.is_tensor(lb_g) else None
+    return torch.as_tensor(out, device=device)
 
 
 class ACEModel(nn.Module):
-    """Core + n (cert-net, selector) pairs + thresholds. A selector is a gate network (one logit)
-    or entropy selection (g = -H(softmax(f_cert)))."""
+    """Core + n (cert-net, selector) pairs + thresholds. A selector is a gate network (one logit),
+    entropy selection (g = -H(softmax(f_cert))) or margin selection (g = the cert-net's top-1
+    minus top-2 logit gap, fired per predicted class c at gap >= kappa_c + T)."""
 
     def __init__(self, core: nn.Module, certs: Sequence[nn.Module], gates: Sequence[Optional[nn.Module]],
-                 thresholds: Sequence[float], spec: Optional[Mapping[str, Any]] = None) -> None:
+                 thresholds: Sequence[float], spec: Optional[Mapping[str, Any]] = None,
+                 selections: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         if not (len(certs) == len(gates) == len(thresholds)) or not certs:
             raise ConfigError("ACEModel needs one selector (gate or None = entropy) and one threshold "
@@ -130,8 +144,20 @@ class ACEModel(nn.Module):
         self.core = core
         self.certs = nn.ModuleList(certs)
         self.gates = nn.ModuleDict({str(i): g for i, g in enumerate(gates) if g is not None})
-        self.selection = ["gate" if g is not None else "entropy" for g in gates]
-        self.register_buffer("thresholds", torch.as_tensor(list(thresholds), dtype=torch.float32))
+        self.selection = list(selections) if selections is not None else \
+            ["gate" if g is not None else "entropy" for g in gates]
+        for i, (sel, g) in enumerate(zip(self.selection, gates)):
+            if sel not in SELECTIONS or (sel == "gate") != (g is not None):
+                raise ConfigError(f"pair {i + 1}: selection {sel!r} with {'a' if g is not None else 'no'} gate "
+                                 f"network (known: {', '.join(SELECTIONS)}; only 'gate' has a network)")
+        # float64: the exported T is exactly the swept one (records are compared in float64)
+        self.register_buffer("thresholds", torch.as_tensor(list(thresholds), dtype=torch.float64))
+        # margin selection's class thresholds kappa [n, K] (0: one T for every class; NaN: not margin)
+        kappa = torch.full((len(certs), _num_classes(certs[0], spec)), math.nan, dtype=torch.float64)
+        for i, sel in enumerate(self.selection):
+            if sel == "margin":
+                kappa[i] = 0.0
+        self.register_buffer("class_thresholds", kappa)
         self.spec = dict(spec or {})
 
     @property
@@ -141,13 +167,25 @@ class ACEModel(nn.Module):
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         if len(thresholds) != self.num_branches:
             raise ConfigError(f"need {self.num_branches} threshold(s), got {len(thresholds)}")
-        self.thresholds.copy_(torch.as_tensor(list(thresholds), dtype=torch.float32))
+        self.thresholds.copy_(torch.as_tensor(list(thresholds), dtype=torch.float64))
+
+    def set_class_thresholds(self, i: int, kappa: Sequence[float]) -> None:
+        """Margin selection's per-class thresholds of pair i (fires at gap >= kappa_c + T_i)."""
+        if self.selection[i] != "margin":
+            raise ConfigError(f"pair {i + 1} uses {self.selection[i]} selection: class thresholds are for margin")
+        if len(kappa) != self.class_thresholds.shape[1]:
+            raise ConfigError(f"need {self.class_thresholds.shape[1]} class thresholds, got {len(kappa)}")
+        self.class_thresholds[i] = torch.as_tensor(list(kappa), dtype=torch.float64)
 
     def gate_value(self, i: int, x: torch.Tensor, cert_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """g_i(x), [B]."""
+        """g_i(x), [B], in float64 (the thresholds' dtype: a float32 threshold would round the
+        swept T; the entropy is computed in float64 anyway). Margin selection: the gap minus the
+        predicted class's kappa, so that every selector fires at g >= T_i."""
         if self.selection[i] == "gate":
-            return self.gates[str(i)](x).squeeze(-1)
+            return self.gates[str(i)](x).squeeze(-1).to(torch.float64)
         logits = cert_logits if cert_logits is not None else self.certs[i](x)
+        if self.selection[i] == "margin":
+            return gap(logits) - self.class_thresholds[i].to(logits.device)[logits.argmax(-1)]
         return -entropy(logits)
 
     @torch.no_grad()
@@ -161,7 +199,7 @@ class ACEModel(nn.Module):
             if remaining.numel() == 0:
                 break
             xi = x[remaining]
-            cert_logits = self.certs[i](xi) if self.selection[i] == "entropy" else None
+            cert_logits = self.certs[i](xi) if self.selection[i] != "gate" else None
             fire = selects(self.gate_value(i, xi, cert_logits), self.thresholds[i])
             if fire.any():
                 answered = cert_logits[fire] if cert_logits is not None else self.certs[i](xi[fire])
@@ -196,7 +234,11 @@ class ACEModel(nn.Module):
         if self.selection[i] == "gate":
             gate = self.gates[str(i)]
             lb, ub, g = output_bounds(gate, x, eps, method, return_logits=True, dtype=dtype)
-            return g.squeeze(-1), lb.squeeze(-1), ub.squeeze(-1)
+            lb, ub = widen(lb.squeeze(-1), ub.squeeze(-1), 1.0 + lb.abs().squeeze(-1) + ub.abs().squeeze(-1),
+                           lb.dtype, param_dtype(gate))  # outward: the bound pass and the deployed forward round
+            return g.squeeze(-1), lb, ub
+        if self.selection[i] == "margin":  # the gap itself (class thresholds enter the rule, not the bound)
+            return gap_bounds(self.certs[i], x, eps, method, dtype=dtype)
         return entropy_gate_bounds(self.certs[i], x, eps, method, dtype=dtype)
 
     @torch.no_grad()
@@ -221,7 +263,8 @@ class ACEModel(nn.Module):
             sfx = [""] if n == 1 else [f"_{i + 1}" for i in range(n)]
             stack = lambda name: torch.stack([rec[f"{name}{s}"] for s in sfx], dim=1)  # noqa: E731
             result["certified"] = composed_certified(stack("cert_ok"), rec["core_ok"], stack("lb_g"),
-                                                     stack("ub_g"), self.thresholds)
+                                                     stack("ub_g"), self.thresholds, g=stack("g"),
+                                                     kappa=self.class_thresholds, cls=stack("cert_pred"))
         self.train(was)
         return result
 
@@ -252,11 +295,16 @@ class ACEModel(nn.Module):
             certs.append(build_net(branch["cert_net"], info))
             if branch["selection"] == "gate":
                 gates.append(build_net({**branch["gate_net"], "kind": "gate"}, info))
-            elif branch["selection"] == "entropy":
+            elif branch["selection"] in SELECTIONS:
                 gates.append(None)
             else:
                 raise ConfigError(f"unknown selection {branch['selection']!r}; known: {', '.join(SELECTIONS)}")
-        return cls(core, certs, gates, [float(b["threshold"]) for b in spec["branches"]], spec)
+        model = cls(core, certs, gates, [float(b["threshold"]) for b in spec["branches"]], spec,
+                    [b["selection"] for b in spec["branches"]])
+        for i, b in enumerate(spec["branches"]):
+            if b.get("class_thresholds") is not None:
+                model.set_class_thresholds(i, b["class_thresholds"])
+        return model
 
     @classmethod
     def load(cls, path: Path, map_location: str = "cpu") -> "ACEModel":
@@ -267,8 +315,43 @@ class ACEModel(nn.Module):
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ConfigError(f"{path} is not an ACE model file (format {FORMAT})")
         model = cls.from_spec(json.loads(blob["spec"]))
-        model.load_state_dict(blob["state_dict"])
-        return model
+        state = dict(blob["state_dict"])
+        state.setdefault("class_thresholds", model.class_thresholds)  # files from before margin selection
+        model.load_state_dict(state)
+        return model.eval()  # certificates hold for eval mode (BatchNorm with its running statistics)
+
+
+def _num_classes(cert: nn.Module, spec: Optional[Mapping[str, Any]]) -> int:
+    """K, from the spec's data or the cert-net's last linear layer."""
+    if spec and spec.get("data", {}).get("num_classes"):
+        return int(spec["data"]["num_classes"])
+    last = [m for m in cert.modules() if isinstance(m, nn.Linear)]
+    return int(last[-1].out_features) if last else 1
+
+
+def margin_at(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """min_j (z_y - z_j) at the point itself, [B]."""
+    z_y = logits.gather(-1, y.view(-1, 1))
+    others = logits.scatter(-1, y.view(-1, 1), -math.inf)
+    return z_y.squeeze(-1) - others.amax(-1)
+
+
+def check_contains(value: torch.Tensor, lb: torch.Tensor, ub: Optional[torch.Tensor], what: str) -> None:
+    """A bound must hold at the point it was computed around: lb <= value (<= ub), for every
+    input whose bound is a number (NaN and infinite bounds are the rule's to refuse). The bounds
+    are widened outward for rounding (bounds/outward.py), so a violation is a bug in a bound, never
+    rounding: it stops certification (SoundnessError) rather than being clipped."""
+    lb = lb.to(torch.float64)
+    value = value.to(torch.float64)
+    bad = torch.isfinite(lb) & (value < lb)
+    if ub is not None:
+        ub = ub.to(torch.float64)
+        bad |= torch.isfinite(ub) & (value > ub)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        hi = "" if ub is None else f", {float(ub[k])!r}"
+        raise SoundnessError(f"SOUNDNESS BUG: {int(bad.sum())} input(s) violate {what}: e.g. value "
+                             f"{float(value[k])!r} outside [{float(lb[k])!r}{hi}]")
 
 
 @precise
@@ -293,7 +376,7 @@ def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float
     from ace_lightning.attacks.pgd import counterexample_found
 
     dtype = DTYPES[settings.dtype]
-    x = x.to(dtype)
+    x_native, x = x, x.to(dtype)
     n = model.num_branches
     out: dict[str, torch.Tensor] = {"label": y}
     with torch.no_grad():
@@ -319,13 +402,30 @@ def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float
             cert = margin_ladder(net, x, y, eps, settings.methods, dtype=dtype, refute=refute,
                                  time_budget_s=settings.time_budget_s, recheck_tol=settings.recheck_tol)
         bound = lambda xs, method, dt, i=i: model.selector_bounds(i, xs, eps, method, dtype=dt)  # noqa: E731
-        with torch.no_grad():
-            gate = gate_interval(bound, x, settings.gate_methods, dtype=dtype)
+        margin_sel = model.selection[i] == "margin"
+        with torch.no_grad():  # what the deployed model computes at x: it routes by this g
+            deployed = net(x_native)
+            g_x = gap(deployed) if margin_sel else model.gate_value(i, x_native, deployed)
+            gate_methods, refine_methods = settings.gate_methods, settings.refine_methods
+            if margin_sel:  # the gap needs a margin pass of K - 1 rows: the first method on every input,
+                # the others only where a threshold needs them (the ladder's margin covers the rest)
+                gate_methods, refine_methods = gate_methods[:1], gate_methods[1:] + refine_methods
+            gate = gate_interval(bound, x, gate_methods, dtype=dtype)
+            eligible = None
+            if margin_sel:  # the ladder's certified margin bounds the same gap where y is the class at x,
+                # and refining helps only a certified class (the ladder tried every method on the others)
+                same = (deployed.argmax(-1) == y) & (cert.margin > 0)
+                gate.lb = torch.where(same, torch.maximum(gate.lb, cert.margin.to(gate.lb.dtype)), gate.lb)
+                eligible = gate.lb > 0
             if thresholds:
-                gate = refine_gate(bound, x, gate, [t[i] for t in thresholds], settings.gate_methods,
-                                   settings.refine_methods, dtype=dtype, recheck_tol=settings.recheck_tol,
-                                   time_budget_s=settings.time_budget_s, cost_key=("selector", id(model), i))
-        out[f"cert_pred{sfx}"] = cert.logits.argmax(-1)
+                gate = refine_gate(bound, x, gate, [t[i] for t in thresholds], gate_methods,
+                                   refine_methods, dtype=dtype, recheck_tol=settings.recheck_tol,
+                                   time_budget_s=settings.time_budget_s, cost_key=("selector", id(model), i),
+                                   eligible=eligible, lb_exact=None if eligible is None else gate.lb == 0)
+        check_contains(g_x, gate.lb, gate.ub, f"selector {i + 1} ({model.selection[i]}), g(x) in [lb_g, ub_g]")
+        check_contains(margin_at(deployed, y), cert.margin, None,
+                       f"cert-net {i + 1}: margin at x >= certified margin")
+        out[f"cert_pred{sfx}"] = deployed.argmax(-1)
         out[f"cert_correct{sfx}"] = out[f"cert_pred{sfx}"] == y
         out[f"cert_ok{sfx}"] = cert.ok & out[f"cert_correct{sfx}"]
         out[f"cert_margin{sfx}"] = cert.margin
@@ -333,7 +433,7 @@ def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float
                                                NO_METHOD)
         gate_codes = codes(settings.gate_methods + settings.refine_methods)
         out[f"gate_method{sfx}"] = gate_codes[gate.method]
-        out[f"g{sfx}"], out[f"lb_g{sfx}"], out[f"ub_g{sfx}"] = gate.g, gate.lb, gate.ub
+        out[f"g{sfx}"], out[f"lb_g{sfx}"], out[f"ub_g{sfx}"] = g_x, gate.lb, gate.ub
         rechecked |= cert.rechecked | gate.rechecked
         flipped |= cert.flipped | gate.flipped
     out["rechecked"], out["recheck_flipped"] = rechecked, flipped

@@ -11,7 +11,9 @@ its shard and rank 0 merges them (deduplicated by index) into records.csv, atomi
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, method_name
 from ace_lightning.atomic import atomic_write_text
+from ace_lightning.bounds import METHODS
 from ace_lightning.config import datamodule_from, to_dict
-from ace_lightning import console
+from ace_lightning import console, rule
 from ace_lightning.console import log
 from ace_lightning.errors import ConfigError, SoundnessError
 from ace_lightning.report import format_table
@@ -80,10 +83,16 @@ class _ShardWriter(BasePredictionWriter):
         torch.save(merged, self.out_dir / f".records.rank{trainer.global_rank}.pt")
 
 
-def record_columns(merged: Mapping[str, torch.Tensor], split_names: Sequence[str]) -> dict[str, np.ndarray]:
+def record_columns(merged: Mapping[str, torch.Tensor], split_names: Sequence[str],
+                   selections: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Tensors of certify_batch -> record columns: method codes as names, the deciding dtype
-    (float64 where the pass was float64 or the input was re-checked), flags as 0/1."""
+    (float64 where the pass was float64 or the input was re-checked), flags as 0/1, and each
+    pair's selection kind (``selections``: the sweep reads margin selection's class thresholds
+    from it)."""
     cols = {k: v.numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in merged.items()}
+    n = len(next(iter(cols.values())))
+    for i, kind in enumerate(selections):
+        cols["selection" if len(selections) == 1 else f"selection_{i + 1}"] = np.full(n, kind)
     if "split" in cols and cols["split"].dtype.kind in "iu":
         cols["split"] = np.array([split_names[int(s)] for s in cols["split"]])
     for k in [k for k in cols if k.startswith(("cert_method", "gate_method"))]:
@@ -109,7 +118,8 @@ def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: flo
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("inference_mode", False)
     writer = _ShardWriter(Path(work_dir or ".")) if work_dir is not None else None
-    trainer = L.Trainer(callbacks=[writer] if writer else [], precision="32-true", **kwargs)
+    bar = console.progress_bar_callbacks(bool(kwargs.get("enable_progress_bar", True)))  # on stderr
+    trainer = L.Trainer(callbacks=[*([writer] if writer else []), *bar], precision="32-true", **kwargs)
     preds = trainer.predict(module, dataloaders=[loaders[n] for n in names],
                             return_predictions=writer is None)
     if writer is not None:
@@ -128,42 +138,68 @@ def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: flo
     key = merged["split"].long() * 10**9 + merged["index"].long()
     _, first = np.unique(key.numpy(), return_index=True)
     order = np.sort(first)
-    return record_columns({k: v[torch.as_tensor(order)] for k, v in merged.items()}, names)
+    return record_columns({k: v[torch.as_tensor(order)] for k, v in merged.items()}, names, model.selection)
 
 
 def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dict[str, np.ndarray],
-                   eps: float, settings: CertifySettings, thresholds: Sequence[float],
-                   batch_size: int = 256) -> int:
-    """Certify again, at the given thresholds, the inputs whose gate interval matters there: it
-    straddles one (refine_methods can decide it) or an end lies within recheck_tol of one (float64
-    decides it). Rows of ``cols`` are replaced in place; returns how many inputs were redone.
-    Runs on rank 0 (the inputs are few)."""
+                   eps: float, settings: CertifySettings, thresholds: Sequence[Sequence[float]],
+                   batch_size: int = 256, progress: bool = False) -> int:
+    """Certify again, at the given threshold vectors (one T per pair), the inputs whose gate
+    interval matters there: it straddles one (refine_methods can decide it) or an end lies within
+    recheck_tol of one (float64 decides it). Rows of ``cols`` are updated in place, each gate
+    interval *intersected* with the one it had (both are sound), so a refinement made at an
+    earlier threshold is never lost; returns how many inputs were redone. Runs on rank 0 (the
+    inputs are few)."""
     from ace_lightning.bounds.ladder import near_thresholds, undecided_at
 
-    lb, ub = torch.as_tensor(cols["lb_g"]), torch.as_tensor(cols["ub_g"])
-    want = torch.zeros(lb.shape[0], dtype=torch.bool)
-    if settings.refine_methods:
-        want |= undecided_at(lb, ub, thresholds)
-    if settings.recheck_tol > 0:
-        want |= near_thresholds(lb, ub, thresholds, settings.recheck_tol)
-    rows = np.flatnonzero(want.numpy())
+    n = model.num_branches
+    sfx = [""] if n == 1 else [f"_{i + 1}" for i in range(n)]
+    want = np.zeros(len(cols["index"]), dtype=bool)
+    for i, s in enumerate(sfx):
+        lb, ub = torch.as_tensor(cols[f"lb_g{s}"]), torch.as_tensor(cols[f"ub_g{s}"])
+        ts = sorted({float(t[i]) for t in thresholds})
+        margin = model.selection[i] == "margin"
+        if settings.refine_methods:
+            undecided = undecided_at(lb, ub, ts)
+            want |= (undecided & (lb > 0) if margin else undecided).numpy()  # margin: only a certified class can gain
+        if settings.recheck_tol > 0:  # margin selection's lb = 0 is the exact clamp gap >= 0
+            want |= near_thresholds(lb, ub, ts, settings.recheck_tol, (lb == 0) if margin else None).numpy()
+    rows = np.flatnonzero(want)
     if rows.size == 0:
         return 0
     positions = {name: {int(i): k for k, i in enumerate(loader.dataset.indices)} for name, loader in loaders.items()}
-    for start in range(0, rows.size, batch_size):
-        chunk = rows[start:start + batch_size]
+    chunks = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
+    for chunk in console.progress(chunks, progress, desc=f"refine {rows.size} inputs at T={_ts(thresholds)}"):
         items = [loaders[str(cols["split"][r])].dataset[positions[str(cols["split"][r])][int(cols["index"][r])]]
                  for r in chunk]
         x = torch.stack([torch.as_tensor(it[0]) for it in items])
         y = torch.as_tensor([int(it[1]) for it in items])
-        rec = certify_batch(model, x, y, eps, settings, thresholds=[[t] for t in thresholds])
+        rec = certify_batch(model, x, y, eps, settings, thresholds=[list(t) for t in thresholds])
         rec["index"], rec["split"] = torch.as_tensor(cols["index"][chunk]), cols["split"][chunk]
-        for k, v in record_columns(rec, []).items():
+        new = record_columns(rec, [])
+        for s in sfx:
+            lb, ub, method = f"lb_g{s}", f"ub_g{s}", f"gate_method{s}"
+            new[lb] = np.maximum(new[lb], np.asarray(cols[lb][chunk], dtype=new[lb].dtype))
+            new[ub] = np.minimum(new[ub], np.asarray(cols[ub][chunk], dtype=new[ub].dtype))
+            old_method = np.array([METHOD_CODES.get(str(m), -1) for m in cols[method][chunk]])
+            new_method = np.array([METHOD_CODES.get(str(m), -1) for m in new[method]])
+            new[method] = np.where(old_method > new_method, cols[method][chunk], new[method])
+        for flag in ("rechecked", "recheck_flipped"):
+            new[flag] = np.maximum(new[flag], np.asarray(cols[flag][chunk], dtype=new[flag].dtype))
+        new["dtype"] = np.where(np.asarray(cols["dtype"][chunk]) == "float64", "float64", new["dtype"])
+        for k, v in new.items():
             if k in cols:
                 text = "U" in (cols[k].dtype.kind, v.dtype.kind)
                 cols[k] = cols[k].astype(object if text else np.result_type(cols[k], v))
                 cols[k][chunk] = v
     return int(rows.size)
+
+
+def _ts(thresholds: Sequence[Sequence[float]]) -> str:
+    return ",".join("(" + ",".join(f"{v:.4g}" for v in t) + ")" if len(t) > 1 else f"{t[0]:.4g}" for t in thresholds)
+
+
+METHOD_CODES = {name: k for k, name in enumerate(METHODS)}  # tightness order of the records' method names
 
 
 # -- the certify stage: run folder -> records -> sweep/report -> attack -> composed model ----------
@@ -184,10 +220,15 @@ def _loaders(dm, splits: Sequence[str], batch_size: int) -> dict[str, DataLoader
     return out
 
 
-def certify_folder(selection: str, entropy_stage: str = "entropy") -> str:
-    """certify/ (gate), certify_entropy/ (the entropy stage's cert-net), certify_entropy_<stage>/."""
+def certify_folder(selection: str, entropy_stage: str = "entropy", cascade: Any = None) -> str:
+    """certify/ (gate), certify_margin/ (margin selection on the cert stage's net),
+    certify_entropy/ (the entropy stage's cert-net), certify_entropy_<stage>/, certify_cascade/."""
+    if cascade:
+        return "certify_cascade"
     if selection == "gate":
         return "certify"
+    if selection == "margin":
+        return "certify_margin"
     return "certify_entropy" if entropy_stage == "entropy" else f"certify_entropy_{entropy_stage}"
 
 
@@ -205,30 +246,44 @@ def write_records(cols: Mapping[str, np.ndarray], stage_dir: Path) -> Path:
     return records_path
 
 
+MAX_REFINE_ROUNDS = 100  # a guard against a bug, never a way to stop early: hitting it is an error
+
+
 def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dict[str, np.ndarray],
-                               eps: float, settings: CertifySettings, thresholds: Optional[Sequence[float]],
+                               eps: float, settings: CertifySettings, thresholds: Optional[Sequence[Any]],
                                grid: Any = None, tolerance: float = 0.01, batch_size: int = 256,
-                               rounds: int = 3) -> dict[str, Any]:
-    """Refine gate intervals at the thresholds of interest: the configured ``thresholds``, or the
-    operating points chosen on val. Refining can move the val choice, so the choice is repeated
-    (at most ``rounds`` times) until it lands on thresholds already refined."""
+                               progress: bool = False) -> dict[str, Any]:
+    """Refine gate intervals (refine_methods, the float64 re-check) at every threshold the report
+    and the export will use: the configured ``thresholds`` and the operating points chosen on val
+    (threshold vectors for a cascade). Refining moves the records and with them the val choice, so
+    the choice is repeated until every chosen threshold has been refined (intervals only tighten,
+    each input has finitely many refinements, so this ends; ``MAX_REFINE_ROUNDS`` guards against a
+    bug). The report, the attack and the exported model then read records that were refined and
+    re-checked at their T."""
     from ace_lightning.sweep import val_operating_thresholds
 
-    done: list[float] = []
-    redone = 0
-    for _ in range(rounds):
-        wanted = ([float(t) for t in thresholds] if thresholds is not None
-                  else val_operating_thresholds(cols, grid, tolerance))
-        # a threshold moved by float64's last digits is refined already (the re-check covers it)
-        tol = max(settings.recheck_tol, 1e-12)
-        new = [t for t in wanted if not any(abs(t - d) <= tol * (1 + abs(d)) for d in done)]
+    n = model.num_branches
+    as_vector = lambda t: tuple(float(v) for v in t) if isinstance(t, (list, tuple)) else (float(t),)  # noqa: E731
+    done: list[tuple[float, ...]] = []
+    redone = rounds = 0
+    fixed = [as_vector(t) for t in thresholds] if thresholds is not None else []
+    if any(len(t) != n for t in fixed):
+        raise ConfigError(f"stage.thresholds: give {n} threshold(s) per entry (one per cascade pair), got {fixed}")
+    while True:
+        wanted = set(fixed) | {as_vector(t) for t in val_operating_thresholds(cols, grid, tolerance)}
+        new = sorted(t for t in wanted if t not in done and any(math.isfinite(v) for v in t))
         if not new:
             break
-        redone += refine_records(model, loaders, cols, eps, settings, new, batch_size)
+        rounds += 1
+        if rounds > MAX_REFINE_ROUNDS:
+            raise RuntimeError(f"refinement did not settle after {MAX_REFINE_ROUNDS} rounds (thresholds {new})")
+        redone += refine_records(model, loaders, cols, eps, settings, new, batch_size, progress)
         done += new
-        if thresholds is not None:
-            break
-    return {"thresholds": sorted(done), "inputs_redone": redone}
+    if progress or done:
+        log.info(f"certify: gate intervals refined at {len(done)} threshold(s) in {rounds} round(s), "
+                 f"{redone} input(s) redone")
+    listed = [t[0] if n == 1 else list(t) for t in sorted(done)]
+    return {"thresholds": listed, "inputs_redone": redone, "rounds": rounds}
 
 
 ATTACK_DEFAULTS = {"steps": 15, "restarts": 3, "step_size": 0.5, "decay_at": [0.5, 0.75], "first_step": None,
@@ -239,7 +294,7 @@ ATTACK_DEFAULTS = {"steps": 15, "restarts": 3, "step_size": 0.5, "decay_at": [0.
 def _attack_rows(model: ACEModel, loader: DataLoader, rows: np.ndarray, row_of: Mapping[int, int], eps: float,
                  attack: Mapping[str, Any], what: str, thresholds: Optional[Sequence[float]] = None,
                  reachable: Optional[np.ndarray] = None, progress: bool = True,
-                 candidates: Sequence[Mapping[int, torch.Tensor]] = ()
+                 candidates: Sequence[Mapping[int, torch.Tensor]] = (), label: Optional[str] = None
                  ) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
     """Adversarial correctness of the records' ``rows`` (bool per row, in ``rows`` order) against
     one network alone (``what`` = 'core' | 'cert') or the composed model at ``thresholds``, and
@@ -284,7 +339,7 @@ def _attack_rows(model: ACEModel, loader: DataLoader, rows: np.ndarray, row_of: 
         for i in (~ok).nonzero().flatten().tolist():
             points[int(rows[k[i]])] = x_adv[i].detach().cpu()
 
-    label = what if thresholds is None else f"composed T={thresholds[0]:.4g}"
+    label = label or (what if thresholds is None else f"composed T={_ts([thresholds])}")
     xs, ys, ks, held = [], [], [], 0
     for x, y, idx in console.progress(loader, progress, desc=f"attack {label}"):
         pick = [(b, wanted[row_of[int(i)]]) for b, i in enumerate(idx.tolist()) if row_of.get(int(i)) in wanted]
@@ -325,8 +380,6 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
     tries the single nets' adversarial points (an input routed to a branch at that branch's
     adversarial point is broken without a search). Adversarial accuracy counts certified inputs
     as robust, so it stays an upper bound on robust accuracy (certified <= adversarial)."""
-    from ace_lightning.ace import composed_certified
-
     attack = {**ATTACK_DEFAULTS, **dict(attack)}
     sample = attack.get("certified_sample")
     rng = np.random.default_rng(int(attack.get("seed") or 0))  # the certified sample (restarts: per attack)
@@ -336,7 +389,8 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
     found: dict[str, dict[int, torch.Tensor]] = {}  # the single nets' adversarial points, per row
 
     def robust(known: np.ndarray, what: str, thresholds=None, reachable=None,
-               settled: Optional[np.ndarray] = None, verdict: Optional[np.ndarray] = None) -> np.ndarray:
+               settled: Optional[np.ndarray] = None, verdict: Optional[np.ndarray] = None,
+               label: Optional[str] = None) -> np.ndarray:
         """Known-robust rows (certified) count as robust; ``settled`` rows take ``verdict`` (the
         single net's attack where the gate bounds fix the branch); the rest and a sample of the
         known ones are attacked."""
@@ -349,7 +403,7 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
         ok, points = _attack_rows(model, loader, rows, row_of, eps, attack, what, thresholds,
                                   None if reachable is None else reachable[rows], progress,
                                   candidates=[found[k] for k in ("core", "cert") if k in found]
-                                  if thresholds is not None else ())
+                                  if thresholds is not None else (), label=label)
         if thresholds is None:
             found[what] = points
         out = known.copy()
@@ -358,7 +412,7 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
         out[rows] = ok
         violations += int(np.sum(known[rows] & ~ok))
         if timing is not None:
-            key = what if thresholds is None else f"composed_T={thresholds[0]:.4g}"
+            key = (label or (what if thresholds is None else f"composed T={_ts([thresholds])}")).replace(" ", "_")
             timing[key] = {"seconds": time.perf_counter() - t0, "inputs_attacked": int(len(rows)),
                            "certified_attacked": int(np.sum(known[rows]))}
         return out
@@ -366,26 +420,44 @@ def attack_test_split(model: ACEModel, loader: DataLoader, test, eps: float, att
     adv = {"core_alone": robust(np.asarray(test.core_ok, dtype=bool), "core"),
            "cert_alone": robust(np.asarray(test.cert_ok[0], dtype=bool), "cert")}
     wanted = attack.get("points") or [p["key"] for p in operating_points]
-    by_threshold: dict[float, np.ndarray] = {}
+    by_threshold: dict[Any, np.ndarray] = {}
     for p in operating_points:
         if p["key"] not in wanted:
             continue
-        T = float(p["threshold"])
-        if T not in by_threshold:  # several operating points often share a threshold
-            lb, ub = np.asarray(test.lb_g[0], dtype=float), np.asarray(test.ub_g[0], dtype=float)
-            certified = composed_certified(
-                torch.as_tensor(test.cert_ok.T), torch.as_tensor(test.core_ok),
-                torch.as_tensor(test.lb_g.T), torch.as_tensor(test.ub_g.T), torch.tensor([T])).numpy()
-            reachable = np.stack([ub >= T, lb < T], axis=1)  # may the cert-net / the core answer
+        T = [float(t) for t in p["threshold"]] if isinstance(p["threshold"], list) else [float(p["threshold"])]
+        kappa = None if p.get("class_thresholds") is None else [float(v) for v in p["class_thresholds"]]
+        key = (tuple(T), None if kappa is None else tuple(kappa))
+        if key not in by_threshold:  # several operating points often share a threshold
+            kap, cls = (None, None) if kappa is None else (np.asarray([kappa]), np.asarray(test["cert_pred"])[None])
+            certified = rule.certified_at(test.g, test.lb_g, test.ub_g, T, test.cert_ok, test.core_ok, kap, cls)
+            # may each cert-net / the core answer
+            reachable = rule.reachable_at(test.g, test.lb_g, test.ub_g, T, kap, cls)
             settled = verdict = None
             if test.cert_ok.shape[0] == 1:  # one pair: where the gate bounds fix the branch on the
                 # whole ball, the composed model is that branch there: its own attack decides
                 only_cert, only_core = ~reachable[:, 1], ~reachable[:, 0]
                 settled = only_cert | only_core
                 verdict = np.where(only_cert, adv["cert_alone"], adv["core_alone"])
-            by_threshold[T] = robust(certified, "composed", [T], reachable, settled, verdict)
-        adv[p["key"]] = by_threshold[T]
+            with class_thresholds_set(model, kappa):
+                by_threshold[key] = robust(certified, "composed", T, reachable, settled, verdict,
+                                           label=None if kappa is None else "composed per-class")
+        adv[p["key"]] = by_threshold[key]
     return adv, violations
+
+
+@contextlib.contextmanager
+def class_thresholds_set(model: ACEModel, kappa: Optional[Sequence[float]]):
+    """Margin selection's class thresholds of pair 1 set to ``kappa`` (None: 0, one T for all
+    classes) inside, restored after: the attack runs the model as it would be exported."""
+    if model.selection[0] != "margin":
+        yield
+        return
+    saved = model.class_thresholds[0].clone()
+    model.set_class_thresholds(0, kappa if kappa is not None else [0.0] * saved.numel())
+    try:
+        yield
+    finally:
+        model.class_thresholds[0] = saved
 
 
 def precision_summary(cols: Mapping[str, np.ndarray], settings: CertifySettings,
@@ -396,7 +468,8 @@ def precision_summary(cols: Mapping[str, np.ndarray], settings: CertifySettings,
     split = np.asarray(cols["split"]).astype(str)
     rechecked = np.asarray(cols["rechecked"]).astype(bool)
     flipped = np.asarray(cols["recheck_flipped"]).astype(bool)
-    certified = np.asarray(cols["cert_ok"]).astype(bool)
+    certified = np.logical_or.reduce([np.asarray(cols[k]).astype(bool) for k in cols
+                                      if k == "cert_ok" or k.startswith("cert_ok_")])  # some cert-net certified
     out: dict[str, Any] = {"dtype": settings.dtype, "recheck_tol": settings.recheck_tol,
                            "trainer_precision_ignored": None if str(trainer_precision) in ("32-true", "32", "None")
                            else str(trainer_precision), "refined_at": refinement}
@@ -446,14 +519,15 @@ def prepare(cfg: Mapping[str, Any]) -> CertifyJob:
     run_dir = Path(cfg["run_dir"]).resolve()
     selection = st.get("selection", "gate")
     entropy_stage = str(st.get("entropy_stage") or "entropy")
-    spec, paths = spec_from_run(run_dir, selection, entropy_stage)
+    cascade = st.get("cascade")
+    spec, paths = spec_from_run(run_dir, selection, entropy_stage, cascade)
     data_name = to_dict(cfg["data"])["name"]
     if data_name != spec["data"]["name"]:
         raise ConfigError(f"records would come from dataset '{data_name}' but {run_dir} was trained on "
                           f"'{spec['data']['name']}': pass data={spec['data']['name']}")
     ident = {"spec": spec, "weights": {k: sha256_file(p) for k, p in paths.items()}, "eps": eps, "stage": st,
              "data": {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir")}}
-    return CertifyJob(cfg, st, settings, eps, run_dir, run_dir / certify_folder(selection, entropy_stage),
+    return CertifyJob(cfg, st, settings, eps, run_dir, run_dir / certify_folder(selection, entropy_stage, cascade),
                       spec, paths, ident, config_hash(ident))
 
 
@@ -490,7 +564,7 @@ def certify_records(job: CertifyJob) -> Optional[Path]:
     t0 = time.perf_counter()
     job.refinement = refine_at_operating_points(job.model, job.loaders, cols, job.eps, settings,
                                                 st.get("thresholds"), st.get("grid", 101),
-                                                float(st.get("tolerance", 0.01)), batch_size)
+                                                float(st.get("tolerance", 0.01)), batch_size, job.progress)
     job.timing["refinement"] = time.perf_counter() - t0
     job.precision = precision_summary(cols, settings, precision, job.refinement)
     job.timing["certification_per_input_ms"] = 1000 * job.timing["certification_all_splits"] / max(1, len(cols["index"]))
@@ -534,18 +608,29 @@ def attack_and_check(model: ACEModel, loader: DataLoader, records_path: Path, st
     return violations
 
 
-def export_composed(job: CertifyJob, points: Sequence[dict], operating_point: str = "nat_within_1pt") -> dict:
+def export_composed(job: CertifyJob, points: Sequence[dict], operating_point: Optional[str] = None) -> dict:
     """Step 4: the composed model at the chosen operating point (ace_model.pt, certifying as the
     stage did), table.txt and the manifest."""
     stage_dir = job.stage_dir
     summary = json.loads((stage_dir / "operating_points.json").read_text())
+    if operating_point is None:  # margin selection: its per-class point when there is one
+        keys = {p["key"] for p in summary["operating_points"]}
+        operating_point = "per_class" if job.model.selection[0] == "margin" and "per_class" in keys \
+            else "nat_within_1pt"
     chosen = next((p for p in summary["operating_points"] if p["key"] == operating_point), None)
     if chosen is None and summary["operating_points"]:
         chosen = summary["operating_points"][0]
     spec = job.spec
     if chosen is not None:
-        job.model.set_thresholds([float(chosen["threshold"])])
-        spec["branches"][0]["threshold"] = float(chosen["threshold"])
+        T = chosen["threshold"] if isinstance(chosen["threshold"], list) else [chosen["threshold"]]
+        T = [float(t) for t in T]
+        job.model.set_thresholds(T)
+        for branch, t in zip(spec["branches"], T):
+            branch["threshold"] = t
+        if chosen.get("class_thresholds") is not None:  # margin selection: one kappa per class
+            kappa = [float(v) for v in chosen["class_thresholds"]]
+            job.model.set_class_thresholds(0, kappa)
+            spec["branches"][0]["class_thresholds"] = kappa
     spec["certify"] = job.settings.as_dict()  # ACEModel.predict(eps=) certifies the same way
     job.model.spec = spec
     job.model.save(stage_dir / "ace_model.pt")
@@ -596,7 +681,7 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
         attack_and_check(job.model, job.loaders["test"], records_path, job.stage_dir, job.eps, attack, points,
                          job.progress)
         job.timing["attack"] = time.perf_counter() - t0
-    manifest = export_composed(job, points, st.get("operating_point", "nat_within_1pt"))
+    manifest = export_composed(job, points, st.get("operating_point"))
     from ace_lightning.summary import write_summary
 
     write_summary(Path(cfg["runs_root"]).resolve())
@@ -605,23 +690,30 @@ def run_certify(cfg: Mapping[str, Any]) -> dict:
 
 
 def log_to_wandb(cfg: Mapping[str, Any], stage_dir: Path, points: Sequence[Mapping[str, Any]]) -> None:
-    """The sweep as a wandb Table, the Pareto plot as an image and the operating points as summary
-    values, in the pipeline's wandb group (offline unless the user opted in)."""
+    """The certify run of the pipeline's wandb group (offline unless the user opted in): its
+    config is the job's plus what a dashboard filters by (loggers.run_identity: dataset, eps,
+    seed, method, selection); the records' summary per operating point (the table's rows, as a
+    wandb Table and as summary values ``<point>/<metric>``), the sweep as Tables, the Pareto plot."""
     import csv
-    import os
+    import math
 
-    from ace_lightning.loggers import wandb_settings
+    from omegaconf import DictConfig, OmegaConf
+
+    from ace_lightning.loggers import run_identity, wandb_mode, wandb_settings
 
     wb = wandb_settings(cfg)
-    mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
-    if not wb.get("enabled") or mode == "disabled":
+    mode = wandb_mode(wb)
+    if mode is None:
         return
     import wandb
 
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    config.update(run_identity(cfg, stage_dir.name, read_manifest(stage_dir.parent / "cert")))
     group = str(wb.get("group") or stage_dir.parent.name)
     run = wandb.init(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"), group=group,
                      name=f"{group}/{stage_dir.name}", job_type="certify", dir=str(stage_dir), mode=mode,
-                     reinit="finish_previous")
+                     reinit="finish_previous", config=config)
+    metrics = ("nat_acc", "cert_acc", "adv_acc", "cert_route_rate")
     try:
         for split in ("val", "test"):
             path = stage_dir / f"sweep_{split}.csv"
@@ -629,9 +721,15 @@ def log_to_wandb(cfg: Mapping[str, Any], stage_dir: Path, points: Sequence[Mappi
                 with open(path, newline="") as fh:
                     rows = list(csv.reader(fh))
                 run.log({f"sweep/{split}": wandb.Table(columns=rows[0], data=[[float(v) for v in r] for r in rows[1:]])})
+
+        def number(v: Any) -> Any:  # +-inf thresholds (core / cert-net alone) as text: JSON has no inf
+            return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+        run.log({"operating_points": wandb.Table(
+            columns=["point", "name", "threshold", *metrics], allow_mixed_types=True,
+            data=[[p["key"], p.get("name"), number(p.get("threshold")), *[p.get(k) for k in metrics]] for p in points])})
         run.log({"pareto": wandb.Image(str(stage_dir / "pareto.png"))})
         for p in points:
-            for k in ("nat_acc", "cert_acc", "adv_acc", "cert_route_rate"):
+            for k in metrics:
                 if isinstance(p.get(k), (int, float)):
                     run.summary[f"{p['key']}/{k}"] = p[k]
     finally:

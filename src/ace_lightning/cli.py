@@ -4,10 +4,14 @@
     python -m ace_lightning.cli action=sweep records=runs/mnist/eps_0.1/certify/records.csv
     python -m ace_lightning.cli action=plot sweep=runs/mnist/eps_0.1/certify/sweep_test.csv out=p.png
     python -m ace_lightning.cli action=compare runs=[runs/a/eps_0.1,runs/b/eps_0.1] out_dir=cmp
+    python -m ace_lightning.cli action=audit run_dir=runs/mnist/eps_0.1 audit.steps=100 audit.restarts=10
 
 certify composes the train config for ``stage=certify`` from the run folder's manifests and runs
-the certify stage; sweep and plot only read files. Bad input exits with code 2 and one line;
-everything is checked before the first file is written.
+the certify stage; sweep and plot only read files. audit re-checks a certified folder's
+certificates with independent tools (reference bounds, attacks, a MILP; docs/METHOD.md section
+13), writes audit.json beside the records and prints one verdict line per folder: exit code 1
+when a concrete point contradicts a record. Bad input exits with code 2 and one line; everything
+is checked before the first file is written.
 """
 from __future__ import annotations
 
@@ -109,7 +113,7 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
         raise InputNotFoundError(f"run folder not found: {run_dir}")
     entropy_stage = str(cfg.get("entropy_stage") or "entropy")
     selection = cfg.selection or ("entropy" if cfg.get("entropy_stage") else
-                                  next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "gate"))
+                                  next((s for s in ("gate", "entropy") if read_manifest(run_dir / s)), "margin"))
     spec_from_run(run_dir, selection, entropy_stage)  # every stage the composed model needs, before anything runs
     cert = read_manifest(run_dir / "cert")
     trained = dict(cert.get("config", {}).get("data") or {"name": cert["data"]["name"]})
@@ -117,8 +121,9 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     eps = float(cfg.eps if cfg.eps is not None else cert["eps"])
     if not 0 <= eps <= 1:
         raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
-    # the layout train.yaml makes is <runs_root>/<data>/eps_<eps>: summary.csv goes to runs_root
-    runs_root = run_dir.parents[1] if run_dir.name.startswith("eps_") else run_dir
+    # the layout train.yaml makes is <runs_root>/<data>/eps_<eps>: summary.csv goes to runs_root; any
+    # other folder is a run of its parent (the summary lands next to it, never inside it)
+    runs_root = run_dir.parents[1] if run_dir.name.startswith("eps_") else run_dir.parent
     out = ["stage=certify", f"data={data}", f"trainer={groups.get('trainer', 'default')}",
            f"run_dir={_override_value(str(run_dir))}", f"runs_root={_override_value(str(runs_root))}",
            f"eps={eps!r}"]
@@ -259,16 +264,31 @@ def run_compare_action(cfg: DictConfig) -> dict:
     return result
 
 
+# -- action=audit ----------------------------------------------------------------------------------
+
+def run_audit_action(cfg: DictConfig) -> list[dict]:
+    """Audit every certified folder of ``run_dir`` (or ``audit.stage``); exit code 1 on a violation."""
+    from ace_lightning.audit import AuditSettings, audit_run
+
+    run_dir = _required(cfg, "run_dir", "run folder")
+    knobs = dict(_plain(cfg.audit) or {})
+    knobs.update({k: _plain(cfg.get(k)) for k in ("split", "data_dir", "progress") if cfg.get(k) is not None})
+    reports = audit_run(Path(run_dir), AuditSettings.from_config(knobs))
+    if any(r["violations"] for r in reports):
+        sys.exit(1)  # a soundness failure, not a user error (2)
+    return reports
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="certify")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     setup_console()
     actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action,
-               "compare": run_compare_action}
+               "compare": run_compare_action, "audit": run_audit_action}
     try:
         if cfg.action not in actions:
             raise ConfigError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep, "
-                             f"action=plot or action=compare")
+                             f"action=plot, action=compare or action=audit")
         actions[cfg.action](cfg)
     except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs
         fail_on(err)

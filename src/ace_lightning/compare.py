@@ -49,7 +49,7 @@ def _label(info: dict, run: str) -> str:
 def certified_folders(run_dir: Path) -> list[Path]:
     """The certify stage folders of a run folder that hold a test sweep (certify/ first)."""
     found = [p for p in sorted(run_dir.glob("certify*")) if (p / "sweep_test.csv").is_file()
-             and (p / "operating_points.json").is_file()]
+             and (p / "operating_points.json").is_file() and ".old-" not in p.name]  # not moved-aside backups
     return sorted(found, key=lambda p: (p.name != "certify", p.name))
 
 
@@ -59,10 +59,9 @@ def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: O
     cert/evaluation_test.json for these weights, eps, settings and attack."""
     import torch
 
-    from ace_lightning.data import ACEDataModule
     from ace_lightning.evaluate import evaluate_net
     from ace_lightning.nets import build_net
-    from ace_lightning.rundir import load_weights, require_stage, sha256_file
+    from ace_lightning.rundir import load_weights, require_stage, sha256_file, stage_datamodule
 
     cert_dir = Path(run_dir) / "cert"
     manifest = require_stage(run_dir, "cert", "compare")
@@ -74,10 +73,7 @@ def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: O
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached["result"]
-    data = dict((manifest.get("config") or {}).get("data") or {"name": manifest["data"]["name"]})
-    if data_dir:
-        data["data_dir"] = data_dir
-    dm = ACEDataModule(**{**data, "num_workers": 0})
+    dm = stage_datamodule(manifest, data_dir)
     dm.setup("test")
     net = build_net(manifest["net"], dm.info)
     load_weights(net, weights, "cert-net")
@@ -124,9 +120,38 @@ def dominance(curve: Sequence[dict], front) -> list[dict[str, float]]:
             current["nat_to"] = r["nat_acc"]
             if gain > current["max_gain"]:
                 current["max_gain"], current["at_nat"] = gain, r["nat_acc"]
+            # the gain over a network that certifies something (above the most accurate certified
+            # one only cores remain, and a gain over 0% certified says nothing)
+            if best > 0 and gain > current.get("certified_gain", -math.inf):
+                current["certified_gain"], current["certified_at"] = gain, r["nat_acc"]
         else:
             current = None
     return out
+
+
+def headline(label: str, spans: Sequence[dict], ops: Sequence[dict], top: Optional[dict]) -> str:
+    """The sentence for one composition: where it beats every single network at least as accurate
+    naturally, and its val-chosen operating point against the most accurate certified single
+    network (not against the core, which certifies nothing)."""
+    if not spans:
+        text = f"- {label}: never certified more often than the best single network at the same or higher natural accuracy"
+    else:
+        parts = []
+        for s in spans:
+            part = f"{100 * s['nat_from']:.2f}-{100 * s['nat_to']:.2f}% natural"
+            if "certified_gain" in s:
+                part += (f" (up to +{100 * s['certified_gain']:.2f} points certified over a certified single network,"
+                         f" at {100 * s['certified_at']:.2f}%)")
+            parts.append(part)
+        text = f"- {label}: dominates the best single network for {'; '.join(parts)}"
+    op = next((p for p in ops if p.get("key") == "nat_within_1pt"), ops[0] if ops else None)
+    if top is not None and op is not None and "test" in op:
+        nat, cert = op["test"]["nat_acc"], op["test"]["cert_acc"]
+        text += (f"; at its operating point '{op['name']}' ({100 * nat:.2f}% natural, {100 * cert:.2f}% certified) it is "
+                 f"{100 * (nat - top['nat_acc']):+.2f} points natural and {100 * (cert - top['cert_acc']):+.2f} certified "
+                 f"against the most accurate certified single network, {top['name']} "
+                 f"({100 * top['nat_acc']:.2f}% / {100 * top['cert_acc']:.2f}%)")
+    return text + "."
 
 
 def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[CertifySettings] = None, *,
@@ -182,22 +207,28 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
                 rows.append({"run": name, "kind": "ace", "name": f"ACE {p['name']} [{tag}]", **info,
                              "eps": ev["eps"], "threshold": p["threshold"], "nat_acc": p["test"]["nat_acc"],
                              "cert_acc": p["test"]["cert_acc"], "adv_acc": p["test"].get("adv_acc", "")})
-            curves.append((f"ACE {_label(info, tag)}", _read_curve(sweep), ops))
+            per_class = [p for p in ops if p.get("class_thresholds") is not None]
+            label = f"ACE {_label(info, tag)}"
+            curves.append((f"{label}, one T" if per_class else label, _read_curve(sweep),
+                           [p for p in ops if p.get("class_thresholds") is None]))
+            if (certify / "sweep_test_per_class.csv").is_file():  # margin selection: a kappa per class
+                curves.append((f"{label}, per-class kappa", _read_curve(certify / "sweep_test_per_class.csv"),
+                               per_class))
     singles = [r for r in rows if r["kind"] in ("cert-net", "core")]
     front = single_front(singles)
-    summary_lines = []
-    for label, curve, _ in curves:
-        spans = dominance(curve, front)
-        if not spans:
-            summary_lines.append(f"- {label}: never certified more often than the best single network at "
-                                 f"the same or higher natural accuracy.")
-            continue
-        text = "; ".join(f"{100 * s['nat_from']:.2f}-{100 * s['nat_to']:.2f}% natural (up to "
-                         f"+{100 * s['max_gain']:.2f} points certified at {100 * s['at_nat']:.2f}%)" for s in spans)
-        summary_lines.append(f"- {label}: dominates the best single network for {text}.")
     certified = [r for r in singles if r["cert_acc"] > 0]
-    if certified:  # what "the best single network" means above the most accurate certified one: the core
-        top = max(certified, key=lambda r: (r["nat_acc"], r["cert_acc"]))
+    top = max(certified, key=lambda r: (r["nat_acc"], r["cert_acc"])) if certified else None
+    summary_lines = [headline(label, dominance(curve, front), ops, top) for label, curve, ops in curves]
+    # one number per curve: its mean certified accuracy over the natural accuracies from the most
+    # accurate certified single network up to the core (where a composition has to earn its place)
+    cores = [r for r in singles if r["kind"] == "core"]
+    span = (top["nat_acc"], max(r["nat_acc"] for r in cores)) if top is not None and cores else None
+    means = [{"curve": label, "mean_certified": mean_certified(curve, *span) if span else None} for label, curve, _ in curves]
+    if span is not None:
+        summary_lines.append(f"- Mean certified accuracy over natural {100 * span[0]:.2f}-{100 * span[1]:.2f}% "
+                             f"(most accurate certified single network to the core): "
+                             + "; ".join(f"{m['curve']}: {100 * m['mean_certified']:.2f}%" for m in means))
+    if top is not None:  # what "the best single network" means above the most accurate certified one: the core
         summary_lines.append(f"- The most accurate certified single network: {top['name']}, "
                              f"{100 * top['nat_acc']:.2f}% natural / {100 * top['cert_acc']:.2f}% certified; "
                              f"above that natural accuracy only cores (0% certified) remain.")
@@ -223,8 +254,37 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
         t = r.get("threshold")
         md.append(f"| {r['kind']} | {r['name']} | {t if t == '' else format(float(t), '.4g')} | "
                   f"{100 * r['nat_acc']:.2f} | {100 * r['cert_acc']:.2f} | {adv} |")
+    if span is not None:
+        md += ["", f"Mean certified accuracy over natural accuracy {100 * span[0]:.2f}-{100 * span[1]:.2f}% "
+               f"(test; a curve's best certified accuracy at natural >= n, averaged over n):", "",
+               "| curve | mean certified |", "|---|---|"]
+        md += [f"| {m['curve']} | {100 * m['mean_certified']:.2f} |" for m in means]
+
+        def write_means(fh) -> None:
+            w = csv.writer(fh)
+            w.writerow(["curve", "nat_from", "nat_to", "mean_certified"])
+            for m in means:
+                w.writerow([m["curve"], span[0], span[1], m["mean_certified"]])
+        paths["means"] = atomic_write_text(out / "compare_means.csv", write_means)
     paths["md"] = atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
-    return {"rows": rows, "summary": summary_lines, "notes": notes, "paths": paths}
+    return {"rows": rows, "summary": summary_lines, "notes": notes, "paths": paths, "means": means, "span": span}
+
+
+def mean_certified(curve: Sequence[dict], nat_from: float, nat_to: float) -> float:
+    """(1 / (b - a)) * integral over n in [a, b] of C(n), C(n) = the best certified accuracy of the
+    curve's points with natural accuracy >= n (0 where none reaches n): one number for a whole
+    curve on the stretch where it competes; exact, as C is a step function."""
+    if nat_to <= nat_from or not curve:
+        return 0.0
+    nats = np.array([r["nat_acc"] for r in curve], dtype=np.float64)
+    certs = np.array([r["cert_acc"] for r in curve], dtype=np.float64)
+    order = np.argsort(nats)
+    nats, certs = nats[order], certs[order]
+    best = np.concatenate([np.maximum.accumulate(certs[::-1])[::-1], [0.0]])  # C at each point's nat
+    cuts = np.unique(np.concatenate([[nat_from, nat_to], nats[(nats > nat_from) & (nats < nat_to)]]))
+    mids = 0.5 * (cuts[:-1] + cuts[1:])
+    values = best[np.searchsorted(nats, mids, side="left")]  # C is constant on each (cut, next cut)
+    return float(np.sum(np.diff(cuts) * values) / (nat_to - nat_from))
 
 
 def plot_compare(path: Path, curves, singles, front) -> str:

@@ -12,11 +12,16 @@ job of a multirun): it does the same again and also sends the package's and Ligh
 the log files on the root logger (Hydra's ``<job>.log``), and prints warnings on one line with their
 category. Every part is idempotent.
 
-Progress bars: ``progress(iterable, enabled, **tqdm_kw)`` is tqdm when ``enabled``
-(``trainer.enable_progress_bar``) on global rank zero, else the iterable itself.
+Progress bars go to stderr, tables and paths to stdout (a table piped to a file stays clean):
+``progress(iterable, enabled, **tqdm_kw)`` is tqdm when ``enabled`` (``trainer.enable_progress_bar``)
+on global rank zero, else the iterable itself, and a ``desc`` is then logged once as one line, so
+a long step says what it is doing without a bar; ``progress_bar_callbacks(enabled)`` is
+Lightning's bar, moved from stdout to stderr.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
@@ -243,16 +248,42 @@ def setup_console() -> None:
 
 
 def progress(iterable: Iterable[T], enabled: bool, **kw: Any) -> Iterable[T]:
-    """``tqdm(iterable, **kw)`` when ``enabled`` (pass ``trainer.enable_progress_bar``) and this
-    process is global rank zero; otherwise ``iterable`` itself. Defaults: ``leave=False``,
+    """``tqdm(iterable, **kw)`` on stderr when ``enabled`` (pass ``trainer.enable_progress_bar``)
+    and this process is global rank zero; otherwise ``iterable`` itself, and ``desc`` (when
+    given) is logged as one line: ``<desc>: <n> batches``. Defaults: ``leave=False``,
     ``dynamic_ncols=True``."""
     if not enabled or global_rank() != 0:
+        if kw.get("desc"):
+            size = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+            log.info(f"{kw['desc']}: {size} batch{'es' if size != 1 else ''}" if size is not None else kw["desc"])
         return iterable
     from tqdm.auto import tqdm
 
     kw.setdefault("leave", False)
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _stderr_progress_bar_class() -> type:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    def on_stderr(name: str):
+        def init(self):  # Lightning creates each bar with file=sys.stdout, read at that moment
+            with contextlib.redirect_stdout(sys.stderr):
+                return getattr(TQDMProgressBar, name)(self)
+        init.__name__ = name
+        return init
+
+    names = ("init_sanity_tqdm", "init_train_tqdm", "init_validation_tqdm", "init_test_tqdm", "init_predict_tqdm")
+    doc = "Lightning's TQDMProgressBar on stderr (its own writes to stdout, where tables and paths go)."
+    return type("StderrProgressBar", (TQDMProgressBar,), {"__doc__": doc, **{n: on_stderr(n) for n in names}})
+
+
+def progress_bar_callbacks(enabled: bool) -> list:
+    """``[Lightning's progress bar on stderr]`` for a Trainer's callbacks when ``enabled``
+    (``trainer.enable_progress_bar``), else ``[]`` (Lightning refuses a bar it was told not to show)."""
+    return [_stderr_progress_bar_class()()] if enabled else []
 
 
 def progress_enabled(source: Any, default: bool = True) -> bool:

@@ -4,17 +4,22 @@
 relies on the basic launcher running jobs one after another; a parallel launcher (joblib,
 submitit) would start the gate before the cert-net exists. Such a sweep is refused in one line
 before any job starts; ``stage=pipeline`` is the form that runs anywhere. After a multirun the
-runs summary is written once, with every run folder the sweep completed (jobs finishing at the
-same moment cannot miss each other).
+runs summary is written once, with every run folder of the runs root (jobs finishing at the
+same moment cannot miss each other); the sweep's jobs (their ``job.json``) are listed with their
+status, the summary table goes to wandb once when ``logger=wandb``, and a sweep with a failed job
+exits with code 1.
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from ace_lightning.console import log
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
@@ -35,7 +40,10 @@ def chained_stage_sweep(task_overrides: list[str]) -> list[str]:
 
 
 class SweepGuard(Callback):
+    started: float = 0.0  # time.time() when this multirun started: its jobs are those started later
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
         launcher = str((config.hydra.get("launcher") or {}).get("_target_", BASIC_LAUNCHER))
         stages = chained_stage_sweep(list(config.hydra.overrides.task))
         if stages and launcher != BASIC_LAUNCHER:
@@ -46,8 +54,46 @@ class SweepGuard(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ace_lightning.summary import write_summary
+        from ace_lightning.summary import job_states, write_summary
 
         root = Path(str(config.get("runs_root", "runs"))).resolve()
-        if root.is_dir():
-            write_summary(root)
+        if not root.is_dir():
+            return
+        rows = write_summary(root)
+        jobs = job_states(root, since=self.started - 1.0)
+        failed = {run: job for run, job in jobs.items() if job.get("status") != "complete"}
+        log.info(f"sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs complete" +
+                 "".join(f"\n  {job.get('status', '?')}: {run}: {job.get('error') or ''}" for run, job in failed.items()))
+        if rows:
+            log.info(f"runs summary: {root / 'summary.md'} (and summary.csv)")
+            log_sweep_to_wandb(config, root, rows, jobs)
+        if failed:
+            log.error(f"{len(failed)} of {len(jobs)} sweep jobs failed (see {root / 'summary.md'})")
+            sys.exit(1)
+
+
+def log_sweep_to_wandb(config: DictConfig, root: Path, rows: list[dict], jobs: dict[str, dict]) -> None:
+    """The runs summary as one wandb Table per multirun (job type ``sweep``, offline unless the
+    user opted in), beside the stage runs of each job."""
+    from ace_lightning.loggers import wandb_mode, wandb_settings
+    from ace_lightning.summary import COLUMNS
+
+    wb = wandb_settings(config)
+    mode = wandb_mode(wb)
+    if mode is None:
+        return
+    import wandb
+
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = wandb.init(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"), group="sweeps", name=name,
+                     job_type="sweep", dir=str(root), mode=mode, reinit="finish_previous",
+                     config={"overrides": overrides, "runs_root": str(root), "jobs": len(jobs),
+                             "failed": sum(j.get("status") != "complete" for j in jobs.values())})
+    try:
+        table = wandb.Table(columns=list(COLUMNS), allow_mixed_types=True,
+                            data=[[r.get(c) for c in COLUMNS] for r in rows])
+        run.log({"runs_summary": table})
+        run.summary["jobs"] = {k: v.get("status") for k, v in jobs.items()}
+    finally:
+        run.finish()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -47,23 +47,54 @@ def wandb_settings(cfg: Mapping[str, Any]) -> dict:
     return dict(logger.get("wandb") or {})
 
 
-def extra_loggers(cfg: Mapping[str, Any], stage_dir: Path) -> list:
-    """[WandbLogger] when logger.wandb.enabled, grouped by run so a dashboard shows the pipeline
-    run as one unit; [] otherwise."""
-    wb = wandb_settings(cfg)
+def wandb_mode(wb: Mapping[str, Any]) -> Optional[str]:
+    """The mode a wandb run of these settings uses (WANDB_MODE wins over the config); None when
+    wandb is off."""
     if not wb.get("enabled"):
-        return []
+        return None
     mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
-    if mode == "disabled":
+    return None if mode == "disabled" else str(mode)
+
+
+def run_identity(cfg: Mapping[str, Any], stage: str, cert_manifest: Optional[Mapping[str, Any]] = None) -> dict:
+    """What a dashboard filters a stage run by, as flat config keys: dataset, eps, seed, stage, run,
+    method (the cert-net's certified training method: its manifest's, else the config's) and
+    selection (gate | entropy: the composition the stage belongs to)."""
+    st = _plain(cfg.get("stage")) or {}
+    over = _plain(cfg.get("stage_overrides")) or {}
+    trained = ((cert_manifest or {}).get("config") or {}).get("stage") or {}
+    if stage == "cert":
+        method = st.get("method")
+    else:
+        method = trained.get("method") or (over.get("cert") or {}).get("method")
+    if stage.startswith("certify"):
+        selection = st.get("selection", "gate")
+    elif stage.startswith("entropy"):
+        selection = "entropy"
+    else:
+        selection = (over.get("certify") or {}).get("selection") or "gate"
+    data = _plain(cfg.get("data")) or {}
+    return {"dataset": data.get("name"), "eps": cfg.get("eps"), "seed": cfg.get("seed"), "stage_name": stage,
+            "run": str(cfg.get("run_name") or ""), "method": method, "selection": selection}
+
+
+def extra_loggers(cfg: Mapping[str, Any], stage_dir: Path, identity: Optional[Mapping[str, Any]] = None) -> list:
+    """[WandbLogger] when logger.wandb.enabled, grouped by run so a dashboard shows the pipeline
+    run as one unit, its config the job's with ``identity`` (run_identity) on top; [] otherwise."""
+    wb = wandb_settings(cfg)
+    mode = wandb_mode(wb)
+    if mode is None:
         return []
     from lightning.pytorch.loggers import WandbLogger
 
     stage = Path(stage_dir).name
+    config = _plain(cfg) if isinstance(cfg, (dict, DictConfig)) else {}
+    config = {**(config or {}), **(identity or run_identity(cfg, stage))}
     return [WandbLogger(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"),
                         group=str(wb.get("group") or Path(stage_dir).parent.name),
                         name=f"{wb.get('group') or Path(stage_dir).parent.name}/{stage}",
                         job_type=stage, save_dir=str(stage_dir), mode=mode, reinit="finish_previous",
-                        config=_plain(cfg) if isinstance(cfg, (dict, DictConfig)) else None)]
+                        config=config)]
 
 
 def finish_loggers(loggers: list) -> None:

@@ -23,6 +23,12 @@ from ace_lightning.sweep import (
     _split_set,
     as_records,
     choose_operating_points,
+    OPERATING_POINTS,
+    cascade_curve,
+    choose_cascade_thresholds,
+    class_threshold_curve,
+    evaluate,
+    class_threshold_point,
     reference_points,
     report_at,
     sweep,
@@ -30,6 +36,7 @@ from ace_lightning.sweep import (
 from ace_lightning.errors import ConfigError
 
 SWEEP_FILES = {"val": "sweep_val.csv", "test": "sweep_test.csv"}
+PER_CLASS_FILES = {"val": "sweep_val_per_class.csv", "test": "sweep_test_per_class.csv"}  # margin selection
 POINTS_FILE = "operating_points.json"
 PLOT_FILE = "pareto.png"
 PLOT_SIZE = (8.0, 6.0)  # inches
@@ -63,7 +70,9 @@ def _write_sweep_csv(path: str, rows: Sequence[Mapping[str, float]]) -> str:
     return atomic_write_text(path, write)
 
 
-def _fmt_threshold(T: Any) -> str:
+def _fmt_threshold(T: Any, per_class: bool = False) -> str:
+    if per_class:
+        return "per-class"
     if T is None:
         return "-"
     if isinstance(T, (tuple, list)):
@@ -96,7 +105,7 @@ def format_table(points: Sequence[Mapping[str, Any]], title: str | None = None) 
         return f"{100 * float(v):.2f}" if k in percent else f"{float(v):.4g}"
 
     cols = ["point", "T"] + [headers.get(k, k) for k in keys + extra]
-    body = [[str(p.get("name", p.get("key", ""))), _fmt_threshold(p.get("threshold"))]
+    body = [[str(p.get("name", p.get("key", ""))), _fmt_threshold(p.get("threshold"), p.get("class_thresholds") is not None)]
             + [cell(p, k) for k in keys + extra] for p in points]
     widths = [max(len(r[j]) for r in [cols] + body) for j in range(len(cols))]
     line = lambda r: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -119,10 +128,12 @@ def _annotated_rows(rows: Sequence[Mapping[str, float]], k: int = 4) -> list[Map
 
 def plot_pareto(path: str, rows_test: Sequence[Mapping[str, float]] | None,
                 rows_val: Sequence[Mapping[str, float]] | None,
-                references: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]]) -> str:
+                references: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]],
+                extra: Sequence[tuple[str, Sequence[Mapping[str, float]]]] = ()) -> str:
     """Natural (x) vs certified (y) accuracy over T: test curve solid, val curve dashed, core
     alone and cert-net alone as distinct markers, operating points and a few curve points labelled
-    with their T. Uses the Agg canvas directly, so no global matplotlib backend is changed."""
+    with their T; ``extra`` curves (label, rows) dotted (margin selection's per-class curve). Uses
+    the Agg canvas directly, so no global matplotlib backend is changed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -134,6 +145,8 @@ def plot_pareto(path: str, rows_test: Sequence[Mapping[str, float]] | None,
         ax.plot(pct(rows_test, "nat_acc"), pct(rows_test, "cert_acc"), "-", color="C0", lw=1.5, label="ACE over T (test)")
     if rows_val:
         ax.plot(pct(rows_val, "nat_acc"), pct(rows_val, "cert_acc"), "--", color="C1", lw=1.0, label="ACE over T (val)")
+    for j, (label, rows) in enumerate(extra):
+        ax.plot(pct(rows, "nat_acc"), pct(rows, "cert_acc"), ":", color=f"C{8 + j}", lw=1.8, label=label)
     markers = iter(["s", "^", "v", "D", "P", "X"])
     for ref in references:
         ax.plot(100 * ref["nat_acc"], 100 * ref["cert_acc"], next(markers, "o"), ms=9, mec="black",
@@ -145,9 +158,10 @@ def plot_pareto(path: str, rows_test: Sequence[Mapping[str, float]] | None,
                     textcoords="offset points", xytext=(6, -10), fontsize=7, color="gray")
     offsets = [(8, 8), (8, -16), (-50, 8), (-50, -16), (8, 20)]
     for j, p in enumerate(points):
+        t = _fmt_threshold(p["threshold"], p.get("class_thresholds") is not None)
         ax.plot(100 * p["nat_acc"], 100 * p["cert_acc"], "*", ms=13, color=f"C{j + 2}", mec="black", zorder=6,
-                label=f"{p['name']} (T={_fmt_threshold(p['threshold'])})")
-        ax.annotate(f"T={_fmt_threshold(p['threshold'])}", (100 * p["nat_acc"], 100 * p["cert_acc"]),
+                label=f"{p['name']} (T={t})")
+        ax.annotate(f"T={t}", (100 * p["nat_acc"], 100 * p["cert_acc"]),
                     textcoords="offset points", xytext=offsets[j % len(offsets)], fontsize=8)
     return save_pareto_axes(fig, ax, "ACE: natural vs certified accuracy over the gate threshold T", path)
 
@@ -182,8 +196,14 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
     if not parts:
         raise ConfigError(f"records hold split(s) {_split_set(rec.splits)}, need 'val' and/or 'test'")
     rows: dict[str, list[dict[str, float]]] = {}
-    for name in parts:  # every sweep before the first file is touched: a bad grid loses nothing
-        rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)
+    cascade = rec.n_pairs > 1 and fixed is None  # the cascade's front, threshold vectors chosen on val
+    if cascade:
+        if "val" not in parts:
+            raise ConfigError("a cascade's thresholds are chosen on val: the records need the val split")
+        rows = cascade_curve(parts["val"], parts.get("test"))
+    else:
+        for name in parts:  # every sweep before the first file is touched: a bad grid loses nothing
+            rows[name] = sweep(parts[name], grid, exact=exact, pair=pair, fixed=fixed)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     written: dict[str, Any] = {}
@@ -193,12 +213,28 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
             written[f"sweep_{name}"] = _write_sweep_csv(path, rows[name])
         elif os.path.exists(path):
             os.unlink(path)
+    class_curve = class_threshold_curve(parts["val"], parts.get("test")) if "val" in parts else {}
+    for name, filename in PER_CLASS_FILES.items():  # margin selection: kappa per class, chosen on val
+        path = os.path.join(out_dir, filename)
+        if class_curve.get(name):
+            written[f"sweep_{name}_per_class"] = _write_sweep_csv(path, class_curve[name])
+        elif os.path.exists(path):
+            os.unlink(path)
 
     val, test = parts.get("val"), parts.get("test")
     core_nat_val = float(np.mean(val.core_correct)) if val is not None else None
     chosen: list[dict[str, Any]] = []
-    if val is not None:
+    if val is not None and cascade:
+        for (key, name), floor in zip(OPERATING_POINTS[:2], (core_nat_val - tolerance, -math.inf)):
+            T = choose_cascade_thresholds(val, floor)
+            if T is not None:
+                ev = evaluate(val, T)
+                chosen.append({"key": key, "name": name, "threshold": list(T), "val": {m: ev[m] for m in METRICS}})
+    elif val is not None:
         chosen = choose_operating_points(rows["val"], core_nat_val, tolerance)
+        per_class = class_threshold_point(val, core_nat_val, tolerance)
+        if per_class is not None:  # margin selection: one kappa per class, chosen exactly on val
+            chosen.append(per_class)
         if "adv_threshold" in val and np.unique(np.asarray(val["adv_threshold"], float)).size == 1:
             T_adv = float(np.asarray(val["adv_threshold"], float)[0])
             if all(p["threshold"] != T_adv for p in chosen):
@@ -210,7 +246,7 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
                       "inflate the numbers); certify the validation split to get them", stacklevel=2)
     if test is not None:
         for point, ev in zip(chosen, report_at(test, chosen, pair=pair, fixed=fixed)):
-            point["test"] = {k: v for k, v in ev.items() if k not in ("key", "name", "threshold")}
+            point["test"] = {k: v for k, v in ev.items() if k not in ("key", "name", "threshold", "class_thresholds")}
 
     refs = {name: reference_points(part) for name, part in parts.items()}
     references = []
@@ -240,10 +276,12 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
 
     shown = "test" if test is not None else "val"
     table_refs = [dict(key=r["key"], name=r["name"], threshold=r["threshold"], **r[shown]) for r in references]
-    table_points = [dict(key=p["key"], name=p["name"], threshold=p["threshold"], **p.get(shown, p["val"]))
+    table_points = [dict(key=p["key"], name=p["name"], threshold=p["threshold"], **p.get(shown, p["val"]),
+                         **({"class_thresholds": p["class_thresholds"]} if "class_thresholds" in p else {}))
                     for p in chosen]
+    extra = [(f"per-class kappa, chosen on val ({shown})", class_curve[shown])] if class_curve.get(shown) else []
     written["pareto"] = plot_pareto(os.path.join(out_dir, PLOT_FILE), rows.get("test"), rows.get("val"),
-                                    table_refs, table_points)
+                                    table_refs, table_points, extra)
     written["points"] = table_refs + table_points
     written["shown_split"] = shown
     return written

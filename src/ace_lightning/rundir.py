@@ -19,7 +19,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -117,8 +117,9 @@ def identity_config(cfg: Mapping[str, Any], extra: Optional[Mapping[str, Any]] =
     data = {k: v for k, v in to_dict(cfg["data"]).items() if k not in ("num_workers", "download", "data_dir",
                                                                          "pin_memory", "eval_batch_size")}
     trainer = to_dict(cfg.get("trainer", {})) or {}
+    stage = {k: v for k, v in to_dict(cfg["stage"]).items() if k != "folder"}  # where, not what
     ident = {
-        "stage": to_dict(cfg["stage"]), "data": data, "eps": cfg.get("eps"), "seed": cfg.get("seed"),
+        "stage": stage, "data": data, "eps": cfg.get("eps"), "seed": cfg.get("seed"),
         "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "limit_train_batches",
                                                 "limit_val_batches", "gradient_clip_val")},
     }
@@ -175,6 +176,23 @@ def prepare_stage_dir(stage_dir: Path, ident_hash: str, overwrite: bool,
     return None
 
 
+def mark_stage_failed(stage_dir: Path, error: str, since: float) -> bool:
+    """``run_state.json`` of a stage that failed says so, with the one-line error (it stays
+    resumable: the next run with the same config resumes from last.ckpt as after a crash). Only a
+    state this job wrote (running, written at or after ``since``, a time.time()) is changed: a
+    folder refused for its different config keeps its own. Returns whether it was marked."""
+    path = Path(stage_dir) / RUN_STATE
+    try:
+        state = json.loads(path.read_text())
+        written = path.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    if state.get("status") != "running" or written < since - 1.0:  # 1 s: file systems' coarse mtimes
+        return False
+    atomic_write_text(path, json.dumps({**state, "status": "failed", "error": error}))
+    return True
+
+
 def stage_weights(run_dir: Path, stage: str, manifest: Mapping[str, Any], needed_by: str) -> tuple[Path, str]:
     """Path and sha256 of a completed stage's exported weights (checked against its manifest)."""
     stage_dir = Path(run_dir) / stage
@@ -201,33 +219,57 @@ def check_same_data(info: Any, manifest: Mapping[str, Any], stage: str, needed_b
     if data and want != have:
         raise StageInputError(f"stage '{needed_by}': stage '{stage}' was trained on {want[0]} {want[1]} with "
                               f"{want[2]} classes, this run's data is {have[0]} {have[1]} with {have[2]}")
-def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy") -> tuple[dict, dict]:
+
+
+def stage_datamodule(manifest: Mapping[str, Any], data_dir: Optional[str] = None):
+    """The datamodule of the data a stage ran on, from its manifest's data settings (so val and test
+    are the same inputs: split sizes, subset, seed), on the default data folder or ``data_dir``.
+    Manifests keep no data folder or worker count: those belong to the machine."""
+    from ace_lightning.data import ACEDataModule
+
+    data = dict((manifest.get("config") or {}).get("data") or {"name": (manifest.get("data") or {})["name"]})
+    if data_dir:
+        data["data_dir"] = data_dir
+    return ACEDataModule(**{**data, "num_workers": 0})
+
+
+def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "entropy",
+                  cascade: Optional[Sequence[Mapping[str, Any]]] = None) -> tuple[dict, dict]:
     """(spec, weight paths) of the composed model from the stage manifests of a run folder:
-    core/, cert/ and gate/ (selection network) or, for entropy selection, the cert-net of
-    ``entropy_stage`` (entropy/: co-trained by the entropy stage; cert/: the cert stage's net as is)."""
+    core/, cert/ and gate/ (selection network); core/ and cert/ (margin selection); for entropy
+    selection the cert-net of ``entropy_stage`` (entropy/: co-trained by the entropy stage; cert/:
+    the cert stage's net as is); or a ``cascade`` of pairs (``cascade_spec``)."""
     if selection not in SELECTIONS:
         raise ConfigError(f"unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
     run_dir = Path(run_dir)
     core = require_stage(run_dir, "core", "certify")
-    cert = require_stage(run_dir, "cert", "certify")
-    selector = require_stage(run_dir, "gate" if selection == "gate" else entropy_stage, "certify")
-    for name, manifest in (("core", core), ("cert", cert)):
+    first = (cascade[0] or {}).get("cert", "cert") if cascade else "cert"
+    cert = require_stage(run_dir, str(first), "certify")
+    for name, manifest in (("core", core), (first, cert)):
         if "net" not in manifest:
             raise StageInputError(f"{run_dir / name / 'manifest.json'} does not say which net it trained (no 'net')")
-    paths = {"core": run_dir / "core" / core["outputs"]["weights"]["path"]}
-    branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"]}
-    if selection == "gate":
-        paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
-        paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
-        branch["gate_net"] = {**selector["net"], "kind": "gate"}
-    else:
-        paths["cert_0"] = run_dir / entropy_stage / selector["outputs"]["weights"]["path"]
-        branch["cert_net"] = selector.get("net", cert["net"])
     data = dict(cert["data"])
     if core["data"]["name"] != data["name"]:
         raise StageInputError(f"run folder mixes datasets: core on {core['data']['name']}, cert on {data['name']}")
+    paths = {"core": run_dir / "core" / core["outputs"]["weights"]["path"]}
+    if cascade:
+        branches, more = cascade_spec(run_dir, cascade)
+        paths.update(more)
+    else:
+        selector = require_stage(run_dir, {"gate": "gate", "margin": "cert"}.get(selection, entropy_stage), "certify")
+        branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"]}
+        if selection == "gate":
+            paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
+            paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
+            branch["gate_net"] = {**selector["net"], "kind": "gate"}
+        elif selection == "margin":  # no selector network: the cert stage's net and its own gap
+            paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
+        else:
+            paths["cert_0"] = run_dir / entropy_stage / selector["outputs"]["weights"]["path"]
+            branch["cert_net"] = selector.get("net", cert["net"])
+        branches = [branch]
     spec = {"data": {k: data[k] for k in ("name", "input_shape", "num_classes", "mean", "std")},
-            "eps": cert.get("eps"), "core_net": core["net"], "branches": [branch]}
+            "eps": cert.get("eps"), "core_net": core["net"], "branches": branches}
     return spec, paths
 
 
@@ -240,7 +282,37 @@ def load_model(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> ACEModel:
     """The composed model of ``spec`` with the weights at ``paths`` (from spec_from_run), threshold 0."""
     model = ACEModel.from_spec(spec)
     load_weights(model.core, paths["core"], "core")
-    load_weights(model.certs[0], paths["cert_0"], "cert-net")
-    if "gate_0" in paths:
-        load_weights(model.gates["0"], paths["gate_0"], "gate")
+    for k in range(model.num_branches):
+        load_weights(model.certs[k], paths[f"cert_{k}"], "cert-net" if k == 0 else f"cert-net {k + 1}")
+        if f"gate_{k}" in paths:
+            load_weights(model.gates[str(k)], paths[f"gate_{k}"], "gate" if k == 0 else f"gate {k + 1}")
     return model.eval()
+
+
+def cascade_spec(run_dir: Path, cascade: Sequence[Mapping[str, Any]]) -> tuple[list[dict], dict]:
+    """Branches and weight paths of a cascade: pairs in order, each ``{cert: <cert stage folder>,
+    selection: margin | gate | entropy, gate: <gate stage folder>}`` (gate: default gate for the
+    first pair, gate_<k> for pair k + 1, as the gate stage names them; entropy: on the cert-net as
+    it is). Every stage must be complete."""
+    branches, paths = [], {}
+    for k, pair in enumerate(cascade):
+        pair = dict(pair or {})
+        unknown = set(pair) - {"cert", "selection", "gate"}
+        if unknown:
+            raise ConfigError(f"cascade pair {k + 1}: unknown key(s) {', '.join(sorted(unknown))}; "
+                             f"a pair is {{cert: <folder>, selection: margin|gate|entropy, gate: <folder>}}")
+        folder, selection = str(pair.get("cert") or "cert"), str(pair.get("selection") or "margin")
+        if selection not in SELECTIONS:
+            raise ConfigError(f"cascade pair {k + 1}: unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
+        cert = require_stage(run_dir, folder, "certify")
+        paths[f"cert_{k}"] = run_dir / folder / cert["outputs"]["weights"]["path"]
+        branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"], "stage": folder}
+        if selection == "gate":
+            gate_folder = str(pair.get("gate") or ("gate" if k == 0 else f"gate_{k}"))
+            gate = require_stage(run_dir, gate_folder, "certify")
+            paths[f"gate_{k}"] = run_dir / gate_folder / gate["outputs"]["weights"]["path"]
+            branch["gate_net"] = {**gate["net"], "kind": "gate"}
+        branches.append(branch)
+    if not branches:
+        raise ConfigError("stage.cascade is empty: give at least one (cert, selection) pair, or null for one pair")
+    return branches, paths

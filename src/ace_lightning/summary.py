@@ -1,29 +1,84 @@
-"""One table across every certified run under a runs root (Hydra sweeps over datasets and
-epsilons produce one run folder per combination): summary.csv and summary.md, rewritten
-atomically after each certify stage."""
+"""One table across every run under a runs root (Hydra sweeps over datasets and epsilons produce
+one run folder per combination): summary.csv and summary.md, rewritten atomically after each
+certify stage and after each multirun.
+
+Every launcher job (``ace-train ...``) records its outcome in ``<run_dir>/job.json`` (running,
+complete, or failed with its one-line error and the stage that failed), so the table lists every
+job of a sweep, also the ones that certified nothing."""
 from __future__ import annotations
 
+import csv
+import io
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ace_lightning.atomic import atomic_write_text
 
 COLUMNS = ("run", "data", "eps", "selection", "point", "threshold", "nat_acc", "cert_acc", "adv_acc",
-           "cert_route_rate")
+           "cert_route_rate", "status", "error")
+METRICS = ("threshold", "nat_acc", "cert_acc", "adv_acc", "cert_route_rate")
+JOB_STATE = "job.json"  # <run_dir>/job.json: the last launcher job that ran in the run folder
+JOB_STATUSES = ("running", "complete", "failed", "interrupted")
 
+
+# -- job records -------------------------------------------------------------------------------------
+
+def write_job_state(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<run_dir>/job.json`` atomically (the folder is made if needed); returns the state."""
+    body = {**state, "updated": time.time()}
+    atomic_write_text(Path(run_dir) / JOB_STATE, json.dumps(body, indent=2, default=str))
+    return body
+
+
+def read_job_state(run_dir: Path) -> Optional[dict[str, Any]]:
+    path = Path(run_dir) / JOB_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def job_states(runs_root: Path, since: Optional[float] = None) -> dict[str, dict[str, Any]]:
+    """Run name (relative to ``runs_root``) -> job record of every run folder below it; ``since``
+    (a time.time()): only jobs started then or later (the jobs of one multirun)."""
+    runs_root = Path(runs_root)
+    out = {}
+    for path in sorted(runs_root.glob(f"**/{JOB_STATE}")):
+        if ".multirun" in path.parts or "wandb" in path.parts:
+            continue
+        state = read_job_state(path.parent)
+        if state is None or (since is not None and float(state.get("started", 0)) < since):
+            continue
+        out[str(path.parent.relative_to(runs_root))] = state
+    return out
+
+
+# -- the table ----------------------------------------------------------------------------------------
 
 def collect(runs_root: Path) -> list[dict[str, Any]]:
-    rows = []
-    for manifest in sorted(Path(runs_root).glob("**/certify*/manifest.json")):
+    """One row per operating point of every complete certification, and one per job whose run
+    folder holds none (a failed job: its one-line error)."""
+    runs_root = Path(runs_root)
+    jobs = job_states(runs_root)
+    rows, certified = [], set()
+    for manifest in sorted(runs_root.glob("**/certify*/manifest.json")):
         m = json.loads(manifest.read_text())
         if m.get("status") != "complete":
             continue
         run = str(manifest.parent.parent.relative_to(runs_root))
+        certified.add(run)
+        job = jobs.get(run) or {}
         data = m.get("config", {}).get("spec", {}).get("data", {}).get("name", "")
         for key, metrics in (m.get("metrics") or {}).items():
             rows.append({"run": run, "data": data, "eps": m.get("eps"), "selection": m.get("selection"),
-                         "point": key, **{c: metrics.get(c) for c in COLUMNS[5:]}})
+                         "point": key, **{c: metrics.get(c) for c in METRICS},
+                         "status": job.get("status", "complete"), "error": job.get("error")})
+    for run, job in jobs.items():
+        if run not in certified:
+            rows.append({"run": run, "data": job.get("data"), "eps": job.get("eps"), "status": job.get("status"),
+                         "error": job.get("error") if job.get("status") != "complete" else None})
     return rows
 
 
@@ -35,20 +90,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _md_cell(row: dict[str, Any], column: str) -> str:
+    v = row.get(column)
+    if column.endswith(("_acc", "_rate")) and isinstance(v, float):
+        return f"{100 * v:.1f}%"
+    return _fmt(v).replace("|", "\\|")
+
+
 def write_summary(runs_root: Path) -> list[dict[str, Any]]:
+    """summary.csv and summary.md under ``runs_root``; returns the rows (nothing written if none)."""
     runs_root = Path(runs_root)
     rows = collect(runs_root)
     if not rows:
         return rows
-    csv_lines = [",".join(COLUMNS)] + [",".join(_fmt(r.get(c)) for c in COLUMNS) for r in rows]
-    atomic_write_text(runs_root / "summary.csv", "\n".join(csv_lines) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # errors hold commas: quoted where needed
+    writer.writerow(COLUMNS)
+    writer.writerows([[_fmt(r.get(c)) for c in COLUMNS] for r in rows])
+    atomic_write_text(runs_root / "summary.csv", buf.getvalue())
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c)
-            cells.append(f"{100 * v:.1f}%" if c.endswith(("_acc", "_rate")) and isinstance(v, float) else _fmt(v))
-        md.append("| " + " | ".join(cells) + " |")
+    md += ["| " + " | ".join(_md_cell(r, c) for c in COLUMNS) + " |" for r in rows]
     atomic_write_text(runs_root / "summary.md", "\n".join(md) + "\n")
     return rows
 
@@ -63,11 +124,17 @@ def stage_times(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def format_stage_times(times: dict[str, float]) -> str:
+    """``core 2.0 min, cert 3.4 min, ...; total 7.8 min`` (seconds below a minute)."""
+    def t(s: float) -> str:
+        return f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+    return ", ".join(f"{k} {t(v)}" for k, v in times.items()) + f"; total {t(sum(times.values()))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m ace_lightning.summary [--no-table] RUN_DIR``: the certify table and the stage
     times. The table and the times are this command's product, so they are printed (stdout), not
-    logged; ``--no-table`` leaves the table out, for a caller whose certify stage just printed it
-    (``make demo``)."""
+    logged; ``--no-table`` leaves the table out."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -77,16 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ace_lightning.summary [--no-table] RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
-    table = run_dir / "certify" / "table.txt"
-    if not table.is_file():
-        print(f"error: {table} not found: run the certify stage first", file=sys.stderr)
+    tables = sorted(run_dir.glob("certify*/table.txt"))  # certify/ (gate), certify_margin/, ...
+    if not tables:
+        print(f"error: no certify*/table.txt in {run_dir}: run the certify stage first", file=sys.stderr)
         return 2
     if with_table:
-        print(table.read_text().rstrip() + "\n")
-    times = stage_times(run_dir)
-    print("wall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
-          f"; total {sum(times.values()) / 60:.1f} min")
-    print(f"Pareto plot: {run_dir / 'certify' / 'pareto.png'}")
+        for table in tables:
+            print(f"{table.parent.name}: " + table.read_text().rstrip() + "\n")
+    print("wall-clock per stage: " + format_stage_times(stage_times(run_dir)))
+    print("Pareto plot: " + ", ".join(str(t.parent / "pareto.png") for t in tables))
     return 0
 
 

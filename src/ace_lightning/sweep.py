@@ -26,10 +26,11 @@ import csv
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ace_lightning import rule
 from ace_lightning.atomic import atomic_write, atomic_write_text
 from ace_lightning.errors import ConfigError, InputNotFoundError
 
@@ -93,6 +94,10 @@ class Records:
         self.g = np.stack([_numbers(cols, pc("g", i)) for i in self.pairs])
         self.lb_g = np.stack([_numbers(cols, pc("lb_g", i)) for i in self.pairs])
         self.ub_g = np.stack([_numbers(cols, pc("ub_g", i)) for i in self.pairs])
+        self.selection = [str(cols[pc("selection", i)][0]) if pc("selection", i) in cols else None
+                          for i in self.pairs]  # gate | entropy | margin (None: not recorded)
+        self.decided = rule.decided(self.g, self.lb_g, self.ub_g)  # per pair: the interval is usable
+        self.poisoned = rule.poisoned(self.g, self.lb_g, self.ub_g)  # a NaN: never certified
 
     @property
     def pairs(self) -> range:
@@ -157,17 +162,13 @@ def _is_number(text: str) -> bool:
 
 
 def _numbers(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """Gate value or bound as float64; NaN is refused because every comparison with it is False,
-    which would silently count an input as neither routed nor certified."""
+    """Gate value or bound as float64. NaN and +-inf are accepted: the rule treats such an
+    interval as undecided (and a NaN as never certified), see ace_lightning.rule."""
     try:
-        arr = cols[name].astype(np.float64)
+        return cols[name].astype(np.float64)
     except ValueError:
         bad = next(v for v in cols[name] if not _is_number(str(v)))
         raise ConfigError(f"column {name}: value {str(bad)!r} is not a number") from None
-    if np.isnan(arr).any():
-        i = int(np.flatnonzero(np.isnan(arr))[0])
-        raise ConfigError(f"column {name} has NaN at row {i}: gate values and bounds must be numbers (+-inf allowed)")
-    return arr
 
 
 def _parse_column(values: Sequence[str]) -> np.ndarray:
@@ -263,40 +264,24 @@ def save_records(records: Union[Records, Mapping[str, Any]], path: Union[str, os
 
 
 def _outcomes(rec: Records, fire_g: np.ndarray, fire_lb: np.ndarray, fire_ub: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-input outcomes given, per pair, g >= T, lb_g >= T and ub_g >= T as (n_pairs, N) bools."""
-    n = rec.n
+    """Per-input outcomes given, per pair, g >= T, lb_g >= T and ub_g >= T as (n_pairs, N) bools
+    (the sweep passes them forced to 0/1 for the swept pair): the rule of ace_lightning.rule, with
+    each interval's validity (rule.decided) fixed by the records, not by T."""
+    ok, bad = rec.decided, rec.poisoned
+    fire_g = fire_g & ~np.isnan(rec.g)  # a NaN gate value never fires (the model's g >= T)
     nat = rec.core_correct.copy()
-    routed = np.zeros(n, bool)
-    none_fired = np.ones(n, bool)  # no earlier gate fires at x
-    none_may_fire = np.ones(n, bool)  # every earlier gate certainly stays below its T (ub < T)
-    none_sure_fire = np.ones(n, bool)  # no earlier gate certainly fires (lb < T)
-    by_route = np.zeros(n, bool)
-    route_cert = np.zeros(n, bool)
-    may_ok = np.ones(n, bool)
-    any_may = np.zeros(n, bool)
+    none_fired = np.ones(rec.n, bool)  # no earlier gate fires at x
     for i in range(rec.n_pairs):
-        answers = none_fired & fire_g[i]
-        nat = np.where(answers, rec.cert_correct[i], nat)
-        routed |= answers
+        nat = np.where(none_fired & fire_g[i], rec.cert_correct[i], nat)
         none_fired &= ~fire_g[i]
-        sure = none_may_fire & fire_lb[i]
-        route_cert |= sure
-        by_route |= sure & rec.cert_ok[i]
-        may = none_sure_fire & fire_ub[i]
-        any_may |= may
-        may_ok &= ~may | rec.cert_ok[i]
-        none_may_fire &= ~fire_ub[i]
-        none_sure_fire &= ~fire_lb[i]
-    route_core = none_may_fire
-    by_route |= route_core & rec.core_ok
-    any_may |= none_sure_fire
-    may_ok &= ~none_sure_fire | rec.core_ok
-    all_ok = rec.core_ok & rec.cert_ok.all(axis=0)
-    certified = by_route | np.where(any_may, may_ok, all_ok)
+    sure, may = rule.surely_fires(ok, fire_lb), rule.may_fire(ok, fire_ub)
+    _, _, sure_answer = rule.branch_outcomes(sure, may)
+    route_cert = np.logical_or.reduce(sure_answer)
+    route_core = ~np.logical_or.reduce(may)  # no pair may fire anywhere on the ball
     return {
         "nat_acc": nat,
-        "cert_acc": certified,
-        "cert_route_rate": routed,
+        "cert_acc": rule.certified(sure, may, rec.cert_ok, rec.core_ok, bad),
+        "cert_route_rate": ~none_fired,
         "cert_route_certified_rate": route_cert,
         "undecided_rate": ~(route_cert | route_core),
     }
@@ -311,14 +296,123 @@ def _threshold_vector(rec: Records, T: Threshold) -> np.ndarray:
     return arr
 
 
-def evaluate(records: Union[Records, Mapping[str, Any]], T: Threshold) -> dict[str, Any]:
-    """All rates of the composition at one threshold T (a tuple for cascades)."""
+def evaluate(records: Union[Records, Mapping[str, Any]], T: Threshold,
+             kappa: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+    """All rates of the composition at one threshold T (a tuple for cascades). ``kappa``: margin
+    selection's class thresholds, one vector of K per pair (None for a pair without), with the
+    records' cert_pred as each input's class (rule.per_input_thresholds)."""
     rec = as_records(records)
-    t = _threshold_vector(rec, T)[:, None]
-    out = _outcomes(rec, rec.g >= t, rec.lb_g >= t, rec.ub_g >= t)
-    row: dict[str, Any] = {"threshold": float(t[0, 0]) if rec.n_pairs == 1 else tuple(float(v) for v in t[:, 0])}
+    t = _threshold_vector(rec, T)
+    kap, cls = _class_thresholds(rec, kappa)
+    with np.errstate(invalid="ignore"):
+        t_g, t_lb, t_ub = rule.per_input_thresholds(t, rec.n, kap, cls, rec.lb_g)
+        out = _outcomes(rec, rec.g >= t_g, rec.lb_g >= t_lb, rec.ub_g >= t_ub)
+    row: dict[str, Any] = {"threshold": float(t[0]) if rec.n_pairs == 1 else tuple(float(v) for v in t)}
     row.update({name: int(np.count_nonzero(out[name])) / rec.n for name in METRICS})
     return row
+
+
+def _class_thresholds(rec: Records, kappa: Optional[Sequence[Any]]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(kappa [n, K] with NaN rows for pairs without, classes [n, N]) or (None, None)."""
+    if kappa is None:
+        return None, None
+    rows = [kappa] if rec.n_pairs == 1 and np.ndim(kappa[0] if len(kappa) else 0) == 0 else list(kappa)
+    if len(rows) != rec.n_pairs:
+        raise ConfigError(f"class thresholds: one vector (or None) per pair, {rec.n_pairs} pair(s), got {len(rows)}")
+    k = max(len(r) for r in rows if r is not None)
+    kap = np.stack([np.full(k, np.nan) if r is None else np.asarray(r, dtype=np.float64) for r in rows])
+    missing = [rec.pair_column("cert_pred", i) for i in rec.pairs if rec.pair_column("cert_pred", i) not in rec]
+    if missing:
+        raise ConfigError(f"class thresholds need the records' {', '.join(missing)} column(s): re-run certify")
+    cls = np.stack([np.asarray(rec[rec.pair_column("cert_pred", i)], dtype=np.int64) for i in rec.pairs])
+    if cls.size and (cls.min() < 0 or cls.max() >= k):
+        raise ConfigError(f"records hold classes outside 0..{k - 1}: {k} class thresholds are too few")
+    return kap, cls
+
+
+def _pareto(nat: np.ndarray, cert: np.ndarray) -> list[int]:
+    """Indices of the options no other option beats on both counts (one per distinct pair): a
+    dominated option never helps the knapsack, whatever the other classes choose."""
+    order = np.lexsort((-cert, -nat))  # natural descending, then certified descending
+    keep, top = [], -1
+    for j in order:
+        if cert[j] > top:
+            keep.append(int(j))
+            top = int(cert[j])
+    return keep
+
+
+def choose_class_thresholds(val: Union[Records, Mapping[str, Any]], core_nat: float, tolerance: float = 0.01,
+                            num_classes: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """Margin selection's per-class thresholds kappa (one pair, T = 0), chosen exactly on the val
+    records for the criterion of ``nat_within_1pt``: the most certified inputs among the kappa
+    vectors whose natural accuracy is within ``tolerance`` of the core's (then the most natural).
+
+    Why exact is cheap: with no certified core (the usual case) an input is certified iff its
+    class c is certified constant with gap >= kappa_c (lb > 0 and lb >= kappa_c, cert_ok), and
+    answered by the cert-net iff gap(x) >= kappa_c: both depend on its own class's kappa only. So
+    each class has a curve of (natural, certified) counts over its breakpoints, and the best
+    combination under a bound on the total natural count is a multiple-choice knapsack, solved
+    exactly by dynamic programming over that count (classes x breakpoints x inputs). Certificates
+    through a certified core are not counted in the choice (they can only add to the result,
+    which ``evaluate`` computes exactly). Within a class, among the kappas that give the chosen
+    counts the median is taken (the middle of the flat stretch, as for one threshold). None when
+    no vector meets the criterion."""
+    rec = as_records(val)
+    if rec.n_pairs != 1:
+        raise ConfigError("class thresholds are chosen for one (cert-net, margin) pair")
+    cls = np.asarray(rec["cert_pred"], dtype=np.int64) if "cert_pred" in rec else None
+    if cls is None:
+        raise ConfigError("class thresholds need the records' cert_pred column: re-run certify")
+    k = int(num_classes or cls.max() + 1)
+    g, lb = rec.g[0], rec.lb_g[0]
+    ok = rec.decided[0] & ~rec.poisoned & rec.cert_ok[0] & (lb > 0)
+    gain = rec.cert_correct[0].astype(np.int64) - rec.core_correct.astype(np.int64)
+    base_nat = int(np.count_nonzero(rec.core_correct))
+    options, kappas = [], []  # per class: (nat gain, certified) per candidate, and the candidates
+    for c in range(k):
+        mine = cls == c
+        gc, lbc, gainc = g[mine], lb[mine], gain[mine]
+        cand = np.unique(np.concatenate([[0.0, np.inf], gc[gc > 0], lbc[ok[mine]]]))
+        cand = cand[~np.isnan(cand)]
+        order = np.argsort(gc, kind="stable")
+        suffix = np.concatenate([np.cumsum(gainc[order][::-1])[::-1], [0]])
+        nat = suffix[np.searchsorted(gc[order], cand, side="left")]  # gain of the inputs with g >= kappa
+        lbs = np.sort(lbc[ok[mine]])
+        cert = lbs.size - np.searchsorted(lbs, cand, side="left")  # certified: lb >= kappa
+        options.append((nat.astype(np.int64), cert.astype(np.int64)))
+        kappas.append(cand)
+    # DP over the total natural gain (state i: gain offset + i): the best certified count, the choices
+    width = 1 + sum(int(nat.max() - nat.min()) for nat, _ in options)
+    best = np.full(width, -1, np.int64)
+    best[0] = 0
+    offset, choice = 0, []
+    for nat, cert in options:
+        cmin = int(nat.min())
+        new, pick = np.full(width, -1, np.int64), np.full(width, -1, np.int64)
+        for j in _pareto(nat, cert):
+            shift = int(nat[j]) - cmin
+            value = np.where(best[:width - shift] >= 0, best[:width - shift] + int(cert[j]), -1)
+            better = value > new[shift:]
+            new[shift:][better] = value[better]
+            pick[shift:][better] = j
+        best, offset = new, offset + cmin
+        choice.append(pick)
+    totals = base_nat + offset + np.arange(width)  # natural count of each DP state
+    floor = (core_nat - tolerance - 1e-12) * rec.n
+    feasible = (best >= 0) & (totals >= floor)
+    if not feasible.any():
+        return None
+    top = best[feasible].max()
+    state = int(np.flatnonzero(feasible & (best == top)).max())  # most certified, then most natural
+    kappa = np.empty(k)
+    for c in range(k - 1, -1, -1):  # back-track the choices
+        j = int(choice[c][state])
+        nat, cert = options[c]
+        same = np.flatnonzero((nat == nat[j]) & (cert == cert[j]))
+        kappa[c] = kappas[c][same[(len(same) - 1) // 2]]
+        state -= int(nat[j]) - int(nat.min())
+    return {"class_thresholds": kappa.tolist(), "certified_count": int(top)}
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -349,7 +443,8 @@ def exact_thresholds(records: Union[Records, Mapping[str, Any]], pair: int = 1) 
     if not 1 <= pair <= rec.n_pairs:
         raise ConfigError(f"pair {pair} out of range: records hold {rec.n_pairs} pair(s)")
     i = pair - 1
-    return np.unique(np.concatenate([rec.g[i], rec.lb_g[i], rec.ub_g[i], [-np.inf, np.inf]]))
+    values = np.concatenate([rec.g[i], rec.lb_g[i], rec.ub_g[i], [-np.inf, np.inf]])
+    return np.unique(values[~np.isnan(values)])
 
 
 def threshold_grid(records: Union[Records, Mapping[str, Any]], grid: int | Sequence[float] | None = None,
@@ -422,6 +517,7 @@ def sweep_arrays(records: Union[Records, Mapping[str, Any]], thresholds: Sequenc
         if not coefs:
             continue
         key = np.minimum.reduce([values[b] for b in range(3) if S >> b & 1])
+        key = np.where(np.isnan(key), np.inf, key)  # NaN rows have coefficient 0 (the rule ignores their bits)
         order = np.argsort(key, kind="stable")
         idx = np.searchsorted(key[order], T, side="left")  # first key >= T
         for name, coef in coefs.items():
@@ -544,15 +640,118 @@ def choose_operating_points(val_rows: Sequence[Mapping[str, float]], core_nat: f
 
 
 def val_operating_thresholds(records: Union[Records, Mapping[str, Any]], grid: int | Sequence[float] | None = None,
-                             tolerance: float = 0.01) -> list[float]:
+                             tolerance: float = 0.01) -> list:
     """The finite thresholds of the operating points chosen on the val records (empty without
-    val): where the certify stage refines gate intervals before it reports."""
+    val): where the certify stage refines gate intervals before it reports. A cascade's are
+    threshold vectors (tuples, with infinite entries)."""
     rec = as_records(records)
     if "val" not in rec.splits:
         return []
     val = rec.split("val")
-    points = choose_operating_points(sweep(val, grid), float(np.mean(val.core_correct)), tolerance)
-    return sorted({float(p["threshold"]) for p in points if math.isfinite(float(p["threshold"]))})
+    core_nat = float(np.mean(val.core_correct))
+    if val.n_pairs > 1:  # a cascade: threshold vectors
+        return sorted({T for T in (choose_cascade_thresholds(val, f) for f in (core_nat - tolerance, -math.inf))
+                       if T is not None})
+    points = choose_operating_points(sweep(val, grid), core_nat, tolerance)
+    out = {float(p["threshold"]) for p in points}
+    per_class = class_threshold_point(val, core_nat, tolerance)
+    if per_class is not None:  # margin selection: every class threshold is a threshold of interest
+        out |= {float(v) for v in per_class["class_thresholds"]}
+    return sorted(t for t in out if math.isfinite(t))
+
+
+PER_CLASS = ("per_class", "per-class kappa, natural within 1 pt")
+PER_CLASS_LEVELS = 60  # natural-accuracy floors of the per-class curve (and of a cascade's)
+CASCADE_ROUNDS = 20
+
+
+def choose_cascade_thresholds(val: Records, floor: float) -> Optional[tuple[float, ...]]:
+    """A cascade's threshold vector chosen on val: the most certified inputs (then the most
+    natural) among the vectors with natural accuracy >= ``floor``, by coordinate ascent where each
+    step is the exact sweep of one pair's threshold with the others fixed (every breakpoint; the
+    median of tied thresholds). It starts from every pair silent (the core alone, or the cert-net
+    alone of the last pair when the core misses the floor) and stops when a full round changes
+    nothing (each accepted step improves the key, so it ends). None: no vector tried meets the floor."""
+    n = val.n_pairs
+    T = [math.inf] * n
+    if evaluate(val, tuple(T))["nat_acc"] < floor:
+        T[-1] = -math.inf
+    now = evaluate(val, tuple(T))
+    best = (now["cert_acc"], now["nat_acc"]) if now["nat_acc"] >= floor else None
+    for _ in range(CASCADE_ROUNDS):
+        changed = False
+        for k in range(n):
+            grid = exact_thresholds(val, pair=k + 1)
+            arr = sweep_arrays(val, grid, pair=k + 1, fixed=tuple(T))
+            ok = np.flatnonzero(arr["nat_acc"] >= floor)
+            if ok.size == 0:
+                continue
+            keys = list(zip(arr["cert_acc"][ok], arr["nat_acc"][ok]))
+            top = max(keys)
+            tied = [int(ok[j]) for j, key in enumerate(keys) if key == top]
+            if best is None or top > best:
+                T[k], best, changed = float(grid[tied[(len(tied) - 1) // 2]]), top, True
+        if not changed:
+            break
+    return tuple(T) if best is not None else None
+
+
+def cascade_curve(val: Records, test: Optional[Records] = None, levels: int = PER_CLASS_LEVELS
+                  ) -> dict[str, list[dict[str, float]]]:
+    """A cascade's front: for natural-accuracy floors from its least to its most accurate single
+    branch (val), the vector ``choose_cascade_thresholds`` picks on val, evaluated on val and test
+    (rows as the sweep's, ``threshold`` = the val floor)."""
+    accs = [float(np.mean(val.core_correct))] + [float(np.mean(c)) for c in val.cert_correct]
+    floors = np.unique(np.round(np.linspace(min(accs), max(accs), levels), 6))
+    out: dict[str, list[dict[str, float]]] = {"val": [], **({"test": []} if test is not None else {})}
+    seen = set()
+    for floor in floors:
+        T = choose_cascade_thresholds(val, float(floor))
+        if T is None or T in seen:
+            continue
+        seen.add(T)
+        for name, part in (("val", val), ("test", test)):
+            if part is not None:
+                ev = evaluate(part, T)
+                out[name].append({"threshold": float(floor), **{m: ev[m] for m in METRICS}})
+    return out
+
+
+def class_threshold_curve(val: Records, test: Optional[Records] = None, levels: int = PER_CLASS_LEVELS
+                          ) -> dict[str, list[dict[str, float]]]:
+    """Margin selection's per-class curve: for natural-accuracy floors from the cert-net alone to
+    the core alone (val), the kappa vector ``choose_class_thresholds`` picks on val, evaluated on
+    val and on test. Rows as the sweep's, with ``threshold`` = the val floor. Empty for other
+    selections."""
+    if val.n_pairs != 1 or val.selection[0] != "margin":
+        return {}
+    lo, hi = float(np.mean(val.cert_correct[0])), float(np.mean(val.core_correct))
+    floors = np.unique(np.round(np.linspace(min(lo, hi), max(lo, hi), levels), 6))
+    out: dict[str, list[dict[str, float]]] = {"val": [], **({"test": []} if test is not None else {})}
+    seen = set()
+    for floor in floors:
+        chosen = choose_class_thresholds(val, float(floor), 0.0)
+        if chosen is None or tuple(chosen["class_thresholds"]) in seen:
+            continue
+        seen.add(tuple(chosen["class_thresholds"]))
+        for name, part in (("val", val), ("test", test)):
+            if part is not None:
+                ev = evaluate(part, 0.0, kappa=chosen["class_thresholds"])
+                out[name].append({"threshold": float(floor), **{m: ev[m] for m in METRICS}})
+    return out
+
+
+def class_threshold_point(val: Records, core_nat: float, tolerance: float = 0.01) -> Optional[dict[str, Any]]:
+    """The per-class operating point of margin-selection records (one pair), chosen on val
+    (``choose_class_thresholds``); None for other selections or when no vector meets the criterion."""
+    if val.n_pairs != 1 or val.selection[0] != "margin":
+        return None
+    chosen = choose_class_thresholds(val, core_nat, tolerance)
+    if chosen is None:
+        return None
+    ev = evaluate(val, 0.0, kappa=chosen["class_thresholds"])
+    return {"key": PER_CLASS[0], "name": PER_CLASS[1], "threshold": 0.0,
+            "class_thresholds": chosen["class_thresholds"], "val": {m: ev[m] for m in METRICS}}
 
 
 def adversarial_accuracy(records: Records, T: Threshold) -> float | None:
@@ -571,19 +770,25 @@ def report_at(test_records: Union[Records, Mapping[str, Any]],
               fixed: Threshold | None = None) -> list[dict[str, Any]]:
     """Evaluate chosen thresholds on the TEST records. ``thresholds``: floats, a mapping
     name -> T, or the points of `choose_operating_points`. For a cascade the swept pair's T is
-    put into ``fixed``."""
+    put into ``fixed``, or each point carries its whole threshold vector (a list)."""
     rec = as_records(test_records)
-    base = _check_pair(rec, pair, fixed)
+    vectors = not isinstance(thresholds, Mapping) and all(
+        isinstance(t.get("threshold") if isinstance(t, Mapping) else t, (list, tuple)) for t in thresholds)
+    base = None if vectors and fixed is None else _check_pair(rec, pair, fixed)  # whole vectors need no fixed
     if isinstance(thresholds, Mapping):
         items = [{"name": k, "threshold": v} for k, v in thresholds.items()]
     else:
         items = [dict(t) if isinstance(t, Mapping) else {"threshold": t} for t in thresholds]
     out = []
     for item in items:
-        T = float(item["threshold"])
-        full = T if rec.n_pairs == 1 else tuple(np.where(np.arange(rec.n_pairs) == pair - 1, T, base).tolist())
-        row = {k: v for k, v in item.items() if k in ("key", "name")}
-        row.update(evaluate(rec, full))
+        T = item["threshold"]
+        if isinstance(T, (list, tuple)):  # a cascade's whole threshold vector
+            full = tuple(float(t) for t in T)
+        else:
+            T = float(T)
+            full = T if rec.n_pairs == 1 else tuple(np.where(np.arange(rec.n_pairs) == pair - 1, T, base).tolist())
+        row = {k: v for k, v in item.items() if k in ("key", "name", "class_thresholds")}
+        row.update(evaluate(rec, full, kappa=item.get("class_thresholds")))
         row["threshold"] = T
         adv = adversarial_accuracy(rec, full)
         if adv is not None:

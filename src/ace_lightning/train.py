@@ -6,6 +6,10 @@ and epsilons run in parallel under any Hydra launcher (``hydra/launcher=joblib``
 ``submitit_slurm`` on a cluster). ``-m stage=core,cert,gate,certify`` chains the stages as
 separate jobs, which only the basic launcher runs in order (a parallel launcher is refused).
 Bad input exits with code 2 and a one-line message; nothing already written is touched.
+
+Every job records its outcome in ``<run_dir>/job.json``. Inside a multirun a failed job does not
+stop the sweep: it prints its error (and a bug's traceback), the other jobs run on, and the sweep
+ends with the runs summary listing every job and exit code 1 (hydra_callbacks.SweepGuard).
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ def ddp_job_in_multirun(cfg: DictConfig) -> bool:
             and "spawn" not in strategy and "LOCAL_RANK" not in os.environ and not started_by_slurm)
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def run_job_as_single_run() -> int:
     """This multirun job's overrides, as ``python -m ace_lightning.train`` in its own process."""
     import subprocess
@@ -43,23 +54,46 @@ def run_job_as_single_run() -> int:
     return subprocess.run(cmd).returncode
 
 
+def ddp_job_as_single_run() -> None:
+    """run_job_as_single_run for run_job: a failed process raises (it printed its own error line
+    and wrote job.json)."""
+    code = run_job_as_single_run()
+    if code:
+        raise ChildProcessError(f"the job's DDP process exited with code {code}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     from ace_lightning.console import setup_console
 
     setup_console()
-    if ddp_job_in_multirun(cfg):
-        code = run_job_as_single_run()
-        if code:
-            sys.exit(code)  # the job printed its own error line
-        return
-    from ace_lightning.registry import run_stage
+    from ace_lightning.registry import run_job
 
     try:
-        run_stage(cfg)
+        run_job(cfg, work=ddp_job_as_single_run if ddp_job_in_multirun(cfg) else None)
     except USER_ERRORS as err:  # one line for the user; tracebacks are for bugs
-        fail_on(err)
+        if not in_multirun():
+            fail_on(err)
+        job_failed(cfg, err, traceback=False)
+    except Exception as err:
+        if not in_multirun():
+            raise
+        job_failed(cfg, err, traceback=not isinstance(err, ChildProcessError))
+
+
+def job_failed(cfg: DictConfig, err: Exception, traceback: bool) -> None:
+    """A failed job of a multirun: its error on stderr (a bug's traceback too), then back to the
+    launcher, which runs the other jobs; job.json says it failed."""
+    import traceback as tb
+
+    from ace_lightning.errors import error_line
+    from ace_lightning.registry import error_one_line
+
+    if traceback:
+        tb.print_exception(err, file=sys.stderr)
+    line = error_line(err) if isinstance(err, USER_ERRORS) else error_one_line(err)
+    print(f"error: job {cfg.run_dir} failed: {line}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

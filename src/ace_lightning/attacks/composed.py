@@ -99,7 +99,7 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
     before the attack, e.g. the single nets' adversarial examples: an input broken there needs no
     attack. Random starts come from ``generator``, drawn for the whole batch at every restart and
     target (its use does not depend on which inputs broke)."""
-    t = model.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
+    t = model.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
     t = t.to(x.device)
     check_loss(loss)
     was = model.training

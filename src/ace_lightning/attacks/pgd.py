@@ -199,6 +199,57 @@ def pgd_pruned(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return correct, x_adv
 
 
+def pgd_minimize(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float,
+                 steps: int = 20, step_size: float = 0.1, restarts: int = 1, decay_at: Sequence[float] = (),
+                 first_step: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 stop_below: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest value [B], the point that took it): signed-gradient descent of a per-input
+    objective over the l-inf ball intersected with [0, 1]. The attack on a *bound* rather than a
+    label: the audit looks for a point where a gate value or a margin lies below what the records
+    certified (a misclassification is the special case "margin below 0"). ``objective(z, idx)`` ->
+    [len(idx)] values at points z of the inputs ``idx`` (labels and bounds are per input). The
+    first restart starts at x, later ones at random points of the ball drawn for the whole batch
+    from ``generator``; every iterate counts. ``stop_below`` [B]: an input leaves once its value
+    drops below it (a counterexample is final). Nets inside the objective keep their parameters'
+    gradients off through ``frozen`` at the caller."""
+    x = x.detach()
+    idx_all = torch.arange(x.shape[0], device=x.device)
+    with torch.no_grad():
+        best = objective(x, idx_all).detach().clone()
+    best_x = x.clone()
+    if eps <= 0 or steps <= 0 or x.shape[0] == 0:
+        return best, best_x
+    alphas = step_sizes(steps, step_size, eps, decay_at, first_step)
+    noise = [torch.empty(x.shape, dtype=x.dtype, device=x.device).uniform_(-eps, eps, generator=generator)
+             for _ in range(max(1, restarts) - 1)]
+
+    def standing() -> torch.Tensor:
+        return idx_all if stop_below is None else (best >= stop_below).nonzero().flatten()
+
+    for restart in range(max(1, restarts)):
+        live = standing()
+        if live.numel() == 0:
+            break
+        x0 = x[live]
+        z = x0 if restart == 0 else _project(x0 + noise[restart - 1][live], x0, eps)
+        for step in range(steps + 1):
+            z = z.detach().requires_grad_(step < steps)
+            with torch.enable_grad():
+                value = objective(z, live)
+                grad = torch.autograd.grad(value.sum(), z)[0] if step < steps else None
+            with torch.no_grad():
+                v = value.detach()
+                better = v < best[live]
+                best[live[better]] = v[better]
+                best_x[live[better]] = z.detach()[better]
+                keep = torch.ones_like(better) if stop_below is None else best[live] >= stop_below[live]
+            if step == steps or not bool(keep.any()):
+                break
+            live, x0 = live[keep], x0[keep]
+            z = _project(z.detach()[keep] - alphas[step] * grad[keep].sign(), x0, eps)
+    return best, best_x
+
+
 def counterexample_found(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10) -> torch.Tensor:
     """Per input: PGD (margin loss, from x itself: deterministic, so records do not depend on a
     seed) found a misclassified point in the ball. Such inputs cannot be certified by any sound

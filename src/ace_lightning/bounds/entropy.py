@@ -34,10 +34,56 @@ ROUTES = ("box", "margin", "interval")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(softmax(z)) in nats over the last dim: -sum_i p_i log p_i via log_softmax (no overflow for
-    huge logits; a -inf logit contributes 0, not 0 * -inf, and no NaN gradient)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return (-(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)).clamp_min(0.0)
+    """H(softmax(z)) in nats over the last dim, in float64 whatever the logits' dtype: the value the
+    composed model routes by (g = -H), so it must be accurate where the bounds are. Log-domain form
+    with no cancellation: with d_j = max(z) - z_j >= 0 and s = sum over the non-arg-max j of
+    e^{-d_j}, H = (sum_j d_j e^{-d_j}) / (1 + s) + log1p(s), a sum of non-negative terms (the
+    log_softmax form loses every digit when H is tiny: it returned 0 or 1e-5 for H = 1e-20). A -inf
+    logit contributes 0 (no NaN gradient); a NaN or +inf logit gives NaN."""
+    z = logits.to(torch.float64)
+    top, arg = z.max(dim=-1, keepdim=True)
+    d = top - z
+    finite = torch.isfinite(d)
+    d = torch.where(finite, d, torch.zeros_like(d))
+    e = torch.where(finite, torch.exp(-d), torch.zeros_like(d))
+    s = e.scatter(-1, arg, 0.0).sum(-1)
+    h = (d * e).sum(-1) / (1.0 + s) + torch.log1p(s)
+    bad = ~torch.isfinite(top.squeeze(-1)) & ~(top.squeeze(-1) == -math.inf)  # +inf or NaN
+    return torch.where(bad | torch.isnan(z).any(-1), torch.full_like(h, math.nan), h)
+
+
+# -- soundness in floating point ------------------------------------------------------------------
+# Every H bound below is computed in float64 and made outward: each candidate bound gets a slack
+# of (8 (K + L) + 64) float64 ulps times its magnitude M (K classes, L the largest |logit| of the
+# box: exp and log of values of size L lose about L ulps), plus an absolute floor far below any
+# entropy a float32 net can produce but above every underflowed term (each < e^-745 * 745). So
+# rounding and underflow can only widen the interval, and no upper bound of H is ever 0.
+H_FLOOR = 1e-300
+_U64 = float(torch.finfo(torch.float64).eps)
+
+
+def _h_slack(mag: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    return (8.0 * (k + scale) + 64.0) * _U64 * mag.abs() + H_FLOOR
+
+
+def _outward_h(lower: list, upper: list, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lb_H, ub_H) from candidate bounds [(value, magnitude), ...] (each sound in real arithmetic):
+    the best candidate after its slack, with the trivial 0 <= H <= log K among them. NaN in any
+    candidate stays NaN (the certification rule never certifies it)."""
+    log_k = torch.full_like(scale, math.log(k))
+    hi = log_k + _h_slack(log_k, torch.zeros_like(scale), k)  # true for any logits: no scale
+    for value, mag in upper:  # fmin: a candidate made NaN by infinite box bounds says nothing
+        hi = torch.fmin(hi, value + _h_slack(mag, scale, k))
+    lo = torch.zeros_like(scale)  # H >= 0 exactly, also as computed by entropy() (non-negative terms)
+    for value, mag in lower:
+        lo = torch.fmax(lo, value - _h_slack(mag, scale, k))
+    return lo, hi
+
+
+def _to_dtype_outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
+    from ace_lightning.bounds.outward import round_down, round_up
+
+    return round_down(lo, dtype), round_up(hi, dtype)
 
 
 def _loo_logsumexp(v: torch.Tensor) -> torch.Tensor:
@@ -81,15 +127,18 @@ def _lse_form(lb, ub, p_lo, p_hi, upper: bool):
     every z_i; p_i lies in [p_lo_i, p_hi_i]; the product of p_i >= 0 with z_i - c in [a_i, b_i]
     lies in [a_i * (p_lo_i if a_i >= 0 else p_hi_i), b_i * (p_hi_i if b_i >= 0 else p_lo_i)].
     The reference code used c = 0 (and a looser range of p_i); the best c per side makes the
-    result shift-invariant."""
+    result shift-invariant. Returns (value, magnitude of its terms) for the outward slack."""
     if upper:
         c = _optimal_shift(lb, p_lo, p_hi)
         a = lb - c
-        return torch.logsumexp(ub, dim=-1) - c.squeeze(-1) - (a * torch.where(a >= 0, p_lo, p_hi)).sum(-1)
-    # maximising -c - sum (ub_i - c) q_i(c): the same rule on -ub with the roles swapped
-    c = -_optimal_shift(-ub, p_lo, p_hi)
-    b = ub - c
-    return torch.logsumexp(lb, dim=-1) - c.squeeze(-1) - (b * torch.where(b >= 0, p_hi, p_lo)).sum(-1)
+        lse, term = torch.logsumexp(ub, dim=-1), a * torch.where(a >= 0, p_lo, p_hi)
+    else:  # maximising -c - sum (ub_i - c) q_i(c): the same rule on -ub with the roles swapped
+        c = -_optimal_shift(-ub, p_lo, p_hi)
+        a = ub - c
+        lse, term = torch.logsumexp(lb, dim=-1), a * torch.where(a >= 0, p_hi, p_lo)
+    value = lse - c.squeeze(-1) - term.sum(-1)
+    # a difference of terms of size ~|z|: its rounding error scales with them, not with H
+    return value, lse.abs() + c.squeeze(-1).abs() + term.abs().sum(-1)
 
 
 def _plogp_form(logp_lo, logp_hi, upper: bool):
@@ -103,29 +152,38 @@ def _plogp_form(logp_lo, logp_hi, upper: bool):
     return torch.minimum(h(logp_lo), h(logp_hi)).sum(-1)
 
 
+def _interval_candidates(lb: torch.Tensor, ub: torch.Tensor, form: str, upper: bool, lower: bool
+                         ) -> tuple[list, list, torch.Tensor]:
+    """Candidate (value, magnitude) bounds of H over the logit box by interval arithmetic, lower
+    and upper, and the box's scale (largest |bound| per row), all float64."""
+    if form not in ("best", "lse", "plogp"):
+        raise ConfigError(f"unknown interval form {form!r}; choose best, lse or plogp")
+    scale = torch.maximum(lb.abs(), ub.abs()).amax(-1)
+    logp_lo, logp_hi = _log_prob_bounds(lb, ub)
+    p_lo, p_hi = logp_lo.exp(), logp_hi.exp()
+    cands: dict[bool, list] = {False: [], True: []}
+    for want, side in ((lower, False), (upper, True)):
+        if not want:
+            continue
+        if form in ("best", "lse"):
+            cands[side].append(_lse_form(lb, ub, p_lo, p_hi, side))
+        if form in ("best", "plogp"):
+            v = _plogp_form(logp_lo, logp_hi, side)
+            cands[side].append((v, v))
+    return cands[False], cands[True], scale
+
+
 def _interval_entropy_bounds(lb: torch.Tensor, ub: torch.Tensor, form: str = "best",
                              upper: bool = True, lower: bool = True):
     """Interval arithmetic for H over the logit box, in the "lse" form (the reference's), the
-    "plogp" form, or the "best" of both (each is sound, so their min/max is). Clamped to
-    [0, log K]."""
-    if form not in ("best", "lse", "plogp"):
-        raise ConfigError(f"unknown interval form {form!r}; choose best, lse or plogp")
-    log_k = math.log(lb.shape[-1])
-    logp_lo, logp_hi = _log_prob_bounds(lb, ub)
-    p_lo, p_hi = logp_lo.exp(), logp_hi.exp()
-    out = []
-    for want, side in ((lower, False), (upper, True)):
-        if not want:
-            out.append(None)
-            continue
-        parts = []
-        if form in ("best", "lse"):
-            parts.append(_lse_form(lb, ub, p_lo, p_hi, side))
-        if form in ("best", "plogp"):
-            parts.append(_plogp_form(logp_lo, logp_hi, side))
-        val = parts[0] if len(parts) == 1 else (torch.minimum(*parts) if side else torch.maximum(*parts))
-        out.append(val.clamp(0.0, log_k))
-    return out[0], out[1]
+    "plogp" form, or the "best" of both (each is sound, so their min/max is), computed in float64
+    and widened outward (``_outward_h``): within [0, log K] up to that slack. Returns float64."""
+    lb, ub = lb.to(torch.float64), ub.to(torch.float64)
+    lo_c, hi_c, scale = _interval_candidates(lb, ub, form, upper, lower)
+    lo, hi = _outward_h(lo_c, hi_c, scale, lb.shape[-1])
+    nan = torch.isnan(lb).any(-1) | torch.isnan(ub).any(-1)
+    lo, hi = torch.where(nan, math.nan, lo), torch.where(nan, math.nan, hi)
+    return (lo if lower else None), (hi if upper else None)
 
 
 def _max_entropy_prob_box(lb: torch.Tensor, ub: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -135,7 +193,8 @@ def _max_entropy_prob_box(lb: torch.Tensor, ub: torch.Tensor, iters: int = 60) -
     right side is linear in p, so its max over Pi is a fractional knapsack (fill from p_lo, most
     -log q first). With q the max-entropy point of Pi (q_i = clamp(lambda, p_lo_i, p_hi_i), found by
     bisection) the bound equals max_Pi H (minimax); q is only a certificate, so imprecision in
-    lambda costs tightness, never soundness. Differentiable through p_lo, p_hi."""
+    lambda costs tightness, never soundness. Differentiable through p_lo, p_hi. Returns (value,
+    magnitude) in the box's dtype, for the outward slack of ``_outward_h``."""
     logp_lo, logp_hi = _log_prob_bounds(lb, ub)
     p_lo, p_hi = logp_lo.exp(), logp_hi.exp()
     with torch.no_grad():
@@ -153,7 +212,8 @@ def _max_entropy_prob_box(lb: torch.Tensor, ub: torch.Tensor, iters: int = 60) -
     room = (hi - lo).clamp_min(0.0)
     left = (1.0 - lo.sum(-1, keepdim=True)) - (room.cumsum(-1) - room)  # mass left before item k
     p = lo + torch.minimum(left.clamp_min(0.0), room)
-    return (p * cost).sum(-1).clamp(0.0, math.log(lb.shape[-1]))
+    value = (p * cost).sum(-1)
+    return value, value + cost.amax(-1)  # the fill's mass is exact to ~1 ulp: error ~ ulp x max cost
 
 
 def entropy_upper_bound_interval(lb: torch.Tensor, ub: torch.Tensor, *, form: str = "best") -> torch.Tensor:
@@ -256,7 +316,9 @@ def entropy_bounds_from_margins(lb_d: torch.Tensor, ub_d: Optional[torch.Tensor]
     route "box": the box of relative logits w = z - z_ref, ub = min of the margin bound, interval
     arithmetic on that box and the max entropy over its probability ranges (all sound, so the
     min is); never looser than "margin", usually much tighter (margins differ across classes).
-    lb_H by interval arithmetic on the relative box for both (0 if ub_d is None)."""
+    lb_H by interval arithmetic on the relative box for both (0 if ub_d is None). Computed in
+    float64 with outward slack (``_outward_h``: rounding and underflow only widen; ub_H > 0), then
+    rounded outward to the margins' dtype; NaN margins give NaN."""
     route = str(route).lower()
     if route not in ("box", "margin"):
         raise ConfigError(f"entropy from margin bounds: route must be box or margin, got {route!r}")
@@ -264,17 +326,25 @@ def entropy_bounds_from_margins(lb_d: torch.Tensor, ub_d: Optional[torch.Tensor]
     ref = torch.as_tensor(ref, device=lb_d.device).long().view(-1)
     if ref.shape[0] != lb_d.shape[0] or (ref.numel() and (ref.min() < 0 or ref.max() >= num_classes)):
         raise ConfigError(f"ref must be {lb_d.shape[0]} class indices in [0, {num_classes})")
-    h_margin = entropy_upper_bound_margin(lb_d.min(dim=-1).values, num_classes)
+    work = lb_d.dtype if lb_d.dtype in (torch.float32, torch.float64) else torch.float32
+    lb64 = lb_d.to(torch.float64)
+    m = lb64.min(dim=-1).values
+    h_margin = entropy_upper_bound_margin(m, num_classes)  # the exact max: positive terms, relative error
+    upper, lower, scale = [(h_margin, h_margin)], [], m.abs().nan_to_num(posinf=0.0)
+    nan = torch.isnan(lb64).any(-1)
     if ub_d is None:
         if route == "box":
             raise ConfigError("route 'box' needs upper bounds of the margins too")
-        return torch.zeros_like(h_margin), h_margin
-    w_lo, w_hi = _relative_box(lb_d, ub_d, ref)
-    h_lo, h_int = _interval_entropy_bounds(w_lo, w_hi, upper=route == "box")
-    if route == "margin":
-        return h_lo, h_margin
-    h_hi = torch.minimum(torch.minimum(h_margin, h_int), _max_entropy_prob_box(w_lo, w_hi))
-    return h_lo, h_hi
+    else:
+        ub64 = ub_d.to(torch.float64)
+        nan |= torch.isnan(ub64).any(-1)
+        w_lo, w_hi = _relative_box(lb64, ub64, ref)
+        lower, box_upper, scale = _interval_candidates(w_lo, w_hi, "best", upper=route == "box", lower=True)
+        if route == "box":
+            upper += box_upper + [_max_entropy_prob_box(w_lo, w_hi)]
+    h_lo, h_hi = _outward_h(lower, upper, scale, num_classes)
+    h_lo, h_hi = torch.where(nan, math.nan, h_lo), torch.where(nan, math.nan, h_hi)
+    return _to_dtype_outward(h_lo, h_hi, work)
 
 
 @torch.no_grad()
@@ -304,13 +374,21 @@ def _entropy_bounds(net, x, eps, method, route, beta, dtype=None):
     route = str(route).lower()
     if route not in ROUTES:
         raise ConfigError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
-    net, x, _ = _working(net, x, dtype)
+    from ace_lightning.bounds.outward import param_dtype, widen
+
+    deployed = param_dtype(net)
+    net, x, work = _working(net, x, dtype)
     if route == "interval":
         lb, ub, logits = output_bounds(net, x, eps, method, beta=beta, return_logits=True)
-        h_lo, h_hi = _interval_entropy_bounds(lb, ub)
+        # the bound pass and the deployed forward pass round: widen the logit box by their slack
+        lb, ub = widen(lb, ub, 1.0 + lb.abs().amax(-1, keepdim=True) + ub.abs().amax(-1, keepdim=True), work, deployed)
+        h_lo, h_hi = _to_dtype_outward(*_interval_entropy_bounds(lb, ub), work)
         return h_lo, h_hi, logits
     yhat = _predicted_class(net, x)
     lb_d, ub_d, logits = _margin_pass(net, x, yhat, eps, method, beta)
+    # a margin z_yhat - z_j is a difference of logits: its rounding scales with the logits' size
+    lb_d, ub_d = widen(lb_d, ub_d, 1.0 + 2.0 * logits.detach().abs().amax(-1, keepdim=True) + lb_d.abs() + ub_d.abs(),
+                       work, deployed)
     h_lo, h_hi = entropy_bounds_from_margins(lb_d, ub_d, yhat, route)
     return h_lo, h_hi, logits
 

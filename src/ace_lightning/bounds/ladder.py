@@ -3,9 +3,11 @@
 Nets trained with SABR or MTL-IBP have loose IBP bounds by design (docs/METHOD.md section 11), so a
 certifier tries bound methods per input from cheap to tight (IBP, CROWN-IBP, CROWN, alpha-CROWN) and
 stops at the first that certifies; inputs misclassified at x, or refuted by an attack, never reach
-the expensive methods. Bounds are computed in float32 by default; an input whose certified margin
-(or gate bound) lies within ``recheck_tol`` of the decision is re-checked in float64 and keeps its
-certificate only if it holds there (docs/METHOD.md section 12), so rounding cannot flip one.
+the expensive methods. Bounds are computed in float32 by default and widened outward by the
+rounding slack of their dtype (bounds/outward.py); an input whose certified margin (or gate bound)
+lies within ``recheck_tol`` of the decision is re-checked in float64, and float64 decides it
+(docs/METHOD.md section 12): the re-check may withdraw a certificate or add one (a margin that
+float32's slack left just below 0). Its results are written back rounded outward.
 
 Everything here is a list of sound bounds: the max of sound lower bounds is sound, so is the
 intersection of sound intervals.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ace_lightning.bounds.lirpa import margin_lower_bounds, normalize_method, resolve_dtype
+from ace_lightning.bounds.outward import param_dtype, round_down, round_up, widen
 from ace_lightning.errors import ConfigError
 
 NO_METHOD = -1  # method index of an input no method certified
@@ -117,7 +120,14 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
         raise ConfigError("certification needs at least one bound method")
     work = resolve_dtype(dtype, x, net)
     lb, logits = margin_lower_bounds(net, x, y, eps, methods[0], return_logits=True, dtype=work)
-    margin = lb.min(dim=1).values
+    # outward: a margin is a difference of logits, its rounding scales with their size (outward.py)
+    size = 1.0 + 2.0 * logits.detach().abs().amax(dim=-1)
+    deployed = param_dtype(net)
+
+    def certified_margin(m: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+        return widen(m, None, size[rows] + m.abs(), work, deployed)[0]
+
+    margin = certified_margin(lb.min(dim=1).values)
     ok = margin > 0
     method = torch.where(ok, 0, NO_METHOD)
     todo = ~ok & (logits.argmax(-1) == y)
@@ -133,7 +143,8 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
         def bound(part, name=name):
             run = _padded(part)
-            return margin_lower_bounds(net, x[run], y[run], eps, name, dtype=work).min(dim=1).values[:part.numel()]
+            m = margin_lower_bounds(net, x[run], y[run], eps, name, dtype=work).min(dim=1).values[:part.numel()]
+            return certified_margin(m, part)
 
         idx, m = _timed(bound, idx, budget, (id(net), name, str(x.device), tuple(x.shape[1:])))
         if m is None:
@@ -150,9 +161,9 @@ def margin_ladder(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
             run, n = _padded(idx), idx.numel()
             again = margin_ladder(net, x[run], y[run], eps, methods, dtype=torch.float64,
                                   time_budget_s=time_budget_s)
-            flipped[idx] = again.ok[:n] != ok[idx]
+            flipped[idx] = again.ok[:n] != ok[idx]  # float64 decides: it may withdraw or add a certificate
             ok[idx], method[idx] = again.ok[:n], again.method[:n]
-            margin[idx] = again.margin[:n].to(margin.dtype)
+            margin[idx] = round_down(again.margin[:n], margin.dtype)  # stored in float32: toward -inf
             rechecked[idx] = True
     return MarginCertificate(ok, margin, method, rechecked, flipped, logits)
 
@@ -197,30 +208,38 @@ def undecided_at(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float]
     return out
 
 
-def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float], tol: float) -> torch.Tensor:
+def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float], tol: float,
+                    lb_exact: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An end of the interval lies within the re-check tolerance of a threshold; ``lb_exact``
+    (bool [B]): lower bounds that are exact, not rounded (margin selection's gap >= 0 clamp)."""
     out = torch.zeros_like(lb, dtype=torch.bool)
     for t in thresholds:
-        out |= near(lb, t, tol) | near(ub, t, tol)
+        near_lb = near(lb, t, tol) if lb_exact is None else near(lb, t, tol) & ~lb_exact
+        out |= near_lb | near(ub, t, tol)
     return out
 
 
 def refine_gate(bound: IntervalFn, x: torch.Tensor, interval: GateInterval, thresholds: Sequence[float],
                 methods: Sequence[str], refine_methods: Sequence[str], *, dtype=torch.float32,
                 recheck_tol: float = 0.0, time_budget_s: Optional[float] = None,
-                cost_key: Any = None) -> GateInterval:
+                cost_key: Any = None, eligible: Optional[torch.Tensor] = None,
+                lb_exact: Optional[torch.Tensor] = None) -> GateInterval:
     """Tighten the interval where it matters at ``thresholds`` (the gate interval does not depend
     on T): ``refine_methods`` on inputs whose interval straddles one of them, cheap to tight,
     stopping per input once it no longer straddles; then inputs within ``recheck_tol`` of a
     threshold are recomputed in float64 with every method applied to them. Returns a new
     GateInterval (``methods``: those ``interval`` was made with; indices continue after them).
-    ``time_budget_s`` as in margin_ladder; ``cost_key`` names the selector in the cost table."""
+    ``time_budget_s`` as in margin_ladder; ``cost_key`` names the selector in the cost table;
+    ``eligible`` (bool [B]): the only inputs refine_methods may help (None: all); ``lb_exact``: lower
+    bounds no rounding can move (see near_thresholds)."""
     lb, ub = interval.lb.clone(), interval.ub.clone()
     method, rechecked, flipped = interval.method.clone(), interval.rechecked.clone(), interval.flipped.clone()
     methods = [normalize_method(m) for m in methods]
     refine_methods = [normalize_method(m) for m in refine_methods]
     budget = Budget(time_budget_s, x.shape[0], x.device)
     for k, name in enumerate(refine_methods, start=len(methods)):
-        idx = undecided_at(lb, ub, thresholds).nonzero().flatten()
+        todo = undecided_at(lb, ub, thresholds)
+        idx = (todo if eligible is None else todo & eligible).nonzero().flatten()
         if idx.numel() == 0:
             break
 
@@ -236,13 +255,13 @@ def refine_gate(bound: IntervalFn, x: torch.Tensor, interval: GateInterval, thre
         ub[idx] = torch.minimum(ub[idx], res[1])
         method[idx] = k
     if recheck_tol > 0 and resolve_dtype(dtype) != torch.float64:
-        idx = near_thresholds(lb, ub, thresholds, recheck_tol).nonzero().flatten()
+        idx = near_thresholds(lb, ub, thresholds, recheck_tol, lb_exact).nonzero().flatten()
         if idx.numel():
             used = methods + refine_methods
             deepest = int(method[idx].max())
             run, n = _padded(idx), idx.numel()
             again = gate_interval(bound, x[run], used[:deepest + 1], dtype=torch.float64)
-            new_lb, new_ub = again.lb[:n].to(lb.dtype), again.ub[:n].to(ub.dtype)
+            new_lb, new_ub = round_down(again.lb[:n], lb.dtype), round_up(again.ub[:n], ub.dtype)
             for t in thresholds:
                 flipped[idx] |= ((new_lb >= t) != (lb[idx] >= t)) | ((new_ub >= t) != (ub[idx] >= t))
             lb[idx], ub[idx] = new_lb, new_ub

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 import torchvision.datasets as tvd
 
+from ace_lightning.data.download import download_into
 from ace_lightning.data.errors import DatasetNotFoundError
 from ace_lightning.data.transforms import to_float_tensor
 
@@ -39,13 +40,16 @@ class CIFAR10(tvd.CIFAR10):
         folder = os.path.join(root, self.base_folder)
         reason = "download=False"
         if download:
-            self.root = root
-            try:
+            def fetch(tmp: str) -> list[str]:  # into a temporary folder: a failed download leaves no root behind
+                self.root = tmp
                 self.download()
-                download = False
+                return [self.base_folder]
+
+            try:
+                download_into(root, fetch)
             except Exception as exc:  # no network / HTTP error / bad archive
                 reason = f"download failed ({type(exc).__name__}: {exc})"
-                download = False
+            download = False
         missing = [n for n, _ in self.train_list + self.test_list + [[self.meta["filename"], None]]
                    if not os.path.isfile(os.path.join(folder, n))]
         if missing:

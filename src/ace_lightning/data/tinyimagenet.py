@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ace_lightning.data.download import download_into
 from ace_lightning.data.errors import DatasetNotFoundError
 from ace_lightning.data.transforms import to_float_tensor
 from ace_lightning.data.wnids import TINYIMAGENET_WNIDS
@@ -115,7 +116,11 @@ class TinyImageNet(_ImageListDataset):
             try:
                 from torchvision.datasets.utils import download_and_extract_archive
 
-                download_and_extract_archive(TINYIMAGENET_URL, root)
+                def fetch(tmp: str) -> list[str]:  # a failed download leaves no root behind
+                    download_and_extract_archive(TINYIMAGENET_URL, tmp)
+                    return [self.base_folder]
+
+                download_into(root, fetch)
                 cand = os.path.join(root, self.base_folder)
                 if os.path.isfile(os.path.join(cand, "wnids.txt")):
                     return cand

@@ -14,13 +14,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from ace_lightning.data import ACEDataModule
-from ace_lightning.loggers import StageCSVLogger, extra_loggers, finish_loggers
+from ace_lightning.loggers import StageCSVLogger, extra_loggers, finish_loggers, run_identity
 from ace_lightning.nets import build_net
 from ace_lightning.config import datamodule_from, to_dict
-from ace_lightning.console import log
+from ace_lightning.console import log, progress_bar_callbacks
 from ace_lightning.errors import ConfigError
 from ace_lightning.rundir import (
     RUN_STATE,
@@ -29,6 +29,7 @@ from ace_lightning.rundir import (
     export_weights,
     identity_config,
     prepare_stage_dir,
+    read_manifest,
     write_manifest,
 )
 
@@ -56,12 +57,15 @@ def build_trainer(cfg: Mapping[str, Any], stage_dir: Path, monitor: Optional[str
         save_last=True, save_top_k=1 if monitor else 0, auto_insert_metric_name=False,
         enable_version_counter=False)
     callbacks = [ckpt, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks]
+    if not any(isinstance(c, ProgressBar) for c in extra_callbacks):  # the bar on stderr, tables on stdout
+        callbacks += progress_bar_callbacks(bool(trainer_cfg.get("enable_progress_bar", True)))
     every = to_dict(cfg["stage"]).get("checkpoint_every_n_steps")
     if every:  # mid-epoch last.ckpt, so a killed run loses at most `every` steps
         callbacks.append(ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True,
                                          save_top_k=0, every_n_train_steps=int(every),
                                          enable_version_counter=False))
-    loggers: list = [StageCSVLogger(str(stage_dir)), *extra_loggers(cfg, stage_dir)]
+    identity = run_identity(cfg, Path(stage_dir).name, read_manifest(Path(stage_dir).parent / "cert"))
+    loggers: list = [StageCSVLogger(str(stage_dir)), *extra_loggers(cfg, stage_dir, identity)]
     trainer = L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers,
                         **trainer_cfg)
     return trainer, ckpt
