@@ -65,8 +65,7 @@ demo: data
 # The paper's selection network on the demo's nets (core and cert-net reused, the gate trained),
 # then both selections on one plot and in one table: runs/demo_fmnist/eps_0.1/compare/.
 demo-gate: demo
-	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist '++stage_overrides.pipeline.stages=[core,cert,gate,certify]' \
-		++stage_overrides.certify.selection=gate $(ARGS)
+	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist ++stage_overrides.certify.selection=gate $(ARGS)
 	$(PY) -m ace_lightning.cli action=compare 'runs=[runs/demo_fmnist/eps_0.1]' out_dir=runs/demo_fmnist/eps_0.1/compare \
 		'methods=[IBP,CROWN-IBP]'
 

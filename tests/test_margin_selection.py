@@ -208,7 +208,11 @@ def test_pipeline_without_a_gate_stage_certifies_margin_selection(tmp_path):
     from ace_lightning.sweep import load_records
     from stage_utils import compose_cfg
 
-    cfg = compose_cfg(tmp_path, ["stage=pipeline", "stage.stages=[core,cert,certify]", "run_name=m",
+    from ace_lightning.registry import default_stages
+
+    for selection, stages in (("gate", ["core", "cert", "gate", "certify"]), ("margin", ["core", "cert", "certify"])):
+        assert default_stages(compose_cfg(tmp_path, ["stage=pipeline", f"++stage_overrides.certify.selection={selection}"])) == stages
+    cfg = compose_cfg(tmp_path, ["stage=pipeline", "run_name=m",  # stage.stages: those margin selection needs
                                  "net@cert_net=fc", "net@core_net=fc", "eps=0.03",
                                  "++stage_overrides.core.epochs=2", "++stage_overrides.cert.epochs=3",
                                  "++stage_overrides.cert.warmup_epochs=0", "++stage_overrides.cert.ramp_epochs=1",

@@ -20,7 +20,7 @@ TINY_PIPELINE = ["stage=pipeline", "debug=tiny", "net@cert_net=fc", "net@core_ne
                  "+stage_overrides.core.epochs=1", "+stage_overrides.core.eval_pgd_steps=1",
                  "+stage_overrides.cert.epochs=1", "+stage_overrides.cert.warmup_epochs=0",
                  "+stage_overrides.cert.ramp_epochs=1", "+stage_overrides.cert.val_pgd_steps=1",
-                 "+stage_overrides.gate.epochs=1", "+stage_overrides.gate.ramp_epochs=1",
+                 "++stage_overrides.certify.selection=margin",  # make demo's selection
                  "++stage_overrides.certify.attack.steps=2"]
 
 

@@ -128,12 +128,25 @@ def stage_config(cfg: Any, name: str) -> Any:
     return apply_stage_overrides(out)
 
 
+def default_stages(cfg: Any) -> list[str]:
+    """The stages the certify stage's selection needs: margin selection none of its own
+    ([core, cert, certify]), a gate its gate stage, entropy selection the entropy stage unless it
+    uses the cert stage's net (entropy_stage: cert)."""
+    certify = to_dict((cfg.get("stage_overrides") or {}).get("certify") or {})
+    selection = str(certify.get("selection") or "gate")
+    if certify.get("cascade"):
+        return ["core", "cert", "certify"]
+    middle = {"gate": ["gate"], "margin": [],
+              "entropy": [] if str(certify.get("entropy_stage") or "entropy") != "entropy" else ["entropy"]}
+    if selection not in middle:
+        raise ConfigError(f"stage_overrides.certify.selection={selection!r}: known gate, margin, entropy")
+    return ["core", "cert", *middle[selection], "certify"]
+
+
 def run_pipeline(cfg: Any, callbacks: tuple = ()) -> dict:
     """The stages of ``stage.stages`` in order, in this process, each with its own skip / resume /
     refuse semantics: one job per run folder, so any Hydra launcher may run many in parallel."""
-    names = [str(n) for n in (to_dict(cfg["stage"]).get("stages") or [])]
-    if not names:
-        raise ConfigError("stage=pipeline needs stage.stages, e.g. [core, cert, gate, certify]")
+    names = [str(n) for n in (to_dict(cfg["stage"]).get("stages") or default_stages(cfg))]
     configs = [stage_config(cfg, n) for n in names]  # every stage's config errors before any training
     manifests: dict[str, dict] = {}
     for name, stage_cfg in zip(names, configs):

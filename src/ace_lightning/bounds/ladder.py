@@ -14,6 +14,7 @@ intersection of sound intervals.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -214,6 +215,8 @@ def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[flo
     (bool [B]): lower bounds that are exact, not rounded (margin selection's gap >= 0 clamp)."""
     out = torch.zeros_like(lb, dtype=torch.bool)
     for t in thresholds:
+        if not math.isfinite(float(t)):  # +-inf: every finite bound decides it exactly
+            continue
         near_lb = near(lb, t, tol) if lb_exact is None else near(lb, t, tol) & ~lb_exact
         out |= near_lb | near(ub, t, tol)
     return out
