@@ -143,13 +143,15 @@ def compute_records(model: ACEModel, loaders: Mapping[str, DataLoader], eps: flo
 
 def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dict[str, np.ndarray],
                    eps: float, settings: CertifySettings, thresholds: Sequence[Sequence[float]],
-                   batch_size: int = 256, progress: bool = False) -> int:
+                   batch_size: int = 256, progress: bool = False,
+                   class_thresholds: Sequence[Sequence[float]] = ()) -> int:
     """Certify again, at the given threshold vectors (one T per pair), the inputs whose gate
     interval matters there: it straddles one (refine_methods can decide it) or an end lies within
     recheck_tol of one (float64 decides it). Rows of ``cols`` are updated in place, each gate
     interval *intersected* with the one it had (both are sound), so a refinement made at an
     earlier threshold is never lost; returns how many inputs were redone. Runs on rank 0 (the
-    inputs are few)."""
+    inputs are few). ``class_thresholds``: margin selection's per-class vectors (one pair): each
+    input is refined at its own class's threshold only."""
     from ace_lightning.bounds.ladder import near_thresholds, undecided_at
 
     n = model.num_branches
@@ -164,17 +166,28 @@ def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dic
             want |= (undecided & (lb > 0) if margin else undecided).numpy()  # margin: only a certified class can gain
         if settings.recheck_tol > 0:  # margin selection's lb = 0 is the exact clamp gap >= 0
             want |= near_thresholds(lb, ub, ts, settings.recheck_tol, (lb == 0) if margin else None).numpy()
+    per_row = []  # each class-threshold vector as one threshold per input (its class's)
+    for kappa in class_thresholds:
+        lb, ub = torch.as_tensor(cols["lb_g"]), torch.as_tensor(cols["ub_g"])
+        t = torch.as_tensor(kappa, dtype=torch.float64)[torch.as_tensor(np.asarray(cols["cert_pred"], dtype=np.int64))]
+        per_row.append(t)
+        if settings.refine_methods:
+            want |= (undecided_at(lb, ub, [t]) & (lb > 0)).numpy()
+        if settings.recheck_tol > 0:
+            want |= near_thresholds(lb, ub, [t, float(min(kappa))], settings.recheck_tol, lb == 0).numpy()
     rows = np.flatnonzero(want)
     if rows.size == 0:
         return 0
     positions = {name: {int(i): k for k, i in enumerate(loader.dataset.indices)} for name, loader in loaders.items()}
     chunks = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
-    for chunk in console.progress(chunks, progress, desc=f"refine {rows.size} inputs at T={_ts(thresholds)}"):
+    at = _ts(thresholds) + (" and per-class thresholds" if class_thresholds else "")
+    for chunk in console.progress(chunks, progress, desc=f"refine {rows.size} inputs at T={at}"):
         items = [loaders[str(cols["split"][r])].dataset[positions[str(cols["split"][r])][int(cols["index"][r])]]
                  for r in chunk]
         x = torch.stack([torch.as_tensor(it[0]) for it in items])
         y = torch.as_tensor([int(it[1]) for it in items])
-        rec = certify_batch(model, x, y, eps, settings, thresholds=[list(t) for t in thresholds])
+        rec = certify_batch(model, x, y, eps, settings, thresholds=[list(t) for t in thresholds]
+                            + [[t[torch.as_tensor(chunk)]] for t in per_row])
         rec["index"], rec["split"] = torch.as_tensor(cols["index"][chunk]), cols["split"][chunk]
         new = record_columns(rec, [])
         for s in sfx:
@@ -196,7 +209,8 @@ def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dic
 
 
 def _ts(thresholds: Sequence[Sequence[float]]) -> str:
-    return ",".join("(" + ",".join(f"{v:.4g}" for v in t) + ")" if len(t) > 1 else f"{t[0]:.4g}" for t in thresholds)
+    return ",".join("(" + ",".join(f"{v:.4g}" for v in t) + ")" if len(t) > 1 else f"{t[0]:.4g}"
+                    for t in thresholds) or "-"
 
 
 METHOD_CODES = {name: k for k, name in enumerate(METHODS)}  # tightness order of the records' method names
@@ -260,7 +274,7 @@ def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader
     each input has finitely many refinements, so this ends; ``MAX_REFINE_ROUNDS`` guards against a
     bug). The report, the attack and the exported model then read records that were refined and
     re-checked at their T."""
-    from ace_lightning.sweep import val_operating_thresholds
+    from ace_lightning.sweep import val_class_thresholds, val_operating_thresholds
 
     n = model.num_branches
     as_vector = lambda t: tuple(float(v) for v in t) if isinstance(t, (list, tuple)) else (float(t),)  # noqa: E731
@@ -269,21 +283,26 @@ def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader
     fixed = [as_vector(t) for t in thresholds] if thresholds is not None else []
     if any(len(t) != n for t in fixed):
         raise ConfigError(f"stage.thresholds: give {n} threshold(s) per entry (one per cascade pair), got {fixed}")
+    done_kappa: list[tuple[float, ...]] = []
     while True:
         wanted = set(fixed) | {as_vector(t) for t in val_operating_thresholds(cols, grid, tolerance)}
         new = sorted(t for t in wanted if t not in done and any(math.isfinite(v) for v in t))
-        if not new:
+        kappa = val_class_thresholds(cols, tolerance) if n == 1 and model.selection[0] == "margin" else None
+        new_kappa = [kappa] if kappa is not None and kappa not in done_kappa else []
+        if not new and not new_kappa:
             break
         rounds += 1
         if rounds > MAX_REFINE_ROUNDS:
             raise RuntimeError(f"refinement did not settle after {MAX_REFINE_ROUNDS} rounds (thresholds {new})")
-        redone += refine_records(model, loaders, cols, eps, settings, new, batch_size, progress)
+        redone += refine_records(model, loaders, cols, eps, settings, new, batch_size, progress, new_kappa)
         done += new
+        done_kappa += new_kappa
     if progress or done:
         log.info(f"certify: gate intervals refined at {len(done)} threshold(s) in {rounds} round(s), "
                  f"{redone} input(s) redone")
     listed = [t[0] if n == 1 else list(t) for t in sorted(done)]
-    return {"thresholds": listed, "inputs_redone": redone, "rounds": rounds}
+    return {"thresholds": listed, "class_thresholds": [list(k) for k in done_kappa], "inputs_redone": redone,
+            "rounds": rounds}
 
 
 ATTACK_DEFAULTS = {"steps": 15, "restarts": 3, "step_size": 0.5, "decay_at": [0.5, 0.75], "first_step": None,

@@ -252,7 +252,9 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
     for r in rows:
         adv = f"{100 * r['adv_acc']:.2f}" if isinstance(r.get("adv_acc"), float) else "-"
         t = r.get("threshold")
-        md.append(f"| {r['kind']} | {r['name']} | {t if t == '' else format(float(t), '.4g')} | "
+        t = t if t == "" else ("(" + ", ".join(format(float(v), ".4g") for v in t) + ")" if isinstance(t, list)
+                               else format(float(t), ".4g"))
+        md.append(f"| {r['kind']} | {r['name']} | {t} | "
                   f"{100 * r['nat_acc']:.2f} | {100 * r['cert_acc']:.2f} | {adv} |")
     if span is not None:
         md += ["", f"Mean certified accuracy over natural accuracy {100 * span[0]:.2f}-{100 * span[1]:.2f}% "

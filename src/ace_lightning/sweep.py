@@ -653,11 +653,19 @@ def val_operating_thresholds(records: Union[Records, Mapping[str, Any]], grid: i
         return sorted({T for T in (choose_cascade_thresholds(val, f) for f in (core_nat - tolerance, -math.inf))
                        if T is not None})
     points = choose_operating_points(sweep(val, grid), core_nat, tolerance)
-    out = {float(p["threshold"]) for p in points}
-    per_class = class_threshold_point(val, core_nat, tolerance)
-    if per_class is not None:  # margin selection: every class threshold is a threshold of interest
-        out |= {float(v) for v in per_class["class_thresholds"]}
-    return sorted(t for t in out if math.isfinite(t))
+    return sorted(t for t in {float(p["threshold"]) for p in points} if math.isfinite(t))
+
+
+def val_class_thresholds(records: Union[Records, Mapping[str, Any]], tolerance: float = 0.01
+                         ) -> Optional[tuple[float, ...]]:
+    """Margin selection's per-class operating point chosen on the val records (None for other
+    selections): the certify stage refines each input at its own class's threshold."""
+    rec = as_records(records)
+    if "val" not in rec.splits:
+        return None
+    val = rec.split("val")
+    point = class_threshold_point(val, float(np.mean(val.core_correct)), tolerance)
+    return None if point is None else tuple(float(v) for v in point["class_thresholds"])
 
 
 PER_CLASS = ("per_class", "per-class kappa, natural within 1 pt")
@@ -669,18 +677,23 @@ def choose_cascade_thresholds(val: Records, floor: float) -> Optional[tuple[floa
     """A cascade's threshold vector chosen on val: the most certified inputs (then the most
     natural) among the vectors with natural accuracy >= ``floor``, by coordinate ascent where each
     step is the exact sweep of one pair's threshold with the others fixed (every breakpoint; the
-    median of tied thresholds). It starts from every pair silent (the core alone, or the cert-net
-    alone of the last pair when the core misses the floor) and stops when a full round changes
-    nothing (each accepted step improves the key, so it ends). None: no vector tried meets the floor."""
+    median of tied thresholds), stopping when a round changes nothing (each accepted step improves
+    the key, so it ends). Coordinate ascent finds a local optimum, so it starts from every corner
+    where one pair answers everything (and from the core alone) and keeps the best. None: no vector
+    tried meets the floor."""
     n = val.n_pairs
-    T = [math.inf] * n
-    if evaluate(val, tuple(T))["nat_acc"] < floor:
-        T[-1] = -math.inf
+    starts = [tuple([math.inf] * n)] + [tuple(-math.inf if j == k else math.inf for j in range(n)) for k in range(n)]
+    found = [_cascade_ascent(val, floor, list(T)) for T in starts]
+    found = [f for f in found if f is not None]
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def _cascade_ascent(val: Records, floor: float, T: list[float]) -> Optional[tuple[tuple[float, float], tuple[float, ...]]]:
     now = evaluate(val, tuple(T))
     best = (now["cert_acc"], now["nat_acc"]) if now["nat_acc"] >= floor else None
     for _ in range(CASCADE_ROUNDS):
         changed = False
-        for k in range(n):
+        for k in range(len(T)):
             grid = exact_thresholds(val, pair=k + 1)
             arr = sweep_arrays(val, grid, pair=k + 1, fixed=tuple(T))
             ok = np.flatnonzero(arr["nat_acc"] >= floor)
@@ -693,7 +706,7 @@ def choose_cascade_thresholds(val: Records, floor: float) -> Optional[tuple[floa
                 T[k], best, changed = float(grid[tied[(len(tied) - 1) // 2]]), top, True
         if not changed:
             break
-    return tuple(T) if best is not None else None
+    return (best, tuple(T)) if best is not None else None
 
 
 def cascade_curve(val: Records, test: Optional[Records] = None, levels: int = PER_CLASS_LEVELS

@@ -201,8 +201,9 @@ def gate_interval(bound: IntervalFn, x: torch.Tensor, methods: Sequence[str], *,
                         no, no.clone())
 
 
-def undecided_at(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """The interval straddles some threshold: lb < T <= ub (routing undecided at T)."""
+def undecided_at(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[Any]) -> torch.Tensor:
+    """The interval straddles some threshold: lb < T <= ub (routing undecided at T). A threshold
+    is a number or a tensor with one per input (margin selection's class thresholds)."""
     out = torch.zeros_like(lb, dtype=torch.bool)
     for t in thresholds:
         out |= (lb < t) & (ub >= t)
@@ -215,10 +216,10 @@ def near_thresholds(lb: torch.Tensor, ub: torch.Tensor, thresholds: Sequence[flo
     (bool [B]): lower bounds that are exact, not rounded (margin selection's gap >= 0 clamp)."""
     out = torch.zeros_like(lb, dtype=torch.bool)
     for t in thresholds:
-        if not math.isfinite(float(t)):  # +-inf: every finite bound decides it exactly
-            continue
+        t = torch.as_tensor(t, dtype=lb.dtype, device=lb.device)
+        finite = torch.isfinite(t)  # +-inf: every finite bound decides it exactly
         near_lb = near(lb, t, tol) if lb_exact is None else near(lb, t, tol) & ~lb_exact
-        out |= near_lb | near(ub, t, tol)
+        out |= (near_lb | near(ub, t, tol)) & finite
     return out
 
 
@@ -266,6 +267,7 @@ def refine_gate(bound: IntervalFn, x: torch.Tensor, interval: GateInterval, thre
             again = gate_interval(bound, x[run], used[:deepest + 1], dtype=torch.float64)
             new_lb, new_ub = round_down(again.lb[:n], lb.dtype), round_up(again.ub[:n], ub.dtype)
             for t in thresholds:
+                t = t[idx] if torch.is_tensor(t) and t.dim() else t  # per-input thresholds
                 flipped[idx] |= ((new_lb >= t) != (lb[idx] >= t)) | ((new_ub >= t) != (ub[idx] >= t))
             lb[idx], ub[idx] = new_lb, new_ub
             rechecked[idx] = True
