@@ -68,10 +68,14 @@ def test_pipeline_job_runs_every_stage_then_skips_them(tmp_path, capsys):
         created[name] = manifest["created"]
     gate = json.loads((run / "gate" / "manifest.json").read_text())
     assert gate["labels"]["source"] == "computed" and gate["selection"]["type"] == "network"
-    capsys.readouterr()
+    first = capsys.readouterr().out
+    end = next(line for line in first.splitlines() if line.startswith("pipeline complete"))
+    assert "skipped" not in end and all(name in end for name in STAGES), end
     again = run_stage(cfg)  # same config: every stage is skipped, nothing is rewritten
     text = capsys.readouterr().out
-    assert text.count("skipped") == len(STAGES), text
+    assert text.count("already complete in") == len(STAGES), text
+    end = next(line for line in text.splitlines() if line.startswith("pipeline complete"))
+    assert end.endswith(f"({', '.join(STAGES)} skipped (already complete))"), end  # no old stage times
     for name in STAGES:
         assert json.loads((run / name / "manifest.json").read_text())["created"] == created[name]
         assert again["stages"][name]["config_hash"] == out["stages"][name]["config_hash"]

@@ -180,8 +180,9 @@ def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dic
         return 0
     positions = {name: {int(i): k for k, i in enumerate(loader.dataset.indices)} for name, loader in loaders.items()}
     chunks = [rows[start:start + batch_size] for start in range(0, rows.size, batch_size)]
-    at = _ts(thresholds) + (" and per-class thresholds" if class_thresholds else "")
-    for chunk in console.progress(chunks, progress, desc=f"refine {rows.size} inputs at T={at}"):
+    at = " and ".join(([f"T={_ts(thresholds)}"] if thresholds else [])
+                      + (["per-class thresholds"] if class_thresholds else []))
+    for chunk in console.progress(chunks, progress, desc=f"refine {rows.size} inputs at {at}"):
         items = [loaders[str(cols["split"][r])].dataset[positions[str(cols["split"][r])][int(cols["index"][r])]]
                  for r in chunk]
         x = torch.stack([torch.as_tensor(it[0]) for it in items])

@@ -149,6 +149,7 @@ def run_pipeline(cfg: Any, callbacks: tuple = ()) -> dict:
     names = [str(n) for n in (to_dict(cfg["stage"]).get("stages") or default_stages(cfg))]
     configs = [stage_config(cfg, n) for n in names]  # every stage's config errors before any training
     manifests: dict[str, dict] = {}
+    pipeline_started = time.time()
     for name, stage_cfg in zip(names, configs):
         log.info(f"pipeline {cfg['run_dir']}: stage '{name}'")
         started = time.time()
@@ -157,18 +158,24 @@ def run_pipeline(cfg: Any, callbacks: tuple = ()) -> dict:
         except BaseException as err:
             stage_failed(cfg, name, err, started)
             raise
-    log_pipeline_end(Path(str(cfg["run_dir"])).resolve(), names)
+    log_pipeline_end(Path(str(cfg["run_dir"])).resolve(), names, since=pipeline_started)
     return {"stage": PIPELINE, "stages": manifests}
 
 
-def log_pipeline_end(run_dir: Path, names: list[str]) -> None:
-    """The pipeline's last lines: each stage's wall-clock time and where the results are."""
+def log_pipeline_end(run_dir: Path, names: list[str], since: float = 0.0) -> None:
+    """The pipeline's last lines: the wall-clock time of each stage this job ran (manifests written
+    since ``since``; a stage found complete is named as skipped, its old time is not this job's)
+    and where the results are."""
     from ace_lightning.summary import format_stage_times, stage_times
 
-    measured = stage_times(run_dir)
+    measured = stage_times(run_dir, since=since)
     times = {k: measured[k] for n in names for k in sorted(measured) if k == n or (n == "certify" and k.startswith(n))}
-    log.info(f"pipeline complete: {run_dir} ({format_stage_times(times)})" if times else
-             f"pipeline complete: {run_dir}")
+    ran = {n for n in names for k in times if k == n or (n == "certify" and k.startswith(n))}
+    skipped = [n for n in names if n not in ran]
+    parts = [format_stage_times(times)] if times else []
+    if skipped:
+        parts.append(f"{', '.join(skipped)} skipped (already complete)")
+    log.info(f"pipeline complete: {run_dir} ({'; '.join(parts)})" if parts else f"pipeline complete: {run_dir}")
     pareto = sorted(run_dir.glob("certify*/pareto.png"))
     if pareto:
         log.info("Pareto plot: " + ", ".join(str(p) for p in pareto))

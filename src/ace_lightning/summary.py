@@ -114,10 +114,13 @@ def write_summary(runs_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def stage_times(run_dir: Path) -> dict[str, float]:
-    """Wall-clock seconds of each completed stage of one run folder (from the manifests)."""
+def stage_times(run_dir: Path, since: float = 0.0) -> dict[str, float]:
+    """Wall-clock seconds of each completed stage of one run folder (from the manifests), only
+    those written at or after the time ``since`` (seconds since the epoch)."""
     out = {}
     for manifest in sorted(Path(run_dir).glob("*/manifest.json")):
+        if manifest.stat().st_mtime < since:
+            continue
         m = json.loads(manifest.read_text())
         if m.get("status") == "complete" and "wall_s" in m:
             out[manifest.parent.name] = float(m["wall_s"])
