@@ -48,6 +48,14 @@ def _tiny_files(name: str, root) -> None:
         for split in ("train", "val"):
             for i, w in enumerate(TINYIMAGENET_WNIDS):
                 _jpeg(str(root / split / w / f"{w}.JPEG"), 8, i)
+    elif name == "image_folder":  # two classes of PNGs of other sizes (resized to the configured 32 px)
+        for split in ("train", "test"):
+            for c, cls in enumerate(("cat", "dog")):
+                for i in range(3):
+                    path = root / split / cls / f"{i}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    arr = np.random.default_rng(10 * c + i).integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                    Image.fromarray(arr).save(path)
     elif name != "synthetic":  # generated in memory
         pytest.fail(f"dataset '{name}' is registered but this test cannot write its files: add a writer")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -23,7 +24,7 @@ from ace_lightning.bounds.gap import gap, gap_bounds
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
 from ace_lightning.bounds.lirpa import alpha_crown_options, net_in_dtype, precise
 from ace_lightning.bounds.outward import param_dtype, widen
-from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError
+from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError, StageInputError
 from ace_lightning.routing import composed_output, first_firing, selects
 
 FORMAT = "ace-lightning/ace-model/1"
@@ -311,7 +312,10 @@ class ACEModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise InputNotFoundError(f"ACE model file {path} not found")
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            raise StageInputError(f"cannot load {path}: file is truncated or not a checkpoint") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ConfigError(f"{path} is not an ACE model file (format {FORMAT})")
         model = cls.from_spec(json.loads(blob["spec"]))

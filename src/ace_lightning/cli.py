@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from ace_lightning.console import log, setup_console
-from ace_lightning.errors import USER_ERRORS, fail_on
+from ace_lightning.errors import USER_ERRORS, fail_on, hydra_entry
 from ace_lightning.errors import ConfigError, InputNotFoundError
 
 SPLITS = ("val", "test")
@@ -279,8 +279,13 @@ def run_audit_action(cfg: DictConfig) -> list[dict]:
     return reports
 
 
+def main() -> None:
+    """``ace-certify``: Hydra's own errors (a key the config lacks, an unknown option) are one line too."""
+    hydra_entry(certify_main)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="certify")
-def main(cfg: DictConfig) -> None:
+def certify_main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     setup_console()
     actions = {"certify": run_certify_action, "sweep": run_sweep_action, "plot": run_plot_action,

@@ -1,5 +1,11 @@
 """Hydra callbacks of the training entry point (registered in conf/train.yaml).
 
+``ConfigCheck``: a single run's config (every stage it will run, its knobs, eps, data) is checked
+before Hydra makes the run's output folder (``<run_dir>/.hydra/<stage>``), so a bad input ends
+with one ``error:`` line and exit code 2 and leaves nothing behind. A multirun's jobs check theirs
+when they start (registry.run_job), where a failure is recorded in the job's job.json for the
+sweep's summary.
+
 ``SweepGuard``: a chain of stages swept as separate jobs (``-m stage=core,cert,gate,certify``)
 relies on the basic launcher running jobs one after another; a parallel launcher (joblib,
 submitit) would start the gate before the cert-net exists. Such a sweep is refused in one line
@@ -37,6 +43,17 @@ def chained_stage_sweep(task_overrides: list[str]) -> list[str]:
         if key == "stage" and len(swept_values(o)) > 1:
             return swept_values(o)
     return []
+
+
+class ConfigCheck(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ace_lightning.errors import USER_ERRORS, fail_on
+        from ace_lightning.registry import check_job
+
+        try:
+            check_job(config)
+        except USER_ERRORS as err:
+            fail_on(err)
 
 
 class SweepGuard(Callback):

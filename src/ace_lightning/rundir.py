@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,12 +72,22 @@ def export_weights(net: nn.Module, path: Path) -> dict:
     return {"path": Path(path).name, "sha256": sha256_file(path)}
 
 
+def load_weights_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file a stage wrote; a truncated or foreign file is a
+    one-line StageInputError (rerun the stage that wrote it), not a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        reason = "file is truncated or not a checkpoint" if not isinstance(err, OSError) else str(err)
+        raise StageInputError(f"cannot load {path}: {reason}") from None
+
+
 def load_weights(net: nn.Module, path: Path, what: str) -> nn.Module:
     """Load an exported state_dict with weights_only=True; one-line error on a mismatch."""
     path = Path(path)
     if not path.is_file():
         raise StageInputError(f"{what}: weights file {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

@@ -5,7 +5,9 @@
 and epsilons run in parallel under any Hydra launcher (``hydra/launcher=joblib`` here,
 ``submitit_slurm`` on a cluster). ``-m stage=core,cert,gate,certify`` chains the stages as
 separate jobs, which only the basic launcher runs in order (a parallel launcher is refused).
-Bad input exits with code 2 and a one-line message; nothing already written is touched.
+Bad input exits with code 2 and a one-line message (a knob a stage does not have names the
+closest one it has); every stage the job will run is checked before anything is written, and
+nothing already written is touched.
 
 Every job records its outcome in ``<run_dir>/job.json``. Inside a multirun a failed job does not
 stop the sweep: it prints its error (and a bug's traceback), the other jobs run on, and the sweep
@@ -19,7 +21,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ace_lightning.errors import USER_ERRORS, fail_on
+from ace_lightning.errors import USER_ERRORS, fail_on, hydra_entry
 
 
 def ddp_job_in_multirun(cfg: DictConfig) -> bool:
@@ -62,8 +64,13 @@ def ddp_job_as_single_run() -> None:
         raise ChildProcessError(f"the job's DDP process exited with code {code}")
 
 
+def main() -> None:
+    """``ace-train``: Hydra's own errors (a key the config lacks, an unknown option) are one line too."""
+    hydra_entry(train)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     from ace_lightning.console import setup_console
 

@@ -37,6 +37,25 @@ def build_optimizer(params, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](params, **cfg)
 
 
+def check_optimizer(cfg: Any) -> None:
+    """The stage's ``optimizer`` config names an optimizer that exists (built later, with the
+    parameters: build_optimizer); one-line ConfigError otherwise."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"optimizer must be a mapping (_target_: torch.optim.Adam, lr: ...), got {cfg!r}")
+    if "_target_" in cfg:
+        from hydra.utils import get_class
+
+        try:
+            get_class(str(cfg["_target_"]))
+        except Exception as err:  # ImportError, ValueError: not a class
+            reason = " ".join(str(err).split()).split(" Are you sure")[0]
+            raise ConfigError(f"optimizer '{cfg['_target_']}' cannot be imported ({reason})") from None
+        return
+    name = str(cfg.get("name", "adam")).lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+
+
 def config_kwargs(cls: type, st: Mapping[str, Any], **given: Any) -> dict[str, Any]:
     """The keyword arguments of ``cls`` found in a stage config (conf/stage/<name>.yaml with its
     overrides) plus ``given``: a stage's knobs reach its LightningModule by name, without a

@@ -34,15 +34,23 @@ class CoreStage(StageModule):
         if channels_last:  # NHWC convolutions: faster for many conv nets, different float rounding
             net = net.to(memory_format=torch.channels_last)
         super().__init__(net, optimizer, lr_schedule)
-        if mode not in ("natural", "pgd"):
-            raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
-        if mode == "pgd" and not 0.0 < train_eps <= 1.0:
-            raise ConfigError(f"PGD core training needs train_eps in (0, 1], got {train_eps}")
+        self.check_config({"mode": mode, "train_eps": train_eps}, eval_eps)
         self.mode, self.train_eps = mode, float(train_eps)
         self.pgd_steps, self.pgd_step_size = int(pgd_steps), float(pgd_step_size)
         self.eval_eps, self.eval_pgd_steps, self.l1 = float(eval_eps), int(eval_pgd_steps), float(l1)
         self.channels_last = bool(channels_last)
         self.save_hyperparameters(ignore=["net"])
+
+    @staticmethod
+    def check_config(st: Mapping[str, Any], eps: float) -> None:
+        """One-line ConfigErrors before any data is loaded (eps: the run's, for the PGD evaluation)."""
+        mode, train_eps = st.get("mode", "natural"), st.get("train_eps", 0.0)
+        if mode not in ("natural", "pgd"):
+            raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
+        if mode == "pgd" and not 0.0 < float(train_eps) <= 1.0:
+            raise ConfigError(f"PGD core training needs train_eps in (0, 1], got {train_eps}")
+        if not 0.0 <= float(eps) <= 1.0:
+            raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """The batch in the net's memory format (NHWC with ``channels_last``)."""
