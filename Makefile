@@ -16,7 +16,7 @@ GPU_VENV := .gpu-venv
 GPU_DEPS := hydra-core==1.3.8 omegaconf==2.3.0 appdirs==1.4.4
 GPU_SDISTS := antlr4-python3-runtime==4.9.3 auto-LiRPA==0.3
 
-.PHONY: install data test test-all bench demo demo-gate reproduce-cifar clean help gpu-check gpu-wheels
+.PHONY: install data test test-all bench demo demo-gate demo-seeds reproduce-cifar clean help gpu-check gpu-wheels
 
 help:
 	@echo "make install   create .venv with the pinned stack (requirements/constraints.txt)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench     benchmarks -> benchmarks/results/<date>.json"
 	@echo "make demo      the whole ACE pipeline on Fashion-MNIST (eps 0.1) on a CPU (margin selection)"
 	@echo "make demo-gate the same nets with the paper's selection network too, both on one plot"
+	@echo "make demo-seeds the demo over seeds 0, 1, 2: runs/summary_seeds.md (mean +- std)"
 	@echo "make reproduce-cifar   the paper's CIFAR-10 recipes (GPUs); SMOKE=1: tiny CPU run"
 	@echo "make gpu-check the GPU check (benchmarks/gpu_check.py); DEVICE=cpu: the same on the CPU"
 	@echo "make gpu-wheels  Python 3.12 wheels the GPU machine lacks (needs the package registries)"
@@ -68,6 +69,11 @@ demo-gate: demo
 	$(PY) -m ace_lightning.train stage=pipeline experiment=demo_fmnist ++stage_overrides.certify.selection=gate $(ARGS)
 	$(PY) -m ace_lightning.cli action=compare 'runs=[runs/demo_fmnist/eps_0.1]' out_dir=runs/demo_fmnist/eps_0.1/compare \
 		'methods=[IBP,CROWN-IBP]'
+
+# The demo over three seeds (seed 0 is `make demo`'s run folder, skipped when complete; seeds 1
+# and 2 in runs/demo_fmnist/eps_0.1_seed<n>/): runs/summary_seeds.md holds mean +- std per point.
+demo-seeds: data
+	$(PY) -m ace_lightning.train -m stage=pipeline experiment=demo_fmnist seed=0,1,2 $(ARGS)
 
 reproduce-cifar: install
 	$(PY) -m ace_lightning.pipeline $(if $(filter 1,$(SMOKE)),--smoke --runs-root runs/smoke,) $(ARGS)

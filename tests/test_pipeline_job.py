@@ -155,9 +155,10 @@ def test_a_parallel_two_by_two_sweep_over_real_datasets_survives_a_failing_job(t
 
 def test_a_two_job_sweep_through_submitit_local(tmp_path):
     """hydra/launcher=submitit_local: the Slurm launcher's code path (submitit pickles each job and
-    runs it in its own process) without a scheduler; both jobs finish, the summary lists both."""
+    runs it in its own process) without a scheduler; both jobs (two seeds) finish, each in its own
+    run folder, the summary lists both and summary_seeds aggregates them (mean +- std, n = 2)."""
     runs = tmp_path / "runs"
-    res = subprocess.run([sys.executable, "-m", "ace_lightning.train", "-m", "stage=pipeline", "eps=0.02,0.04",
+    res = subprocess.run([sys.executable, "-m", "ace_lightning.train", "-m", "stage=pipeline", "eps=0.02", "seed=0,1",
                           "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                           f"runs_root={runs}", *PIPELINE_TINY], capture_output=True, text=True, env=ENV,
                          cwd=tmp_path, timeout=600)
@@ -166,8 +167,20 @@ def test_a_two_job_sweep_through_submitit_local(tmp_path):
     logs = list((runs / ".multirun" / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2, logs  # each job ran under submitit, with its own log
     summary = _summary(runs)
-    assert set(summary) == {"synthetic/eps_0.02", "synthetic/eps_0.04"}
+    assert set(summary) == {"synthetic/eps_0.02", "synthetic/eps_0.02_seed1"}
     assert {r["status"] for rows in summary.values() for r in rows} == {"complete"}
+    assert {r["seed"] for rows in summary.values() for r in rows} == {"0", "1"}
+    with open(runs / "summary_seeds.csv", newline="") as fh:
+        seeds = {r["point"]: r for r in csv.DictReader(fh)}
+    one = {r["point"]: r for r in summary["synthetic/eps_0.02"]}
+    other = {r["point"]: r for r in summary["synthetic/eps_0.02_seed1"]}
+    for point, row in seeds.items():
+        assert row["run"] == "synthetic/eps_0.02" and row["n"] == "2" and row["seeds"] == "0 1"
+        a, b = float(one[point]["nat_acc"]), float(other[point]["nat_acc"])
+        assert float(row["nat_acc"]) == pytest.approx((a + b) / 2, abs=1e-3)
+        assert float(row["nat_acc_std"]) == pytest.approx(abs(a - b) / 2 ** 0.5, abs=1e-3)
+    assert "core_alone" in seeds and "nat_within_1pt" in seeds
+    assert "over seeds:" in res.stdout + res.stderr
     assert "sweep: 2 of 2 jobs complete" in res.stdout
 
 

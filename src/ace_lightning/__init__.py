@@ -8,3 +8,7 @@ __version__ = "0.2.0"
 from ace_lightning import console as _console  # noqa: E402
 
 _console.install()
+
+# the configs' own resolver (${seed_suffix:${seed}} in run_name) must exist wherever a job's config
+# is resolved, also in a launcher's worker process before the task function runs (submitit)
+from ace_lightning import config as _config  # noqa: E402,F401

@@ -83,6 +83,8 @@ class SweepGuard(Callback):
                  "".join(f"\n  {job.get('status', '?')}: {run}: {job.get('error') or ''}" for run, job in failed.items()))
         if rows:
             log.info(f"runs summary: {root / 'summary.md'} (and summary.csv)")
+            if (root / "summary_seeds.md").is_file() and any(job.get("seed") for job in jobs.values()):
+                log.info(f"over seeds: {root / 'summary_seeds.md'} (mean +- std; and summary_seeds.csv)")
             log_sweep_to_wandb(config, root, rows, jobs)
         if failed:
             log.error(f"{len(failed)} of {len(jobs)} sweep jobs failed (see {root / 'summary.md'})")

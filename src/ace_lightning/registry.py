@@ -425,7 +425,8 @@ def run_job(cfg: Any, callbacks: tuple = (), work: Optional[Callable[[], Any]] =
     name = str(to_dict(cfg["stage"]).get("name"))
     data = to_dict(cfg["data"]) or {}
     state = {"job": name, "status": "running", "started": time.time(), "pid": os.getpid(),
-             "data": data.get("name"), "eps": cfg.get("eps"), "overrides": _task_overrides()}
+             "data": data.get("name"), "eps": cfg.get("eps"), "seed": cfg.get("seed"),
+             "overrides": _task_overrides()}
     write_job_state(run_dir, state)
     try:
         out = work() if work is not None else run_stage(cfg, callbacks)

@@ -1,6 +1,7 @@
-"""One table across every run under a runs root (Hydra sweeps over datasets and epsilons produce
-one run folder per combination): summary.csv and summary.md, rewritten atomically after each
-certify stage and after each multirun.
+"""One table across every run under a runs root (Hydra sweeps over datasets, epsilons and seeds
+produce one run folder per combination): summary.csv and summary.md, rewritten atomically after
+each certify stage and after each multirun; runs that differ only in their seed also get
+summary_seeds.csv / .md (mean +- std, n).
 
 Every launcher job (``ace-train ...``) records its outcome in ``<run_dir>/job.json`` (running,
 complete, or failed with its one-line error and the stage that failed), so the table lists every
@@ -10,13 +11,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ace_lightning.atomic import atomic_write_text
 
-COLUMNS = ("run", "data", "eps", "selection", "point", "threshold", "nat_acc", "cert_acc", "adv_acc",
+COLUMNS = ("run", "data", "eps", "seed", "selection", "point", "threshold", "nat_acc", "cert_acc", "adv_acc",
            "cert_route_rate", "status", "error")
 METRICS = ("threshold", "nat_acc", "cert_acc", "adv_acc", "cert_route_rate")
 JOB_STATE = "job.json"  # <run_dir>/job.json: the last launcher job that ran in the run folder
@@ -72,14 +75,59 @@ def collect(runs_root: Path) -> list[dict[str, Any]]:
         job = jobs.get(run) or {}
         data = m.get("config", {}).get("spec", {}).get("data", {}).get("name", "")
         for key, metrics in (m.get("metrics") or {}).items():
-            rows.append({"run": run, "data": data, "eps": m.get("eps"), "selection": m.get("selection"),
+            rows.append({"run": run, "data": data, "eps": m.get("eps"), "seed": run_seed(run, job),
+                         "selection": m.get("selection"),
                          "point": key, **{c: metrics.get(c) for c in METRICS},
                          "status": job.get("status", "complete"), "error": job.get("error")})
     for run, job in jobs.items():
         if run not in certified:
-            rows.append({"run": run, "data": job.get("data"), "eps": job.get("eps"), "status": job.get("status"),
+            rows.append({"run": run, "data": job.get("data"), "eps": job.get("eps"), "seed": run_seed(run, job),
+                         "status": job.get("status"),
                          "error": job.get("error") if job.get("status") != "complete" else None})
     return rows
+
+
+_SEED = re.compile(r"_seed(\d+)$")  # config.seed_suffix: seed 0 has none
+
+
+def run_seed(run: str, job: Optional[dict[str, Any]] = None) -> int:
+    """A run folder's seed: its job record's, else its name's ``_seed<n>`` (0 without one)."""
+    if job and job.get("seed") is not None:
+        return int(job["seed"])
+    found = _SEED.search(run)
+    return int(found.group(1)) if found else 0
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that differ only in their seed, aggregated: one row per (run without its seed part,
+    selection, point) with n, the seeds, and mean and sample standard deviation (n - 1) of every
+    metric; only groups of complete runs with at least two seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "complete" and r.get("point"):
+            key = (_SEED.sub("", r["run"]), r.get("data"), r.get("eps"), r.get("selection"), r["point"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (run, data, eps, selection, point), members in groups.items():
+        seeds = sorted({int(m["seed"]) for m in members})
+        if len(seeds) < 2:
+            continue
+        row: dict[str, Any] = {"run": run, "data": data, "eps": eps, "selection": selection, "point": point,
+                               "n": len(members), "seeds": " ".join(map(str, seeds))}
+        for metric in SEED_METRICS:
+            values = [float(m[metric]) for m in members if isinstance(m.get(metric), (int, float))
+                      and math.isfinite(float(m[metric]))]
+            mean = sum(values) / len(values) if values else None
+            row[metric] = mean
+            row[f"{metric}_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                                    if len(values) > 1 else None)
+        out.append(row)
+    return out
+
+
+SEED_METRICS = ("nat_acc", "cert_acc", "adv_acc", "cert_route_rate")
+SEED_COLUMNS = ("run", "data", "eps", "selection", "point", "n", "seeds",
+                *[c for m in SEED_METRICS for c in (m, f"{m}_std")])
 
 
 def _fmt(v: Any) -> str:
@@ -111,6 +159,22 @@ def write_summary(runs_root: Path) -> list[dict[str, Any]]:
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_md_cell(r, c) for c in COLUMNS) + " |" for r in rows]
     atomic_write_text(runs_root / "summary.md", "\n".join(md) + "\n")
+    seeds = seed_groups(rows)
+    if seeds:  # summary_seeds.csv / .md: mean +- std over the seeds of each run
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(SEED_COLUMNS)
+        writer.writerows([[_fmt(r.get(c)) for c in SEED_COLUMNS] for r in seeds])
+        atomic_write_text(runs_root / "summary_seeds.csv", buf.getvalue())
+        head = ["run", "data", "eps", "selection", "point", "n", *SEED_METRICS]
+        md = ["Mean +- sample standard deviation over seeds (runs that differ only in `seed`).", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in seeds:
+            cells = [_fmt(r.get(c)).replace("|", "\\|") for c in head[:6]]
+            cells += [f"{100 * r[m]:.2f} +- {100 * r[m + '_std']:.2f}" if r.get(m) is not None
+                      and r.get(m + "_std") is not None else "" for m in SEED_METRICS]
+            md.append("| " + " | ".join(cells) + " |")
+        atomic_write_text(runs_root / "summary_seeds.md", "\n".join(md) + "\n")
     return rows
 
 
