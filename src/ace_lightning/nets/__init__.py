@@ -8,7 +8,7 @@ from torch import nn
 from ace_lightning.nets.cert import CERT_NETS, create_cert_net
 from ace_lightning.nets.core import CORE_NETS, PretrainedUnavailableError, create_core
 from ace_lightning.nets.gate import create_gate, final_linear_name, init_gate_from_cert
-from ace_lightning.nets.layers import Normalize
+from ace_lightning.nets.layers import Normalize, eval_mode
 from ace_lightning.errors import ConfigError
 
 
@@ -28,5 +28,5 @@ def build_net(cfg: Mapping[str, Any], info: Any, **overrides: Any) -> nn.Module:
 
 __all__ = [
     "CERT_NETS", "CORE_NETS", "Normalize", "PretrainedUnavailableError", "build_net", "create_cert_net",
-    "create_core", "create_gate", "final_linear_name", "init_gate_from_cert",
+    "create_core", "create_gate", "eval_mode", "final_linear_name", "init_gate_from_cert",
 ]
