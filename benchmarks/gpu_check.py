@@ -95,7 +95,7 @@ def run(cmd: list[str], env: dict, timeout: int) -> tuple[bool, float, str]:
 def compare_records(device_csv: Path, cpu_csv: Path) -> dict:
     """cert_ok identical and |g|, |lb_g|, |ub_g| differences <= TOLERANCE per (split, index)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from ace_lightning.sweep import load_records
+    from ace_lightning.records import load_records
 
     a, b = load_records(device_csv), load_records(cpu_csv)
     key = lambda r: [f"{s}:{i}" for s, i in zip(r["split"], r["index"])]  # noqa: E731

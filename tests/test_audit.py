@@ -20,14 +20,15 @@ from torch import nn
 
 from ace_lightning.ace import ACEModel
 from ace_lightning.attacks.pgd import pgd_minimize
-from ace_lightning.audit import (AUDIT_FILE, AuditSettings, audit_stage, certified_folders, milp_check,
-                                 read_claims, reference_problem)
+from ace_lightning.audit import AUDIT_FILE, audit_stage, certified_folders
+from ace_lightning.audit_bounds import milp_check, reference_problem
+from ace_lightning.audit_claims import AuditSettings, read_claims
 from ace_lightning.bounds.milp import min_margin_milp, scipy_missing
-from ace_lightning.bounds.reference import exact_output_range
 from ace_lightning.errors import ConfigError, InputNotFoundError, StageInputError
 from ace_lightning.nets.layers import Normalize
 from ace_lightning.registry import run_stage
-from ace_lightning.sweep import load_records, save_records
+from ace_lightning.records import load_records, save_records
+from exact_ranges import exact_output_range
 from stage_utils import compose_cfg
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
@@ -241,7 +242,7 @@ def _fc(seed: int) -> nn.Sequential:
 @pytest.mark.parametrize("seed", range(5))
 def test_milp_minimum_equals_enumerated_exact_minimum(seed):
     """min over the ball of min_j z_y - z_j: the MILP against the exact range of every margin from
-    LPs over all activation regions (bounds/reference.exact_output_range)."""
+    LPs over all activation regions (tests/exact_ranges.py)."""
     net = _fc(seed)
     x = torch.rand(1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + seed))
     y, eps = int(net(x).argmax()), 0.3

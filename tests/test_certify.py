@@ -15,7 +15,8 @@ from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, composed
 from ace_lightning.attacks.composed import attack_composed
 from ace_lightning.bounds import margin_lower_bounds, output_bounds, robust_ce_loss
 from ace_lightning.nets import init_gate_from_cert
-from ace_lightning.sweep import Records, evaluate, exact_thresholds
+from ace_lightning.records import Records
+from ace_lightning.sweep import evaluate, exact_thresholds
 
 SHAPE, K = (1, 6, 6), 3
 EPS = 0.15
@@ -192,7 +193,7 @@ def test_stage_attack_counts_certified_inputs_robust_and_attacks_the_rest(traine
     """certify's attack_test_split: every uncertified input is attacked, certified ones count as
     robust (a sample is attacked for the soundness check), so certified <= adversarial, and the
     uncertified inputs get the same verdict as attacking everything."""
-    from ace_lightning.certify import attack_test_split
+    from ace_lightning.certify_attack import attack_test_split
 
     x, y, rec, cols, loader = _stage_attack_inputs(trained)
     T = float(np.median(cols["g"]))
@@ -213,7 +214,7 @@ def test_stage_attack_counts_certified_inputs_robust_and_attacks_the_rest(traine
 def test_stage_attack_finds_an_unsound_certificate(trained):
     """Break the records on purpose (claim certificates for inputs the cert-net gets wrong): the
     stage's soundness check attacks certified inputs and reports them."""
-    from ace_lightning.certify import attack_test_split
+    from ace_lightning.certify_attack import attack_test_split
 
     x, y, rec, cols, loader = _stage_attack_inputs(trained)
     points = [{"key": "p", "threshold": -1e9}]  # everything routed to the cert-net
@@ -318,7 +319,7 @@ def test_composed_attack_checks_the_candidate_points_first(trained):
 def test_stage_attack_numbers_do_not_depend_on_the_global_rng(trained):
     """Each attack draws its random restarts from its own seeded generator and leaves the global
     RNG alone: the same adversarial numbers whatever ran before."""
-    from ace_lightning.certify import attack_test_split
+    from ace_lightning.certify_attack import attack_test_split
 
     x, y, rec, cols, loader = _stage_attack_inputs(trained)
     points = [{"key": "p", "threshold": float(np.median(cols["g"]))}]

@@ -3,7 +3,7 @@ re-check, budget-limited inputs, core-route certificates (ub_g < T), entropy sel
 10-class conv net with very confident logits, and a cascade of two pairs.
 
 Each path certifies float32 records with certify_batch (what the certify stage and predict run),
-then the audit's attacks (ace_lightning.audit.attack_check: every certified input, the recorded
+then the audit's attacks (ace_lightning.audit_attacks.attack_check: every certified input, the recorded
 bounds themselves and the composed model as deployed) must find no violation. Each test also
 breaks its path's bound on purpose (the bound shrunk toward the value at x: too tight, so no
 longer a bound over the ball, yet consistent at x) and asserts that the same attack sees it:
@@ -19,11 +19,12 @@ from torch import nn
 
 from ace_lightning import ace as ace_module
 from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, composed_certified
-from ace_lightning.audit import AuditSettings, attack_check, read_claims
+from ace_lightning.audit_attacks import attack_check
+from ace_lightning.audit_claims import AuditSettings, read_claims
 from ace_lightning.bounds import METHODS, ladder, margin_lower_bounds, output_bounds, robust_ce_loss
 from ace_lightning.errors import SoundnessError
 from ace_lightning.nets import init_gate_from_cert
-from ace_lightning.sweep import Records
+from ace_lightning.records import Records
 
 SHAPE, K = (1, 8, 8), 10
 EPS_TRAIN, EPS = 0.08, 0.13   # certified at a larger eps than trained for: a mix of certified and not
@@ -397,8 +398,9 @@ def test_refinement_covers_every_reported_operating_point(nets):
     at, no interval got looser, and no input straddles such a T without the refine method."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ace_lightning.certify import IndexedSubset, record_columns, refine_at_operating_points
-    from ace_lightning.sweep import val_operating_thresholds
+    from ace_lightning.certify_pass import IndexedSubset, refine_at_operating_points
+    from ace_lightning.records import record_columns
+    from ace_lightning.operating import val_operating_thresholds
 
     import copy
 
@@ -442,7 +444,7 @@ def test_margin_selection_with_class_thresholds(nets, monkeypatch, broken):
     from ace_lightning.attacks.pgd import frozen, pgd_minimize
     from ace_lightning.attacks.composed import attack_composed
     from ace_lightning.bounds.gap import gap
-    from ace_lightning.sweep import choose_class_thresholds
+    from ace_lightning.operating import choose_class_thresholds
 
     two = nets["two"]
     model = ACEModel(two.core, [two.certs[0]], [None], [0.0], _spec("margin"), ["margin"]).eval()

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ace_lightning.sweep import load_records, save_records, sweep, synthetic_records
+from ace_lightning.records import load_records, save_records
+from ace_lightning.sweep import sweep
+from record_factory import synthetic_records
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
 

@@ -136,16 +136,11 @@ def test_lightning_advertisement_is_dropped():
 
 
 def test_progress_follows_enable_progress_bar(monkeypatch):
-    from omegaconf import OmegaConf
-
     items = [1, 2, 3]
     assert console.progress(items, False) is items
     monkeypatch.setattr(console, "global_rank", lambda: 0)
     bar = console.progress(items, True, desc="x", disable=True)
     assert bar is not items and list(bar) == items
-    cfg = OmegaConf.create({"trainer": {"enable_progress_bar": False}})
-    assert console.progress_enabled(cfg) is False and console.progress_enabled(cfg.trainer) is False
-    assert console.progress_enabled(OmegaConf.create({"trainer": {}})) is True
 
 
 def test_without_bars_a_long_step_says_what_it_is_doing(fresh_console, capsys):

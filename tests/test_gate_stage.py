@@ -207,7 +207,7 @@ def test_gate_stage_trains_from_the_cert_net_and_caches_labels(runs, capsys, mon
     info = _info()
     cert = build_net(json.loads((run_dir / "cert" / "manifest.json").read_text())["net"], info)
     cert.load_state_dict(torch.load(run_dir / "cert" / "cert.pt", weights_only=True))
-    from ace_lightning.stages.cert import certified_correct
+    from ace_lightning.stages.certified import certified_correct
     ds = info.build(str(runs), train=True, input_shape=[1, 16, 16], num_classes=3, train_size=1024, test_size=256,
                     noise=0.15, seed=0)
     idx = train["indices"][:16].tolist()

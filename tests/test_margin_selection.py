@@ -14,7 +14,9 @@ import torch
 from ace_lightning import rule
 from ace_lightning.ace import ACEModel, composed_certified
 from ace_lightning.bounds.gap import gap, gap_bounds
-from ace_lightning.sweep import METRICS, Records, choose_class_thresholds, evaluate
+from ace_lightning.operating import choose_class_thresholds
+from ace_lightning.records import Records
+from ace_lightning.sweep import METRICS, evaluate
 from bound_checks import conv_net, fc_net, points_in_ball
 
 
@@ -205,7 +207,7 @@ def test_pipeline_without_a_gate_stage_certifies_margin_selection(tmp_path):
     import json
 
     from ace_lightning.registry import run_stage
-    from ace_lightning.sweep import load_records
+    from ace_lightning.records import load_records
     from stage_utils import compose_cfg
 
     from ace_lightning.registry import default_stages
@@ -246,7 +248,7 @@ def test_a_cascade_is_certified_swept_attacked_and_exported_from_its_run_folder(
     import json
 
     from ace_lightning.registry import run_stage
-    from ace_lightning.sweep import load_records
+    from ace_lightning.records import load_records
     from stage_utils import compose_cfg
 
     base = ["run_name=c", "net@cert_net=fc", "net@core_net=fc", "eps=0.03"]

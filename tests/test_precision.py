@@ -21,7 +21,8 @@ from ace_lightning.bounds import (
     robust_ce_loss,
 )
 from ace_lightning.bounds.entropy import entropy_selection_loss
-from ace_lightning.bounds.lirpa import METHODS, _fp32_knobs
+from ace_lightning.bounds.precision import _fp32_knobs
+from ace_lightning.bounds.problem import METHODS
 from bound_checks import assert_contained, conv_net, points_in_ball, values_at
 
 EPS = 0.01

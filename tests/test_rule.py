@@ -16,7 +16,8 @@ import torch
 from rule_oracle import brute_cascade
 from ace_lightning import rule
 from ace_lightning.ace import composed_certified
-from ace_lightning.sweep import METRICS, Records, evaluate, exact_thresholds, sweep_arrays
+from ace_lightning.records import Records
+from ace_lightning.sweep import METRICS, evaluate, exact_thresholds, sweep_arrays
 
 POOL = (-1.0, -0.5, 0.0, 0.5, 1.0)  # thresholds come from here too: ties at T are frequent
 

@@ -15,24 +15,20 @@ import warnings
 import numpy as np
 import pytest
 
+from record_factory import synthetic_records
 from rule_oracle import brute_cascade, brute_single
+from ace_lightning.operating import choose_operating_points
+from ace_lightning.records import NO_RECORDS, Records, load_records, save_records
 from ace_lightning.report import PLOT_DPI, PLOT_SIZE, format_table, write_sweep_outputs
 from ace_lightning.sweep import (
     METRICS,
-    NO_RECORDS,
     SWEEP_COLUMNS,
-    Records,
-    choose_operating_points,
     evaluate,
     exact_thresholds,
-    load_records,
     reference_points,
     report_at,
-    save_records,
     sweep,
     sweep_arrays,
-    sweep_cost,
-    synthetic_records,
 )
 
 UP = lambda x: float(np.nextafter(x, np.inf))  # noqa: E731
@@ -209,16 +205,13 @@ def test_choose_operating_points():
 
 
 def test_report_at_and_adversarial_column():
-    cols = hand_records()
-    cols["adv_correct"] = np.array([1, 1, 0, 1, 1, 0, 0, 0])
-    cols["adv_threshold"] = np.full(8, 0.5)
-    at = report_at(cols, {"chosen": 0.5, "other": 0.6})
-    assert at[0]["name"] == "chosen" and at[0]["adv_acc"] == 4 / 8
-    assert metrics(at[0]) == metrics(evaluate(cols, 0.5))
-    assert "adv_acc" not in at[1]  # the attack ran at another T: not reported
+    at = report_at(hand_records(), {"chosen": 0.5, "other": 0.6})
+    assert at[0]["name"] == "chosen" and metrics(at[0]) == metrics(evaluate(hand_records(), 0.5))
+    assert all("adv_acc" not in p for p in at)  # records carry no attack: the certify stage adds it
+    assert "adversarial" not in format_table(at)
+    at[0]["adv_acc"] = 0.5  # as attack_and_check adds it to the points
     table = format_table(at)
     assert "adversarial" in table and "50.00" in table
-    assert "adversarial" not in format_table(report_at(hand_records(), [0.5]))
 
 
 def test_format_table_generic_columns():
@@ -301,7 +294,10 @@ def test_write_sweep_outputs_without_val(tmp_path):
 def test_sweep_cost_times_each_exact_sweep_and_returns_the_best(monkeypatch):
     """The benchmarks' timer: the clock is read right before and after each real exact sweep of
     the records, and the fastest repeat is returned (a scripted clock makes the times exact)."""
-    import ace_lightning.sweep as sweep_module
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ace_costs as bench
 
     cols = synthetic_records(200, seed=13)
     exact_rows = sweep(cols, exact=True)
@@ -321,14 +317,14 @@ def test_sweep_cost_times_each_exact_sweep_and_returns_the_best(monkeypatch):
         now[0] += next(durations)  # it takes this long on the scripted clock
         return rows
 
-    monkeypatch.setattr(sweep_module, "time", ScriptedClock)
-    monkeypatch.setattr(sweep_module, "sweep", timed_sweep)
-    assert sweep_cost(cols, repeats=3) == 0.25
+    monkeypatch.setattr(bench, "time", ScriptedClock)
+    monkeypatch.setattr(bench, "sweep", timed_sweep)
+    assert bench.sweep_cost(cols, repeats=3) == 0.25
     assert events == ["clock", "sweep", "clock"] * 3  # nothing else is inside the timed span
     assert [(a, k) for a, k, _ in calls] == [((), {"exact": True})] * 3
     assert all(rows == exact_rows for *_, rows in calls)
     events.clear()
-    assert sweep_cost(cols, repeats=0) == 2.0  # at least one sweep
+    assert bench.sweep_cost(cols, repeats=0) == 2.0  # at least one sweep
     assert events == ["clock", "sweep", "clock"]
 
 

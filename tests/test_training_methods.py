@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from ace_lightning.bounds import input_box, margin_lower_bounds, margin_spec
+from ace_lightning.bounds import input_box, margin_ce, margin_lower_bounds, margin_spec
 from ace_lightning.registry import run_stage
 from ace_lightning.stages.losses import (CertifiedLoss, ExpressiveLoss, SABRLoss, TrainingAttack, build_loss,
-                                         ibp_init, margin_ce, shi_regularizer)
+                                         ibp_init, shi_regularizer)
 from bound_checks import conv_net
 from stage_utils import CERT_TINY, compose_cfg
 

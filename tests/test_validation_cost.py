@@ -13,8 +13,9 @@ from ace_lightning.bounds import lirpa
 from ace_lightning.bounds.lirpa import CACHE_PER_NET
 from ace_lightning.data import get_dataset_info
 from ace_lightning.nets import build_net
-from ace_lightning.stages import cert as cert_mod
-from ace_lightning.stages.cert import CertStage, certified_correct
+from ace_lightning.stages import certified as cert_mod
+from ace_lightning.stages.cert import CertStage
+from ace_lightning.stages.certified import certified_correct
 from ace_lightning.stages.gate import GateStage
 
 EPS = 1e-4  # a random net: IBP certifies most correct inputs, CROWN-IBP a few more

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 
 import ace_lightning.attacks.composed as composed
 from ace_lightning.ace import ACEModel
-from ace_lightning.certify import ATTACK_DEFAULTS, IndexedSubset, attack_test_split
+from ace_lightning.certify_attack import ATTACK_DEFAULTS, attack_test_split
+from ace_lightning.certify_pass import IndexedSubset
 from ace_lightning.data import ACEDataModule
-from ace_lightning.sweep import load_records
+from ace_lightning.records import load_records
 
 HERE = Path(__file__).resolve().parent
 

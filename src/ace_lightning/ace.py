@@ -22,9 +22,11 @@ from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize
 from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
 from ace_lightning.bounds.gap import gap, gap_bounds
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
-from ace_lightning.bounds.lirpa import alpha_crown_options, net_in_dtype, precise
+from ace_lightning.bounds.lirpa import alpha_crown_options
+from ace_lightning.bounds.precision import net_in_dtype, precise
 from ace_lightning.bounds.outward import param_dtype, widen
 from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError, StageInputError
+from ace_lightning.records import method_codes, pair_suffix, pair_suffixes
 from ace_lightning.routing import composed_output, first_firing, selects
 
 FORMAT = "ace-lightning/ace-model/1"
@@ -51,7 +53,7 @@ class CertifySettings:
     refute_steps: int = 10
     time_budget_s: Optional[float] = 2.0
     dtype: str = "float32"
-    recheck_tol: float = 1.0e-3  # 40x the largest float32 error measured on the demo's nets (2.3e-5)
+    recheck_tol: float = 1.0e-3  # far above float32's error on a bound (README, "Precision", has the measured one)
     core_method: Optional[str] = None
     alpha_crown_iterations: int = 20
     alpha_crown_lr: float = 0.5
@@ -94,11 +96,6 @@ class CertifySettings:
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-
-def method_name(code: int) -> str:
-    """Records store methods as indices into bounds.METHODS (-1: none)."""
-    return "none" if int(code) == NO_METHOD else METHODS[int(code)]
 
 
 def composed_certified(cert_ok: Any, core_ok: Any, lb_g: Any, ub_g: Any, thresholds: Any,
@@ -251,22 +248,21 @@ class ACEModel(nn.Module):
         certifies it). Certification as in the certify stage: cheap to tight, the gate refined at
         this model's thresholds, float64 near a decision; ``settings`` default to those the model
         was certified with (its spec), else CertifySettings()."""
-        was = self.training
-        self.eval()
-        logits, branch = self.route(x)
-        labels = logits.argmax(-1)
-        result = {"labels": labels, "branch": branch}
-        if eps is not None:
-            if settings is None:
-                settings = CertifySettings.from_config(self.spec.get("certify") or {})
-            rec = certify_batch(self, x, labels, eps, settings, thresholds=[self.thresholds.tolist()])
-            n = self.num_branches
-            sfx = [""] if n == 1 else [f"_{i + 1}" for i in range(n)]
-            stack = lambda name: torch.stack([rec[f"{name}{s}"] for s in sfx], dim=1)  # noqa: E731
-            result["certified"] = composed_certified(stack("cert_ok"), rec["core_ok"], stack("lb_g"),
-                                                     stack("ub_g"), self.thresholds, g=stack("g"),
-                                                     kappa=self.class_thresholds, cls=stack("cert_pred"))
-        self.train(was)
+        from ace_lightning.nets.layers import eval_mode  # not at import: the nets package loads timm
+
+        with eval_mode(self):
+            logits, branch = self.route(x)
+            labels = logits.argmax(-1)
+            result = {"labels": labels, "branch": branch}
+            if eps is not None:
+                if settings is None:
+                    settings = CertifySettings.from_config(self.spec.get("certify") or {})
+                rec = certify_batch(self, x, labels, eps, settings, thresholds=[self.thresholds.tolist()])
+                sfx = pair_suffixes(self.num_branches)
+                stack = lambda name: torch.stack([rec[f"{name}{s}"] for s in sfx], dim=1)  # noqa: E731
+                result["certified"] = composed_certified(stack("cert_ok"), rec["core_ok"], stack("lb_g"),
+                                                         stack("ub_g"), self.thresholds, g=stack("g"),
+                                                         kappa=self.class_thresholds, cls=stack("cert_pred"))
         return result
 
     # -- one artefact, weights-only loading --------------------------------------------------------
@@ -368,7 +364,7 @@ def certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float,
     (indices into bounds.METHODS, -1: none), g, lb_g, ub_g; rechecked (decided in float64),
     recheck_flipped (float64 changed a decision) and float64 (the pass's dtype). ``thresholds``: threshold vectors (one T per pair) at which the
     gate intervals are refined and re-checked; None: thresholds are not known yet (the certify
-    stage refines later, certify.refine_records). Full precision throughout (autocast off), so the
+    stage refines later, certify_pass.refine_records). Full precision throughout (autocast off), so the
     records do not depend on the caller's mixed-precision context."""
     settings = settings or CertifySettings()
     with alpha_crown_options(settings.alpha_crown_iterations, settings.alpha_crown_lr):
@@ -394,9 +390,10 @@ def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float
         out["core_ok"] = torch.zeros_like(y, dtype=torch.bool)
     rechecked = torch.zeros_like(y, dtype=torch.bool)
     flipped = torch.zeros_like(rechecked)
-    codes = lambda names: torch.tensor([METHODS.index(m) for m in names], device=x.device)  # noqa: E731
+    code_of = method_codes()
+    codes = lambda names: torch.tensor([code_of[m] for m in names], device=x.device)  # noqa: E731
     for i in range(n):
-        sfx = "" if n == 1 else f"_{i + 1}"
+        sfx = pair_suffix(i + 1, n)
         net = model.certs[i]
 
         def refute(idx, net=net):

@@ -25,8 +25,9 @@ from typing import Any, Optional
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ace_lightning.config import to_dict
 from ace_lightning.console import log, setup_console
 from ace_lightning.errors import USER_ERRORS, fail_on, hydra_entry
 from ace_lightning.errors import ConfigError, InputNotFoundError
@@ -34,10 +35,6 @@ from ace_lightning.errors import ConfigError, InputNotFoundError
 SPLITS = ("val", "test")
 PLOT_COLUMNS = ("threshold", "nat_acc", "cert_acc", "cert_route_rate")
 FORWARDED = ("data", "trainer")  # config groups of conf/certify.yaml that belong to the train config
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _required(cfg: DictConfig, key: str, what: str) -> str:
@@ -48,7 +45,7 @@ def _required(cfg: DictConfig, key: str, what: str) -> str:
 
 def _grid(value: Any) -> Optional[int | list[float]]:
     """The grid as sweep.threshold_grid takes it; an empty one is refused before any work."""
-    value = _plain(value)
+    value = to_dict(value)
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -137,11 +134,11 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
                                  if k not in ("name", "epochs", "grad_clip")})
     knobs = {"selection": selection, "entropy_stage": entropy_stage if selection == "entropy" else None,
              "batch_size": cfg.batch_size, "grid": _grid(cfg.grid),
-             **{k: _plain(cfg.get(k)) for k in ("methods", "gate_methods", "refine_methods", "thresholds",
+             **{k: to_dict(cfg.get(k)) for k in ("methods", "gate_methods", "refine_methods", "thresholds",
                                                 "time_budget_s", "dtype", "recheck_tol")}}
     out += [o for k, v in knobs.items() if v is not None for o in _dotted(f"stage.{k}", v)]
     out.append(f"overwrite={_override_value(bool(cfg.overwrite))}")
-    return out + dotted + [str(o) for o in _plain(cfg.overrides) or []]
+    return out + dotted + [str(o) for o in to_dict(cfg.overrides) or []]
 
 
 def run_certify_action(cfg: DictConfig) -> dict:
@@ -157,7 +154,7 @@ def run_certify_action(cfg: DictConfig) -> dict:
 
 def run_sweep_action(cfg: DictConfig) -> dict:
     from ace_lightning.report import format_table, write_sweep_outputs
-    from ace_lightning.sweep import _split_set, load_records
+    from ace_lightning.records import load_records, split_set
 
     path = _required(cfg, "records", "records.csv")
     grid = _grid(cfg.grid)
@@ -169,7 +166,7 @@ def run_sweep_action(cfg: DictConfig) -> dict:
         if cfg.split not in SPLITS:
             raise ConfigError(f"split={cfg.split!r}: pass split=val, split=test or split=null")
         if "split" in records and cfg.split not in records.splits:
-            raise ConfigError(f"records in {path} hold split(s) {_split_set(records.splits)}, not "
+            raise ConfigError(f"records in {path} hold split(s) {split_set(records.splits)}, not "
                              f"{cfg.split!r}: pass split=null or certify the {cfg.split} split")
         records = records.split(cfg.split)
     out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(path))
@@ -246,7 +243,7 @@ def run_compare_action(cfg: DictConfig) -> dict:
     from ace_lightning.ace import CertifySettings
     from ace_lightning.compare import compare_runs
 
-    runs = _plain(cfg.runs)
+    runs = to_dict(cfg.runs)
     if isinstance(runs, str):
         runs = [runs]
     if not runs:
@@ -254,7 +251,7 @@ def run_compare_action(cfg: DictConfig) -> dict:
     steps = cfg.attack_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"attack_steps={steps!r}: pass a number of PGD steps >= 1")
-    settings = CertifySettings.from_config({k: _plain(cfg.get(k)) for k in (
+    settings = CertifySettings.from_config({k: to_dict(cfg.get(k)) for k in (
         "methods", "gate_methods", "refine_methods", "time_budget_s", "dtype", "recheck_tol") if cfg.get(k) is not None})
     out_dir = cfg.out_dir or "compare"
     result = compare_runs(runs, out_dir, settings, data_dir=cfg.data_dir, attack_steps=steps,
@@ -268,11 +265,12 @@ def run_compare_action(cfg: DictConfig) -> dict:
 
 def run_audit_action(cfg: DictConfig) -> list[dict]:
     """Audit every certified folder of ``run_dir`` (or ``audit.stage``); exit code 1 on a violation."""
-    from ace_lightning.audit import AuditSettings, audit_run
+    from ace_lightning.audit import audit_run
+    from ace_lightning.audit_claims import AuditSettings
 
     run_dir = _required(cfg, "run_dir", "run folder")
-    knobs = dict(_plain(cfg.audit) or {})
-    knobs.update({k: _plain(cfg.get(k)) for k in ("split", "data_dir", "progress") if cfg.get(k) is not None})
+    knobs = dict(to_dict(cfg.audit) or {})
+    knobs.update({k: to_dict(cfg.get(k)) for k in ("split", "data_dir", "progress") if cfg.get(k) is not None})
     reports = audit_run(Path(run_dir), AuditSettings.from_config(knobs))
     if any(r["violations"] for r in reports):
         sys.exit(1)  # a soundness failure, not a user error (2)

@@ -284,16 +284,3 @@ def progress_bar_callbacks(enabled: bool) -> list:
     """``[Lightning's progress bar on stderr]`` for a Trainer's callbacks when ``enabled``
     (``trainer.enable_progress_bar``), else ``[]`` (Lightning refuses a bar it was told not to show)."""
     return [_stderr_progress_bar_class()()] if enabled else []
-
-
-def progress_enabled(source: Any, default: bool = True) -> bool:
-    """``enable_progress_bar`` of a Lightning Trainer, of a config with a ``trainer`` node (or of
-    that node itself), or a bool passed through."""
-    if isinstance(source, bool):
-        return source
-    if hasattr(source, "progress_bar_callback"):  # a Trainer
-        return source.progress_bar_callback is not None
-    node = source.get("trainer", source) if hasattr(source, "get") else source
-    value = node.get("enable_progress_bar", default) if hasattr(node, "get") else \
-        getattr(node, "enable_progress_bar", default)
-    return bool(default if value is None else value)

@@ -9,7 +9,9 @@ from typing import Any, Mapping, Optional
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from ace_lightning.config import to_dict
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -38,12 +40,8 @@ class StageCSVLogger(CSVLogger):
         return self._experiment
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
 def wandb_settings(cfg: Mapping[str, Any]) -> dict:
-    logger = _plain(cfg.get("logger") or {}) or {}
+    logger = to_dict(cfg.get("logger") or {}) or {}
     return dict(logger.get("wandb") or {})
 
 
@@ -60,8 +58,8 @@ def run_identity(cfg: Mapping[str, Any], stage: str, cert_manifest: Optional[Map
     """What a dashboard filters a stage run by, as flat config keys: dataset, eps, seed, stage, run,
     method (the cert-net's certified training method: its manifest's, else the config's) and
     selection (gate | entropy: the composition the stage belongs to)."""
-    st = _plain(cfg.get("stage")) or {}
-    over = _plain(cfg.get("stage_overrides")) or {}
+    st = to_dict(cfg.get("stage")) or {}
+    over = to_dict(cfg.get("stage_overrides")) or {}
     trained = ((cert_manifest or {}).get("config") or {}).get("stage") or {}
     if stage == "cert":
         method = st.get("method")
@@ -73,7 +71,7 @@ def run_identity(cfg: Mapping[str, Any], stage: str, cert_manifest: Optional[Map
         selection = "entropy"
     else:
         selection = (over.get("certify") or {}).get("selection") or "gate"
-    data = _plain(cfg.get("data")) or {}
+    data = to_dict(cfg.get("data")) or {}
     return {"dataset": data.get("name"), "eps": cfg.get("eps"), "seed": cfg.get("seed"), "stage_name": stage,
             "run": str(cfg.get("run_name") or ""), "method": method, "selection": selection}
 
@@ -88,7 +86,7 @@ def extra_loggers(cfg: Mapping[str, Any], stage_dir: Path, identity: Optional[Ma
     from lightning.pytorch.loggers import WandbLogger
 
     stage = Path(stage_dir).name
-    config = _plain(cfg) if isinstance(cfg, (dict, DictConfig)) else {}
+    config = to_dict(cfg) if isinstance(cfg, (dict, DictConfig)) else {}
     config = {**(config or {}), **(identity or run_identity(cfg, stage))}
     return [WandbLogger(project=wb.get("project", "ace-lightning"), entity=wb.get("entity"),
                         group=str(wb.get("group") or Path(stage_dir).parent.name),

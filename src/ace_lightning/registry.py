@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ace_lightning.bounds import output_bounds
+from ace_lightning.nets import eval_mode
 from ace_lightning.config import CONF_DIR, check_knobs, to_dict
 from ace_lightning.console import log
 from ace_lightning.stages.base import check_optimizer, check_val_crown_ibp, config_kwargs
@@ -42,10 +43,8 @@ def check_boundable(net: torch.nn.Module, dm) -> None:
     """Fail before training when the bound layer cannot handle the cert-net (one-line ValueError)."""
     shape = tuple(dm.info.input_shape)
     x = torch.full((2, *shape), 0.5)
-    was = net.training
-    net.eval()
-    output_bounds(net, x, 0.01, "IBP")
-    net.train(was)
+    with eval_mode(net):
+        output_bounds(net, x, 0.01, "IBP")
 
 
 def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
@@ -90,7 +89,7 @@ def run_certify_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
 
 
 def run_gate(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.gate import run_gate as run
+    from ace_lightning.stages.gate_run import run_gate as run
 
     check_certified_precision(cfg, "gate")
     return run(cfg, callbacks=callbacks, pre_check=check_boundable)

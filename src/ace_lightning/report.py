@@ -1,7 +1,8 @@
 """Sweep outputs a user reads: the val and test curves (CSV), operating points chosen on val and
 evaluated on test (JSON), the natural-vs-certified Pareto plot (PNG) and a table for stdout.
 
-Everything is computed from the certify stage's records (see `ace_lightning.sweep`); files are
+Everything is computed from the certify stage's records (ace_lightning.records) by the sweep and
+the operating points chosen on val (ace_lightning.sweep, ace_lightning.operating); files are
 written atomically (temp file + os.replace) so a crashed run never leaves a half-written file.
 """
 from __future__ import annotations
@@ -15,24 +16,16 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from ace_lightning.atomic import atomic_write, atomic_write_text
-from ace_lightning.sweep import (
-    METRICS,
-    SWEEP_COLUMNS,
-    Records,
-    Threshold,
-    _split_set,
-    as_records,
-    choose_operating_points,
+from ace_lightning.operating import (
     OPERATING_POINTS,
     cascade_curve,
     choose_cascade_thresholds,
+    choose_operating_points,
     class_threshold_curve,
-    evaluate,
     class_threshold_point,
-    reference_points,
-    report_at,
-    sweep,
 )
+from ace_lightning.records import Records, as_records, split_set
+from ace_lightning.sweep import METRICS, SWEEP_COLUMNS, Threshold, evaluate, reference_points, report_at, sweep
 from ace_lightning.errors import ConfigError
 
 SWEEP_FILES = {"val": "sweep_val.csv", "test": "sweep_test.csv"}
@@ -194,7 +187,7 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
         raise ConfigError("records have no 'split' column: certify must mark each input 'val' or 'test'")
     parts = {name: rec.split(name) for name in ("val", "test") if name in rec.splits}
     if not parts:
-        raise ConfigError(f"records hold split(s) {_split_set(rec.splits)}, need 'val' and/or 'test'")
+        raise ConfigError(f"records hold split(s) {split_set(rec.splits)}, need 'val' and/or 'test'")
     rows: dict[str, list[dict[str, float]]] = {}
     cascade = rec.n_pairs > 1 and fixed is None  # the cascade's front, threshold vectors chosen on val
     if cascade:
@@ -235,12 +228,6 @@ def write_sweep_outputs(records_path_or_records: Union[str, os.PathLike, Records
         per_class = class_threshold_point(val, core_nat_val, tolerance)
         if per_class is not None:  # margin selection: one kappa per class, chosen exactly on val
             chosen.append(per_class)
-        if "adv_threshold" in val and np.unique(np.asarray(val["adv_threshold"], float)).size == 1:
-            T_adv = float(np.asarray(val["adv_threshold"], float)[0])
-            if all(p["threshold"] != T_adv for p in chosen):
-                ev = report_at(val, [T_adv], pair=pair, fixed=fixed)[0]
-                chosen.append({"key": "attacked_threshold", "name": "attacked T", "threshold": T_adv,
-                               "val": {m: ev[m] for m in METRICS}})
     else:
         warnings.warn("no 'val' records: operating points are not chosen (choosing them on test would "
                       "inflate the numbers); certify the validation split to get them", stacklevel=2)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ace_lightning.attacks.pgd import check_loss, frozen, step_sizes
+from ace_lightning.nets.layers import eval_mode
 from ace_lightning.routing import composed_output, first_firing
 
 
@@ -102,8 +103,6 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
     t = model.thresholds if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
     t = t.to(x.device)
     check_loss(loss)
-    was = model.training
-    model.eval()
     x = x.detach()
     x_l, x_u = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
     n = model.num_branches
@@ -111,7 +110,7 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
         reachable = torch.ones(x.shape[0], n + 1, dtype=torch.bool, device=x.device)
     reachable = reachable.to(x.device).bool()
     alphas = step_sizes(steps, step_size, eps, decay_at, first_step)
-    try:
+    with eval_mode(model):
         with frozen(model):
             with torch.no_grad():
                 outs, gates = _branch_outputs(model, x, t, reachable[:, n], core_grad=False)
@@ -157,6 +156,4 @@ def attack_composed(model, x: torch.Tensor, y: torch.Tensor, eps: float,
                             break
                         live, ys, lo, hi, core_needed = live[keep], ys[keep], lo[keep], hi[keep], core_needed[keep]
                         z = torch.max(torch.min(z.detach()[keep] + alphas[step] * grad[keep].sign(), hi), lo)
-    finally:
-        model.train(was)
     return correct, x_adv

@@ -11,31 +11,26 @@ Public API (later stages build on these names):
   ``entropy_gate_bounds`` -> (g, lb_g, ub_g) with g = -H; ``entropy_selection_loss`` for
   co-training (bounds/entropy.py);
 - ``ladder``: certification from cheap to tight and the float64 re-check near a decision.
-Every bound is computed in full precision (``full_precision``: autocast off, no TF32/bf16 float32
-kernels) in float32 or float64 (``dtype=``), whatever the caller's context.
+Every bound is computed in full precision (``full_precision``, bounds/precision.py: autocast off,
+no TF32/bf16 float32 kernels) in float32 or float64 (``dtype=``), whatever the caller's context; the
+question (method names, ball or box, specification C) is checked in bounds/problem.py.
 Methods: "IBP", "CROWN-IBP", "CROWN", "alpha-CROWN".
 """
+from ace_lightning.bounds.precision import DTYPES, full_precision, resolve_dtype
+from ace_lightning.bounds.problem import METHODS, input_box, margin_spec, normalize_method, validate_ball, validate_box
 from ace_lightning.bounds.lirpa import (
-    DTYPES,
-    METHODS,
     BoundPass,
     bound_pass,
     box_bounds,
     box_margin_lower_bounds,
     bounded_module,
     clear_cache,
-    full_precision,
-    input_box,
+    margin_ce,
     margin_lower_bounds,
-    margin_spec,
     padded_rows,
-    normalize_method,
     output_bounds,
-    resolve_dtype,
     worst_case_ce,
     robust_ce_loss,
-    validate_ball,
-    validate_box,
 )
 from ace_lightning.bounds.entropy import (
     entropy,
@@ -70,6 +65,7 @@ __all__ = [
     "entropy_upper_bound_margin",
     "full_precision",
     "input_box",
+    "margin_ce",
     "margin_lower_bounds",
     "margin_spec",
     "margin_threshold_for_entropy",

@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ace_lightning.bounds.lirpa import (_working, bounded_module, margin_spec, normalize_method, output_bounds,
-                                       precise)
+from ace_lightning.bounds.lirpa import bounded_module, output_bounds
+from ace_lightning.bounds.precision import _working, precise
+from ace_lightning.bounds.problem import margin_spec, normalize_method
 from ace_lightning.errors import ConfigError
 
 ROUTES = ("box", "margin", "interval")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ace_lightning.bounds.lirpa import _working, precise
+from ace_lightning.bounds.precision import _working, precise
 
 
 def gap(logits: torch.Tensor) -> torch.Tensor:

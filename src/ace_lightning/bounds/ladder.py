@@ -14,7 +14,6 @@ intersection of sound intervals.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -22,11 +21,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ace_lightning.bounds.lirpa import margin_lower_bounds, normalize_method, resolve_dtype
+from ace_lightning.bounds.lirpa import margin_lower_bounds, padded_rows
+from ace_lightning.bounds.precision import resolve_dtype
+from ace_lightning.bounds.problem import normalize_method
 from ace_lightning.bounds.outward import param_dtype, round_down, round_up, widen
 from ace_lightning.errors import ConfigError
 
 NO_METHOD = -1  # method index of an input no method certified
+PAD_STEP = 32  # subsets of a batch are bounded padded to powers of two up to 32, then multiples of 32
 # (x subset, method, dtype) -> (g, lb_g, ub_g) over the ball, for one selector
 IntervalFn = Callable[[torch.Tensor, str, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -37,15 +39,10 @@ def near(value: torch.Tensor, point: float | torch.Tensor, tol: float) -> torch.
     return (value - point).abs() <= tol * (1.0 + point.abs())
 
 
-def _bucket(n: int) -> int:
-    """Subsets are padded to a few sizes (powers of two up to 32, then multiples of 32): a
-    BoundedModule is cached per input shape, and arbitrary subset sizes would each get one."""
-    return 1 << max(0, (n - 1).bit_length()) if n <= 32 else -(-n // 32) * 32
-
-
 def _padded(idx: torch.Tensor) -> torch.Tensor:
-    pad = _bucket(idx.numel()) - idx.numel()
-    return torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
+    """Subsets padded to a few sizes (powers of two up to PAD_STEP, then its multiples): a
+    BoundedModule is cached per input shape, and arbitrary subset sizes would each get one."""
+    return padded_rows(idx, step=PAD_STEP)[0]
 
 
 class Budget:

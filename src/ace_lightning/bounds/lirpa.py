@@ -2,45 +2,40 @@
 
 This module and ``compat`` are the only places in ace-lightning that touch auto_LiRPA: everything
 else asks for "output bounds of this net on this ball" or "margin lower bounds". Why a wrapper:
-- the ball is always intersected with [0, 1] (eps lives in pixel space, docs/METHOD.md section 1);
+- the ball is always intersected with [0, 1] (eps lives in pixel space, docs/METHOD.md section 1;
+  the question is checked in bounds/problem.py before anything is computed);
 - BoundedModules are expensive to build (a trace + ONNX pass), so they are cached per net, input
   shape, mode and parameter identity;
 - auto_LiRPA copies buffers: BatchNorm running statistics would be updated in the wrapper's copy
   only. We alias the wrapper's buffers to the user's tensors so there is one copy;
 - building a BoundedModule runs the net twice; in train mode that would move the running
   statistics, so they are restored afterwards;
-- every bound is computed in full precision whatever the caller's context (docs/METHOD.md section
-  12): autocast off, TF32 / bf16 float32 kernels off during the call (restored afterwards, also
-  on error), inputs and net in float32 or float64 (``dtype``). Bounds computed under bfloat16
-  autocast came back as float32 tensors with lower bounds that were too high: false certificates.
+- every bound is computed in full precision whatever the caller's context (bounds/precision.py),
+  inputs and net in float32 or float64 (``dtype``).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import io
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from ace_lightning.bounds import compat
+from ace_lightning.bounds.precision import _working, precise
+from ace_lightning.bounds.problem import (check_beta, check_c, check_labels, input_box, margin_spec, normalize_method,
+                                          validate_ball, validate_box)
 from ace_lightning.errors import ConfigError
 
 compat.apply()
 
 from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
-
-METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
-_METHOD_ALIASES = {m.lower(): m for m in METHODS}
-_METHOD_ALIASES.update({"crown-optimized": "alpha-CROWN", "alpha_crown": "alpha-CROWN",
-                        "crown_ibp": "CROWN-IBP"})
 
 # auto_LiRPA operators the bound layer is tested on (tests/test_bounds_*.py). Anything else is
 # refused with a ValueError rather than trusted silently.
@@ -71,145 +66,6 @@ def alpha_crown_options(iterations: int = ALPHA_CROWN_ITERATIONS, lr: float = AL
     finally:
         _ALPHA_CROWN.clear()
         _ALPHA_CROWN.update(saved)
-
-# -- full precision, whatever the caller set ------------------------------------------------------
-# Backends whose float32 kernels may silently run in TF32 or bfloat16 (torch >= 2.9 API; the legacy
-# allow_tf32 flags and set_float32_matmul_precision read through these, so restoring them
-# restores every reading).
-_FP32_KNOBS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
-               ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_F = TypeVar("_F", bound=Callable)
-
-
-def _fp32_knobs() -> list:
-    knobs = []
-    for backend, op in _FP32_KNOBS:
-        obj = getattr(getattr(torch.backends, backend, None), op, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            knobs.append(obj)
-    return knobs
-
-
-@contextlib.contextmanager
-def full_precision():
-    """Autocast off on every device type and IEEE float32 kernels (no TF32, no bf16) for the
-    duration; the caller's settings come back afterwards, also when the body raises."""
-    knobs = _fp32_knobs()
-    saved = [(k, k.fp32_precision) for k in knobs]
-    legacy = []
-    if not knobs:  # torch < 2.9: the allow_tf32 flags
-        legacy = [(torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32),
-                  (torch.backends.cudnn, torch.backends.cudnn.allow_tf32)]
-    try:
-        for k, _ in saved:
-            k.fp32_precision = "ieee"
-        for obj, _ in legacy:
-            obj.allow_tf32 = False
-        with contextlib.ExitStack() as stack:
-            for device in _AUTOCAST_DEVICES:
-                stack.enter_context(torch.autocast(device_type=device, enabled=False))
-            yield
-    finally:
-        for k, value in reversed(saved):
-            k.fp32_precision = value
-        for obj, value in legacy:
-            obj.allow_tf32 = value
-
-
-def precise(fn: _F) -> _F:
-    """Decorator: run a bound function under ``full_precision``."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with full_precision():
-            return fn(*args, **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
-def resolve_dtype(dtype: Union[None, str, torch.dtype], x: Optional[torch.Tensor] = None,
-                  net: Optional[nn.Module] = None) -> torch.dtype:
-    """float32 or float64. None: float64 when x or the net already is, else float32 (half and
-    bfloat16 inputs or nets are lifted to float32: a bound is never computed in less)."""
-    if dtype is None:
-        wide = (x is not None and x.dtype == torch.float64) or (
-            net is not None and any(p.dtype == torch.float64 for p in net.parameters()))
-        return torch.float64 if wide else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"bound dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ConfigError(f"bound dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
-
-
-_SHADOWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def net_in_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``net`` itself when its floating tensors already are ``dtype``; otherwise a cached copy in
-    ``dtype`` holding the net's current weights, buffers and mode. Bounds through a copy carry no
-    gradient to the net's parameters (float64 is an evaluation precision)."""
-    tensors = list(net.parameters()) + list(net.buffers())
-    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors):
-        return net
-    shadow = _SHADOWS.setdefault(net, {}).get(dtype)
-    if shadow is None:
-        shadow = copy.deepcopy(net).to(dtype)
-        for p in shadow.parameters():
-            p.requires_grad_(False)
-        _SHADOWS[net][dtype] = shadow
-    with torch.no_grad():
-        for dst, src in zip(shadow.parameters(), net.parameters()):
-            dst.copy_(src)
-        for dst, src in zip(shadow.buffers(), net.buffers()):
-            dst.copy_(src)
-    return shadow.train(net.training)
-
-
-def _working(net: nn.Module, x: torch.Tensor, dtype) -> tuple[nn.Module, torch.Tensor, torch.dtype]:
-    dtype = resolve_dtype(dtype, x, net)
-    return net_in_dtype(net, dtype), x.to(dtype), dtype
-
-
-def normalize_method(method: str) -> str:
-    """Canonical method name, or a one-line ValueError listing the known ones."""
-    canon = _METHOD_ALIASES.get(str(method).lower())
-    if canon is None:
-        raise ConfigError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return canon
-
-
-def validate_ball(x: torch.Tensor, eps: float) -> float:
-    """Check eps in [0, 1] and x inside the pixel box; returns eps as a float."""
-    try:
-        eps_f = float(eps)
-    except (TypeError, ValueError):
-        raise ConfigError(f"eps must be a number in [0, 1] (pixel space), got {eps!r}") from None
-    if not np.isfinite(eps_f) or eps_f < 0 or eps_f > 1:
-        raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255), got {eps_f}")
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ConfigError("x must be a floating-point tensor of images in [0, 1]")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ConfigError(f"x must lie in the pixel box [0, 1] (got values in [{x.min().item():.4g}, "
-                         f"{x.max().item():.4g}]); normalisation belongs inside the net")
-    return eps_f
-
-
-def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """B(x) intersected with [0, 1], as elementwise lower/upper corners."""
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-
-
-def margin_spec(y: torch.Tensor, num_classes: int, dtype=None) -> torch.Tensor:
-    """C with rows e_y - e_j for j != y: shape [B, K-1, K]."""
-    batch = y.shape[0]
-    eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # [B, K, K]: row j is e_y - e_j
-    keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)  # [B, K]
-    return c[keep].view(batch, num_classes - 1, num_classes)
-
 
 class _MarginCE(nn.Module):
     """Loss-fusion head: sum_j exp(z_j - z_y), whose log is the cross-entropy. Bounding it from
@@ -335,13 +191,23 @@ def bounded_module(net: nn.Module, x: torch.Tensor, kind: str = "plain") -> Boun
     return entry.bounded
 
 
-def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(indices of ``mask``'s true rows padded to the next power of two by repeating the first, the
-    number of real ones): a bound pass on a varying subset of a batch then meets few input shapes,
-    so its BoundedModules come from the cache instead of being traced again."""
-    idx = mask.nonzero().flatten()
+def padded_rows(rows: torch.Tensor, step: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(the row indices ``rows`` (a bool mask over a batch, or indices) padded by repeating the
+    first, the number of real ones): a bound pass on a varying subset of a batch then meets few
+    input shapes, so its BoundedModules come from the cache instead of being traced again.
+
+    Padded to the next power of two; with ``step``, to powers of two up to ``step`` and multiples
+    of ``step`` beyond (fewer padded rows on large subsets); a mask's never beyond its length. The
+    size is part of a caller's results (a bound pass's rounding may depend on its batch shape), so
+    each caller keeps the rule it has always used."""
+    mask = rows.dtype == torch.bool
+    idx = rows.nonzero().flatten() if mask else rows
     n = int(idx.numel())
-    size = min(1 << max(0, n - 1).bit_length(), int(mask.numel()))
+    size = 1 << max(0, n - 1).bit_length()
+    if step is not None and n > step:
+        size = -(-n // step) * step
+    if mask:
+        size = min(size, int(rows.numel()))
     if 0 < n < size:
         idx = torch.cat([idx, idx[:1].expand(size - n)])
     return idx, n
@@ -359,38 +225,6 @@ def _bounded_input(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) ->
     """x (the clean point: the forward pass and train-mode BN statistics) perturbed over the box."""
     eps = float((upper - lower).max()) / 2 if upper.numel() else 0.0
     return BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower, x_U=upper))
-
-
-def validate_box(lower: torch.Tensor, upper: torch.Tensor, x: Optional[torch.Tensor] = None) -> None:
-    """Check a box [lower, upper] inside the pixel box [0, 1] (and x inside it, when given)."""
-    for name, t in (("lower", lower), ("upper", upper)):
-        if not torch.is_tensor(t) or not t.is_floating_point():
-            raise ConfigError(f"box {name} corner must be a floating-point tensor of images in [0, 1]")
-    if lower.shape != upper.shape:
-        raise ConfigError(f"box corners differ in shape: {tuple(lower.shape)} vs {tuple(upper.shape)}")
-    if lower.numel() == 0:
-        return
-    if lower.min() < 0 or upper.max() > 1:
-        raise ConfigError(f"box must lie in the pixel box [0, 1] (got values in [{lower.min().item():.4g}, "
-                         f"{upper.max().item():.4g}]); normalisation belongs inside the net")
-    if (lower > upper).any():
-        raise ConfigError("box lower corner exceeds its upper corner somewhere (need lower <= upper)")
-    if x is not None:
-        if x.shape != lower.shape:
-            raise ConfigError(f"x has shape {tuple(x.shape)} but the box {tuple(lower.shape)}")
-        if (x < lower).any() or (x > upper).any():
-            raise ConfigError("x must lie inside the box [lower, upper]")
-
-
-def _check_beta(method: str, beta: Optional[float]) -> Optional[float]:
-    if beta is None:
-        return None
-    if method != "CROWN-IBP":
-        raise ConfigError(f"beta mixes CROWN-IBP with IBP; it is meaningless for method {method!r}")
-    beta = float(beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"beta must be in [0, 1], got {beta}")
-    return beta
 
 
 def _alpha_crown(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor],
@@ -459,18 +293,6 @@ def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
     return logits, lb, ub
 
 
-def _check_c(C: Optional[torch.Tensor], batch: int) -> None:
-    if C is not None and (C.dim() != 3 or C.shape[0] != batch):
-        raise ConfigError(f"C must have shape [batch, specs, outputs], got {tuple(C.shape)}")
-
-
-def _labels(y, batch: int, num_classes: int, device) -> torch.Tensor:
-    y = torch.as_tensor(y, device=device).long().view(-1)
-    if y.shape[0] != batch or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
-        raise ConfigError(f"labels must be {batch} class indices in [0, {num_classes})")
-    return y
-
-
 def _box_pass(net: nn.Module, x: torch.Tensor, box, method: str, beta: Optional[float], C, y,
               lower_side: bool, upper_side: bool, dtype):
     """The one place a bound is computed: net and box in the working dtype (``box``: eps of the
@@ -480,7 +302,7 @@ def _box_pass(net: nn.Module, x: torch.Tensor, box, method: str, beta: Optional[
     lower, upper = input_box(x, box) if isinstance(box, float) else (box[0].to(dtype), box[1].to(dtype))
     bounded = bounded_module(net, x, "alpha" if method == "alpha-CROWN" else "plain")
     if y is not None:
-        y = _labels(y, x.shape[0], bounded.ace_num_outputs, x.device)
+        y = check_labels(y, x.shape[0], bounded.ace_num_outputs, x.device)
         C = margin_spec(y, bounded.ace_num_outputs, dtype=dtype)
     elif C is not None:
         C = C.to(dtype)
@@ -498,9 +320,9 @@ def output_bounds(net: nn.Module, x: torch.Tensor, eps: float, method: str = "IB
     Full precision whatever the caller's autocast/TF32 settings; results in ``dtype`` (float32,
     or float64 when x or the net is float64)."""
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     eps = validate_ball(x, eps)
-    _check_c(C, x.shape[0])
+    check_c(C, x.shape[0])
     logits, lb, ub = _box_pass(net, x, eps, method, beta, C, None, True, True, dtype)
     return (lb, ub, logits) if return_logits else (lb, ub)
 
@@ -515,9 +337,9 @@ def box_bounds(net: nn.Module, lower: torch.Tensor, upper: torch.Tensor, method:
     output_bounds. ``x``: the point the clean forward runs at (logits, train-mode BN statistics),
     inside the box; the box centre by default."""
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     validate_box(lower, upper, x)
-    _check_c(C, lower.shape[0])
+    check_c(C, lower.shape[0])
     point = (lower + upper) / 2 if x is None else x
     logits, lb, ub = _box_pass(net, point, (lower, upper), method, beta, C, None, True, True, dtype)
     return (lb, ub, logits) if return_logits else (lb, ub)
@@ -532,7 +354,7 @@ def box_margin_lower_bounds(net: nn.Module, lower: torch.Tensor, upper: torch.Te
     bounds of z_y - z_j (SABR's robust loss). Not a certificate of the ball unless the box
     contains it."""
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     validate_box(lower, upper, x)
     point = (lower + upper) / 2 if x is None else x
     logits, lb, _ = _box_pass(net, point, (lower, upper), method, beta, None, y, True, False, dtype)
@@ -548,7 +370,7 @@ def margin_lower_bounds(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     (exact for IBP too, which would otherwise lose the correlation between z_y and z_j).
     Full precision and ``dtype`` as in output_bounds."""
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     eps = validate_ball(x, eps)
     logits, lb, _ = _box_pass(net, x, eps, method, beta, None, y, True, False, dtype)
     return (lb, logits) if return_logits else lb
@@ -573,7 +395,7 @@ def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optiona
     """Lower bounds of C @ net(x') over B(x, eps) ∩ [0, 1] (``eps``) or over ``box`` = (lower,
     upper) containing x (SABR's small box): the one call the certified-training losses make."""
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     if (eps is None) == (box is None):
         raise ConfigError("bound_pass needs exactly one of eps (the ball around x) or box (lower, upper)")
     if eps is not None:
@@ -581,7 +403,7 @@ def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optiona
     else:
         validate_box(box[0], box[1], x)
         region = (box[0], box[1])
-    _check_c(C, x.shape[0])
+    check_c(C, x.shape[0])
     logits, lb, _ = _box_pass(net, x, region, method, beta, C, None, True, False, dtype)
     relus = None
     if relu_bounds:
@@ -592,12 +414,25 @@ def bound_pass(net: nn.Module, x: torch.Tensor, C: torch.Tensor, *, eps: Optiona
     return BoundPass(lb, logits, relus)
 
 
+# The worst-case cross-entropy from margin lower bounds, as a batch mean and per input. The two are
+# the same quantity (mean of margin_ce == worst_case_ce in exact arithmetic) from two kernels
+# (cross_entropy, logsumexp) whose float results and gradients differ in the last bits: each
+# training path keeps its own, so that a run's numbers do not move.
+
 def worst_case_ce(lb_margins: torch.Tensor) -> torch.Tensor:
     """Mean CE of the negated margin lower bounds [B, K-1] (true-class entry 0): an upper bound of
-    the worst-case cross-entropy over the ball (docs/METHOD.md section 6)."""
+    the worst-case cross-entropy over the ball (docs/METHOD.md section 6). The IBP / CROWN-IBP
+    training path (robust_ce_loss, the cert stage's margin pass)."""
     worst = torch.cat([torch.zeros_like(lb_margins[:, :1]), -lb_margins], dim=1)
     target = torch.zeros(lb_margins.shape[0], dtype=torch.long, device=lb_margins.device)
     return nn.functional.cross_entropy(worst, target)
+
+
+def margin_ce(lb: torch.Tensor) -> torch.Tensor:
+    """Per input: the same bound as ``worst_case_ce`` (when lb bounds the margins from below), for
+    the training methods' per-input losses (stages/losses.py: SABR, the expressive losses, Shi)."""
+    worst = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
+    return torch.logsumexp(worst, dim=1)
 
 
 @precise
@@ -616,7 +451,7 @@ def robust_ce_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         loss = worst_case_ce(lb)
         return (loss, logits) if return_logits else loss
     method = normalize_method(method)
-    beta = _check_beta(method, beta)
+    beta = check_beta(method, beta)
     if method not in ("IBP", "CROWN-IBP"):
         raise ConfigError(f"loss fusion is a training method: use IBP or CROWN-IBP, not {method}")
     eps = validate_ball(x, eps)

@@ -6,7 +6,7 @@ and CROWN from scratch, with deliberately naive dense linear algebra, so that th
 can be checked against something that shares no code with it: the test suite does, and so does
 the audit of a run folder (``ace-certify action=audit``, docs/METHOD.md section 13). It imports
 neither auto_LiRPA nor the rest of ``ace_lightning.bounds`` (tests/test_reference_bounds.py checks
-that), and scipy only for the exact LP ranges of tiny nets.
+that). The exact ranges of tiny nets the tests hold it to: tests/exact_ranges.py.
 
 Representation: every supported layer is turned into either an :class:`Affine` step
 (a dense matrix on the flattened per-sample vector, built in float64) or a :class:`Relu`
@@ -58,8 +58,8 @@ __all__ = [
     "ibp",
     "crown_ibp",
     "crown",
-    "exact_output_range",
     "interval_pre_bounds",
+    "steps_for",
     "supported",
 ]
 
@@ -239,7 +239,8 @@ def supported(net: nn.Module) -> Optional[str]:
 Net = Union[nn.Module, Sequence[Step]]
 
 
-def _steps_for(net: Net, x_L: Tensor, x_U: Tensor, x: Optional[Tensor]) -> list[Step]:
+def steps_for(net: Net, x_L: Tensor, x_U: Tensor, x: Optional[Tensor]) -> list[Step]:
+    """The step list of ``net`` (or ``net`` itself when it already is one) for inputs in [x_L, x_U]."""
     if not isinstance(net, nn.Module):  # a step list made by affine_layers
         return list(net)
     if x is None:
@@ -291,7 +292,7 @@ def _shaped(lb: Tensor, ub: Tensor, steps, x_L: Tensor, C: Optional[Tensor]):
 def ibp(net: Net, x_L: Tensor, x_U: Tensor, C: Optional[Tensor] = None,
         x: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Interval bounds of ``net`` (or of ``C @ net``, C: [B, S, K]) over the box."""
-    steps = _steps_for(net, x_L, x_U, x)
+    steps = steps_for(net, x_L, x_U, x)
     lb, ub, _ = _ibp_steps(steps, x_L, x_U, C)
     return _shaped(lb, ub, steps, x_L, C)
 
@@ -366,7 +367,7 @@ def _spec(C: Optional[Tensor], steps, x_L: Tensor) -> Tensor:
 def crown_ibp(net: Net, x_L: Tensor, x_U: Tensor, C: Optional[Tensor] = None,
               x: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """CROWN-IBP: IBP pre-activation bounds, then one CROWN pass from the output."""
-    steps = _steps_for(net, x_L, x_U, x)
+    steps = steps_for(net, x_L, x_U, x)
     _, _, pre = _ibp_steps(steps, x_L, x_U)
     lb, ub = _backward(steps, pre, _spec(C, steps, x_L), x_L, x_U)
     return _shaped(lb, ub, steps, x_L, C)
@@ -375,7 +376,7 @@ def crown_ibp(net: Net, x_L: Tensor, x_U: Tensor, C: Optional[Tensor] = None,
 def crown(net: Net, x_L: Tensor, x_U: Tensor, C: Optional[Tensor] = None,
           x: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Full CROWN: each ReLU's input bounded by its own CROWN pass, in forward order."""
-    steps = _steps_for(net, x_L, x_U, x)
+    steps = steps_for(net, x_L, x_U, x)
     pre: dict[int, tuple[Tensor, Tensor]] = {}
     for i, s in enumerate(steps):
         if isinstance(s, Relu):
@@ -390,7 +391,7 @@ def interval_pre_bounds(net: Net, x_L: Tensor, x_U: Tensor, x: Optional[Tensor] 
     ``tighten`` the intersection of IBP and CROWN, layer by layer (each CROWN pass uses the
     tightest bounds of the layers before it). The intersection of sound bounds is sound; an
     exact verifier (bounds/milp.py) needs them as tight as it can get for its big-M encoding."""
-    steps = _steps_for(net, x_L, x_U, x)
+    steps = steps_for(net, x_L, x_U, x)
     _, _, ibp_pre = _ibp_steps(steps, x_L, x_U)
     if not tighten:
         return ibp_pre
@@ -400,123 +401,3 @@ def interval_pre_bounds(net: Net, x_L: Tensor, x_U: Tensor, x: Optional[Tensor] 
             lo, hi = _backward(steps[:i], pre, None, x_L, x_U)
             pre[i] = (torch.maximum(lo, ibp_pre[i][0]), torch.minimum(hi, ibp_pre[i][1]))
     return pre
-
-
-# -------------------------------------------------------------------- exact range (LP)
-
-_LP_OPTS = dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10)
-
-
-def _lp(c: np.ndarray, A: list, b: list, box: np.ndarray):
-    """min c.x over {x in box, A x <= b}; returns (value, x) or None if infeasible."""
-    from scipy.optimize import linprog  # scipy: a test/audit extra, imported only here
-
-    res = linprog(c, A_ub=np.array(A) if A else None, b_ub=np.array(b) if b else None,
-                  bounds=box, method="highs", options=_LP_OPTS)
-    if res.status == 2:  # infeasible
-        return None
-    if res.status != 0:
-        raise RuntimeError(f"linprog failed: {res.message}")
-    return res.fun, res.x
-
-
-def exact_output_range(net: Net, x_L: Tensor, x_U: Tensor, C: Optional[Tensor] = None,
-                       x: Optional[Tensor] = None, max_relus: int = 12) -> tuple[Tensor, Tensor]:
-    """Exact min/max of every output (or of ``C @ f``) over the box, for tiny nets.
-
-    On each ReLU activation pattern the net is affine and the consistent inputs form a
-    polytope, so the range is a max/min of LPs over patterns. Patterns are enumerated
-    depth-first, one neuron at a time, and a neuron only branches if it can take both signs
-    on the current polytope, which prunes the 2^n patterns to the (few) linear regions.
-
-    The returned values are ``f`` evaluated at the LP optimisers (clipped to the box), so
-    they are *attained*: ``lo >= true min`` and ``hi <= true max`` up to float rounding,
-    and equal to them up to the LP tolerance (1e-10). Shapes [1, K] (or [1, S]), float64.
-    """
-    if x_L.shape[0] != 1:
-        raise ValueError("exact_output_range handles one input at a time (batch of 1)")
-    steps = _steps_for(net, x_L, x_U, x)
-    n_relu = sum(int(np.prod(s.shape)) for s in steps if isinstance(s, Relu))
-    if n_relu > max_relus:
-        raise ValueError(f"{n_relu} ReLUs is too many to enumerate (max_relus={max_relus})")
-    lo_box = x_L.detach().cpu().to(_F64).flatten().numpy()
-    hi_box = x_U.detach().cpu().to(_F64).flatten().numpy()
-    box = np.stack([lo_box, hi_box], axis=1)
-    spec = None if C is None else C.detach().cpu().to(_F64)[0].numpy()
-    lows: list[tuple] = []  # (output index, LP optimiser, LP value), one per region
-    highs: list[tuple] = []
-
-    def zrange(g: np.ndarray, g0: float, A: list, b: list):
-        """Sign range of z = g.x + g0 on the polytope: box bound first, LP if undecided."""
-        pos, neg = np.clip(g, 0, None), np.clip(g, None, 0)
-        zlo, zhi = pos @ lo_box + neg @ hi_box + g0, pos @ hi_box + neg @ lo_box + g0
-        if zlo >= 0 or zhi <= 0 or not A:
-            return zlo, zhi
-        rlo, rhi = _lp(g, A, b, box), _lp(-g, A, b, box)
-        if rlo is None or rhi is None:
-            return None
-        return rlo[0] + g0, -rhi[0] + g0
-
-    def leaf(G: np.ndarray, g: np.ndarray, A: list, b: list):
-        if spec is not None:
-            G, g = spec @ G, spec @ g
-        found_lo, found_hi = [], []
-        for k in range(G.shape[0]):
-            rlo, rhi = _lp(G[k], A, b, box), _lp(-G[k], A, b, box)
-            if rlo is None or rhi is None:
-                return  # empty region (only possible through LP round-off)
-            found_lo.append((k, rlo[1], rlo[0] + g[k]))
-            found_hi.append((k, rhi[1], -rhi[0] + g[k]))
-        lows.extend(found_lo)
-        highs.extend(found_hi)
-
-    def visit(i: int, G: np.ndarray, g: np.ndarray, A: list, b: list, j: int, mask: list):
-        """Process step i; for a ReLU step, neuron j next, ``mask`` = decided signs so far."""
-        if i == len(steps):
-            return leaf(G, g, A, b)
-        s = steps[i]
-        if isinstance(s, Affine):
-            W, c = s.W.numpy(), s.b.numpy()
-            return visit(i + 1, W @ G, W @ g + c, A, b, 0, [])
-        if j == G.shape[0]:  # all neurons of this ReLU decided: apply the pattern
-            m = np.array(mask, dtype=np.float64)
-            return visit(i + 1, m[:, None] * G, m * g, A, b, 0, [])
-        r = zrange(G[j], g[j], A, b)
-        if r is None:
-            return
-        zlo, zhi = r
-        if zhi > 0:  # active branch: z >= 0  <=>  -g.x <= g0
-            extra = ([], []) if zlo >= 0 else ([-G[j]], [g[j]])
-            visit(i, G, g, A + extra[0], b + extra[1], j + 1, mask + [1.0])
-        if zlo < 0 or zhi <= 0:  # inactive branch: z <= 0
-            extra = ([], []) if zhi <= 0 else ([G[j]], [-g[j]])
-            visit(i, G, g, A + extra[0], b + extra[1], j + 1, mask + [0.0])
-
-    d = lo_box.size
-    visit(0, np.eye(d), np.zeros(d), [], [], 0, [])
-
-    def value_at(witnesses: list) -> tuple[Tensor, Tensor]:
-        """Evaluate the real (step) network at the LP optimisers.
-
-        Doubles as a self-check of the region bookkeeping: on its region the net must
-        coincide with the affine piece the LP optimised.
-        """
-        pts = torch.from_numpy(np.clip(np.stack([w for _, w, _ in witnesses]), lo_box, hi_box))
-        out = affine_forward(steps, pts.view(-1, *x_L.shape[1:])).flatten(1)
-        if spec is not None:
-            out = out @ torch.from_numpy(spec).T
-        idx = torch.tensor([k for k, _, _ in witnesses])
-        vals = out[torch.arange(len(idx)), idx]
-        lp_vals = torch.tensor([v for _, _, v in witnesses], dtype=_F64)
-        if not torch.allclose(vals, lp_vals, rtol=1e-6, atol=1e-6):
-            raise RuntimeError("exact_output_range: LP value disagrees with the network")
-        return vals, idx
-
-    if not lows:
-        raise RuntimeError("no feasible activation region found (empty box?)")
-    vlo, klo = value_at(lows)
-    vhi, khi = value_at(highs)
-    K = int(klo.max()) + 1
-    lo = torch.stack([vlo[klo == k].min() for k in range(K)]).unsqueeze(0)
-    hi = torch.stack([vhi[khi == k].max() for k in range(K)]).unsqueeze(0)
-    return lo, hi

@@ -8,7 +8,7 @@ from torch import nn
 from ace_lightning.nets.cert import CERT_NETS, create_cert_net
 from ace_lightning.nets.core import CORE_NETS, PretrainedUnavailableError, create_core
 from ace_lightning.nets.gate import create_gate, final_linear_name, init_gate_from_cert
-from ace_lightning.nets.layers import Normalize
+from ace_lightning.nets.layers import Normalize, eval_mode
 from ace_lightning.nets.target import check_target_net, create_target_net
 from ace_lightning.errors import ConfigError, did_you_mean
 
@@ -81,6 +81,5 @@ def check_net_config(cfg: Mapping[str, Any], what: str) -> None:
 
 __all__ = [
     "CERT_NETS", "CORE_NETS", "Normalize", "PretrainedUnavailableError", "build_net", "check_net_config",
-    "create_cert_net",
-    "create_core", "create_gate", "final_linear_name", "init_gate_from_cert",
+    "create_cert_net", "create_core", "create_gate", "eval_mode", "final_linear_name", "init_gate_from_cert",
 ]

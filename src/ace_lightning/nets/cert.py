@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ace_lightning.nets.layers import Normalize
+from ace_lightning.nets.layers import Normalize, eval_mode
 from ace_lightning.errors import ConfigError
 
 Shape = tuple[int, int, int]
@@ -57,12 +57,8 @@ def input_stem(
 
 def _probe(layers: Sequence[nn.Module], input_shape: Shape) -> torch.Size:
     """Output shape of ``layers`` for one input, in eval mode (BN statistics untouched)."""
-    probe = nn.Sequential(*layers)
-    was_training = probe.training
-    probe.eval()
-    with torch.no_grad():
+    with eval_mode(nn.Sequential(*layers)) as probe, torch.no_grad():
         out = probe(torch.zeros(1, *input_shape))
-    probe.train(was_training)
     return out.shape[1:]
 
 

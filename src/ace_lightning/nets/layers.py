@@ -1,11 +1,12 @@
-"""Small building blocks shared by every architecture.
+"""Small building blocks shared by every architecture, and ``eval_mode`` for any net.
 
 Normalisation is a layer inside each net so that eps is always given in pixel space [0, 1]
 (docs/METHOD.md section 1) and the bound layer sees the exact affine map.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,3 +30,16 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode inside (BatchNorm with its running statistics, no dropout), then
+    ``net.train(mode it had)``, also when the body raises (like ``net.train(was)``, this sets
+    every submodule to that one mode)."""
+    was = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was)

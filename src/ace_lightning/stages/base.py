@@ -157,8 +157,8 @@ class StageModule(L.LightningModule):
 
     def log_train_step(self, shown: Mapping[str, Any], quiet: Mapping[str, Any] = {}) -> None:
         """Per-step training values (``shown`` also in the progress bar), handed to Lightning only
-        on the steps its loggers write (trainer.log_every_n_steps): the self.log machinery costs
-        about 3 ms a step, 15% of a small cert-net's IBP step on 2 CPU cores (make bench)."""
+        on the steps its loggers write (trainer.log_every_n_steps): the self.log machinery costs a
+        fixed time per call, a large share of a small net's step (make bench measures it)."""
         connector = getattr(self._trainer, "_logger_connector", None)
         if connector is not None and not connector.should_update_logs:
             return

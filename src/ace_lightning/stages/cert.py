@@ -1,22 +1,18 @@
 """Certification-network stage: certified training (docs/METHOD.md sections 6 and 11).
 
-L = kappa * CE(f(x), y) + (1 - kappa) * L_method, with eps ramping 0 -> eps_train = factor x eps
-after a natural warm-up, kappa 1 -> kappa_end and (CROWN-IBP) beta 1 -> 0 over the same ramp,
-counted in steps. L_method (stages/losses.py): IBP or CROWN-IBP, CE(-lb(C f), y) over the ball;
-SABR, the same over a small box around a PGD point; MTL-IBP, CC-IBP, Exp-IBP, IBP mixed with the
-adversarial loss. Shi et al.'s IBP initialisation (``shi_init``) and warm-up regularisers
-(``shi_regularizer``, weight x (1 - eps_t / eps_train) while eps ramps) go with any of them.
-Validation: natural, IBP-certified (and CROWN-IBP-certified when affordable) and PGD accuracy at
-the *target* eps, always in full precision.
+L = kappa * CE(f(x), y) + (1 - kappa) * L_method, over the eps/kappa/beta ramp of
+stages/certified.py (shared with the entropy stage). L_method (stages/losses.py): IBP or CROWN-IBP,
+CE(-lb(C f), y) over the ball; SABR, the same over a small box around a PGD point; MTL-IBP,
+CC-IBP, Exp-IBP, IBP mixed with the adversarial loss. Shi et al.'s IBP initialisation
+(``shi_init``) and warm-up regularisers (``shi_regularizer``, weight x (1 - eps_t / eps_train)
+while eps ramps) go with any of them.
 
 Optional selection co-training (``select_weight`` lambda > 0, from ``select_start_epoch``, by
 default the end of the ramp): L = (1 - lambda) L_cert + lambda L_sel with the selection margin loss
 below, the margin analogue of the entropy co-training of section 6. A selector can only tell
 certified from uncertified inputs if the certified ones carry large certified margins and the
-uncertified ones look uncertain at x. On Fashion-MNIST (experiments/gate_tuning_fmnist.md) it keeps
-the certified accuracy, raises the cert-net's own certified-margin selector by 5 points at the same
-false selection rate and makes entropy selection the best composition measured; a trained one-logit
-gate gains only 0-2 points from it.
+uncertified ones look uncertain at x: the loss asks for both (what it buys each selector is
+measured in experiments/gate_tuning_fmnist.md).
 """
 from __future__ import annotations
 
@@ -26,32 +22,13 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ace_lightning.attacks import adversarial_correct
-from ace_lightning.bounds import (margin_lower_bounds, margin_spec, output_bounds, padded_rows,
-                                  robust_ce_loss, worst_case_ce)
-from ace_lightning.nets import final_linear_name
-from ace_lightning.stages.base import StageModule, check_val_crown_ibp
-from ace_lightning.stages.common import l1_penalty
-from ace_lightning.stages.losses import (CERT_METHODS, CertifiedLoss, build_loss, check_method_knobs, ibp_init,
-                                         margin_ce, shi_regularizer)
-from ace_lightning.stages.schedules import CertSchedule, ramp_progress
+from ace_lightning.bounds import margin_ce, margin_spec, robust_ce_loss
 from ace_lightning.errors import ConfigError
+from ace_lightning.stages.certified import CLASSIC, CertifiedStage
+from ace_lightning.stages.common import l1_penalty
+from ace_lightning.stages.losses import CertifiedLoss, build_loss, ibp_init, shi_regularizer
 
-TRAIN_METHODS = CERT_METHODS
-CLASSIC = ("IBP", "CROWN-IBP")  # bounds over the whole ball; loss fusion and co-training apply
 SHI_WARMUP_EPS = 1e-6  # Shi et al.: the regulariser's bounds during the natural warm-up
-# the selection co-training knobs of conf/stage/cert.yaml (CertStage keyword arguments)
-SELECT_OPTIONS = ("select_weight", "select_margin", "select_uncertified_weight", "select_start_epoch",
-                  "select_lr", "select_lr_step_epochs", "select_negatives")
-# the training methods' knobs (SABR, the expressive losses, Shi et al.)
-METHOD_OPTIONS = ("sabr_lambda", "alpha", "attack", "shi_init", "shi_regularizer", "shi_reg_weight", "shi_tol")
-
-
-def certified_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                      method: str) -> torch.Tensor:
-    """Per input: every margin z_y - z_j provably positive on the ball (implies correct at x)."""
-    with torch.no_grad():
-        return margin_lower_bounds(net, x, y, eps, method).min(dim=1).values > 0
 
 
 def selection_margin_loss(lb_margins: torch.Tensor, logits: torch.Tensor, margin: float,
@@ -73,11 +50,7 @@ def selection_margin_loss(lb_margins: torch.Tensor, logits: torch.Tensor, margin
     return per_input.mean() / margin
 
 
-class CertStage(StageModule):
-    metric_names = ("nat_acc", "ibp_cert_acc", "crown_ibp_cert_acc", "cert_acc", "pgd_acc")
-    key_metric = "val/cert_acc"
-    precise_eval = True
-
+class CertStage(CertifiedStage):
     def __init__(
         self,
         net: nn.Module,
@@ -122,14 +95,8 @@ class CertStage(StageModule):
                                         select_negatives=select_negatives, sabr_lambda=sabr_lambda,
                                         alpha=alpha, attack=attack, shi_reg_weight=shi_reg_weight,
                                         shi_tol=shi_tol), eps)
-        super().__init__(net, optimizer, lr_schedule,
-                         lr_decay_start_epoch=int(round(warmup_epochs + ramp_epochs)))
-        self.eps, self.method, self.eps_factor = float(eps), method, float(eps_factor)
-        self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
-        self.ramp_shape, self.kappa_end = ramp_shape, float(kappa_end)
-        self.loss_fusion, self.l1 = bool(loss_fusion), float(l1)
-        self.val_pgd_steps, self.val_crown_ibp = int(val_pgd_steps), check_val_crown_ibp(val_crown_ibp)
-        self.num_classes = int(net.get_submodule(final_linear_name(net)).out_features)
+        super().__init__(net, optimizer, lr_schedule, eps, method, eps_factor, warmup_epochs, ramp_epochs,
+                         ramp_shape, kappa_end, loss_fusion, l1, val_pgd_steps, val_crown_ibp, steps_per_epoch)
         self.select_weight, self.select_margin = float(select_weight), float(select_margin)
         self.select_uncertified_weight = float(select_uncertified_weight)
         self.select_negatives = str(select_negatives)
@@ -141,8 +108,6 @@ class CertStage(StageModule):
         self.shi_regularizer, self.shi_reg_weight, self.shi_tol = bool(shi_regularizer), float(shi_reg_weight), float(shi_tol)
         if shi_init:  # a resumed run restores its checkpoint's weights over this
             ibp_init(self.net)
-        self.steps_per_epoch = steps_per_epoch
-        self._schedule: Optional[CertSchedule] = None
         self.save_hyperparameters(ignore=["net"])
 
     def lr_factor(self, epoch: int) -> float:
@@ -156,32 +121,17 @@ class CertStage(StageModule):
         base = float(self.optimizer_cfg.get("lr", 1e-3))
         return self.select_lr / base * gamma ** ((epoch - start) // max(1, self.select_lr_step_epochs))
 
-    @staticmethod
-    def check_config(st: Mapping[str, Any], eps: float) -> str:
+    @classmethod
+    def check_config(cls, st: Mapping[str, Any], eps: float) -> str:
         """One-line ValueErrors before any data is loaded; returns the canonical method name."""
-        method = check_method_knobs(st.get("method", "IBP"), st.get("sabr_lambda", 0.4), st.get("alpha", 0.5),
-                                    st.get("attack"))
-        if st.get("loss_fusion") and method not in CLASSIC:
-            raise ConfigError(f"loss_fusion bounds the CE over the whole ball: IBP or CROWN-IBP only, not {method}")
+        method = cls.check_method(st)
         if not float(st.get("shi_reg_weight", 0.5)) >= 0:
             raise ConfigError(f"shi_reg_weight must be >= 0, got {st.get('shi_reg_weight')}")
         if not 0.0 < float(st.get("shi_tol", 0.5)) <= 1.0:
             raise ConfigError(f"shi_tol must be in (0, 1], got {st.get('shi_tol')}")
-        kappa_end = float(st.get("kappa_end", 0.5))
-        if not 0.0 <= kappa_end <= 1.0:
-            raise ConfigError(f"kappa_end must be in [0, 1], got {kappa_end}")
-        if not 0.0 < float(eps) <= 1.0:
-            raise ConfigError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
-        if float(st.get("eps_factor", 1.0)) <= 0:
-            raise ConfigError(f"eps_factor must be positive, got {st.get('eps_factor')}")
+        cls.check_schedule(st, eps)
         warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
         epochs = st.get("epochs")
-        if warmup < 0 or ramp < 0:
-            raise ConfigError("warmup_epochs and ramp_epochs must be >= 0")
-        if epochs is not None and warmup + ramp > float(epochs):
-            raise ConfigError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
-                             f"epochs > {epochs} epochs (lower the ramp or raise stage.epochs)")
-        ramp_progress(0, 0, 1, st.get("ramp_shape", "linear"))
         lam = float(st.get("select_weight", 0.0))
         if not 0.0 <= lam <= 1.0:
             raise ConfigError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
@@ -218,23 +168,6 @@ class CertStage(StageModule):
             return False
         ramp_end = self.schedule.warmup_steps + self.schedule.ramp_steps
         return step >= max(ramp_end, int(round(self.select_start_epoch * self.per_epoch)))
-
-    # -- schedules ---------------------------------------------------------------------------
-
-    def margin_pass(self, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float, beta: Optional[float],
-                    upper: bool = False):
-        """One bound pass over the margins z_y - z_j: (L_cert, robust CE, logits, lb, ub of the
-        margins; ub only with ``upper``, else None), for the co-training losses that need the
-        margins themselves."""
-        if upper:
-            C = margin_spec(y, self.num_classes, dtype=x.dtype)
-            lb_d, ub_d, logits = output_bounds(self.net, x, eps, self.method, beta=beta, C=C, return_logits=True)
-        else:
-            (lb_d, logits), ub_d = margin_lower_bounds(self.net, x, y, eps, self.method, beta=beta,
-                                                       return_logits=True), None
-        robust = worst_case_ce(lb_d)
-        l_cert = kappa * nn.functional.cross_entropy(logits, y) + (1.0 - kappa) * robust
-        return l_cert, robust, logits, lb_d, ub_d
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -286,26 +219,3 @@ class CertStage(StageModule):
         self.log_train_step({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc, **extra},
                             {"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0})
         return loss
-
-    # -- evaluation at the target eps -----------------------------------------------------------
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            nat = self.net(x).argmax(-1) == y
-        ibp = certified_correct(self.net, x, y, self.eps, "IBP")
-        out = {"nat_acc": nat, "ibp_cert_acc": ibp}
-        cert = ibp
-        if self.eval_crown_ibp():
-            if self.fitting:  # validation: CROWN-IBP only where it can add a certificate (cert_acc is
-                # the same; CROWN-IBP's own accuracy is reported on the test split)
-                rows, n = padded_rows(nat & ~ibp)
-                cert = ibp.clone()
-                if n:
-                    cert[rows[:n]] = certified_correct(self.net, x[rows], y[rows], self.eps, "CROWN-IBP")[:n]
-            else:
-                crown = certified_correct(self.net, x, y, self.eps, "CROWN-IBP")
-                out["crown_ibp_cert_acc"] = crown
-                cert = ibp | crown  # a certificate from either bound is a certificate
-        out["cert_acc"] = cert
-        if self.val_pgd_steps > 0:  # certified inputs are robust: PGD runs on the others
-            out["pgd_acc"] = adversarial_correct(self.net, x, y, self.eps, steps=self.val_pgd_steps, known=cert)
-        return out

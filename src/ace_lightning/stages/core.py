@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ace_lightning.attacks import adversarial_correct, pgd
+from ace_lightning.nets import eval_mode
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import l1_penalty
 from ace_lightning.errors import ConfigError
@@ -62,10 +63,8 @@ class CoreStage(StageModule):
         x, y = batch
         x = self._layout(x)
         if self.mode == "pgd":
-            was_training = self.net.training
-            self.net.eval()  # attack the current weights with frozen BN statistics
-            x = pgd(self.net, x, y, self.train_eps, self.pgd_steps, self.pgd_step_size, random_start=True)
-            self.net.train(was_training)
+            with eval_mode(self.net):  # attack the current weights with frozen BN statistics
+                x = pgd(self.net, x, y, self.train_eps, self.pgd_steps, self.pgd_step_size, random_start=True)
         logits = self.net(x)
         loss = nn.functional.cross_entropy(logits, y)
         if self.l1:

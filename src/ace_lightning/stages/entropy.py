@@ -37,10 +37,10 @@ from ace_lightning.bounds import (
     robust_ce_loss,
 )
 from ace_lightning.bounds.entropy import ROUTES
-from ace_lightning.stages.cert import CLASSIC, CertStage
 from ace_lightning.config import to_dict
 from ace_lightning.errors import ConfigError
 from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
+from ace_lightning.stages.certified import CLASSIC, CertifiedStage
 from ace_lightning.stages.common import l1_penalty
 from ace_lightning.stages.runner import run_training_stage
 
@@ -52,15 +52,23 @@ def natural_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.where(logits.argmax(-1) == y, h, log_k - h) / log_k).mean()
 
 
-class EntropyStage(CertStage):
-    metric_names = CertStage.metric_names + ("certified_selection_rate", "false_selection_rate", "selection_rate")
+class EntropyStage(CertifiedStage):
+    metric_names = CertifiedStage.metric_names + ("certified_selection_rate", "false_selection_rate",
+                                                  "selection_rate")
     key_metric = "val/cert_acc"
 
     def __init__(self, net: nn.Module, optimizer: Mapping[str, Any], lr_schedule: Mapping[str, Any],
-                 eps: float, lam: float = 0.5, tau: float = 1.0, route: str = "box",
-                 **cert_kwargs: Any) -> None:
+                 eps: float, lam: float = 0.5, tau: float = 1.0, route: str = "box", method: str = "IBP",
+                 eps_factor: float = 1.05, warmup_epochs: float = 1, ramp_epochs: float = 10,
+                 ramp_shape: str = "linear", kappa_end: float = 0.5, loss_fusion: bool = False, l1: float = 1e-5,
+                 epochs: Optional[int] = None, val_pgd_steps: int = 10, val_crown_ibp: bool | str = True,
+                 steps_per_epoch: Optional[int] = None) -> None:
         self.check_entropy_config(lam, tau, route)
-        super().__init__(net, optimizer, lr_schedule, eps, **cert_kwargs)
+        method = self.check_config(dict(method=method, kappa_end=kappa_end, epochs=epochs,
+                                        warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
+                                        ramp_shape=ramp_shape, eps_factor=eps_factor, loss_fusion=loss_fusion), eps)
+        super().__init__(net, optimizer, lr_schedule, eps, method, eps_factor, warmup_epochs, ramp_epochs,
+                         ramp_shape, kappa_end, loss_fusion, l1, val_pgd_steps, val_crown_ibp, steps_per_epoch)
         self.lam, self.tau, self.route = float(lam), float(tau), str(route).lower()
         self.save_hyperparameters(ignore=["net"])
 
@@ -119,7 +127,7 @@ def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
                 pre_check: Optional[Callable[[nn.Module, Any], None]] = None) -> dict:
     st = to_dict(cfg["stage"])
     eps = float(cfg["eps"])
-    if CertStage.check_config(st, eps) not in CLASSIC:
+    if CertifiedStage.check_config(st, eps) not in CLASSIC:
         raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
                          f"{st.get('method')}: train the cert stage with it and use entropy selection on it "
                          f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")

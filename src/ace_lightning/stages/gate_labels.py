@@ -15,7 +15,6 @@ pair i is never reached anywhere on the ball, so x says nothing about gate i: it
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 
 from ace_lightning.bounds import normalize_method, output_bounds
 from ace_lightning.bounds.ladder import margin_ladder
+from ace_lightning.nets import eval_mode
 from ace_lightning.atomic import atomic_torch_save
 from ace_lightning.errors import ConfigError, StageInputError
 
@@ -98,16 +98,6 @@ def label_methods(method: Any) -> str:
 
 
 REFUTE_STEPS = 10  # PGD steps that spare the tighter methods of a ladder inputs with a counterexample
-
-
-@contextlib.contextmanager
-def eval_mode(net: nn.Module):
-    was = net.training
-    net.eval()
-    try:
-        yield net
-    finally:
-        net.train(was)
 
 
 def _batches(loader: Iterable, desc: str, progress: bool):

@@ -30,10 +30,10 @@ from torch import nn
 
 from ace_lightning.attacks.pgd import pgd
 from ace_lightning.bounds import bound_pass, input_box
+from ace_lightning.nets import eval_mode
 from ace_lightning.errors import ConfigError
 
 CERT_METHODS = ("IBP", "CROWN-IBP", "SABR", "MTL-IBP", "CC-IBP", "Exp-IBP")
-EXPRESSIVE = ("MTL-IBP", "CC-IBP", "Exp-IBP")
 _ALIASES = {m.lower(): m for m in CERT_METHODS}
 _ALIASES.update({"crown_ibp": "CROWN-IBP", "mtl_ibp": "MTL-IBP", "cc_ibp": "CC-IBP", "exp_ibp": "Exp-IBP",
                  "mtlibp": "MTL-IBP", "ccibp": "CC-IBP", "expibp": "Exp-IBP"})
@@ -55,13 +55,6 @@ def normalize_training_method(method: str) -> str:
     if canon is None:
         raise ConfigError(f"certified-training method must be one of {', '.join(CERT_METHODS)}, got {method!r}")
     return canon
-
-
-def margin_ce(lb: torch.Tensor) -> torch.Tensor:
-    """Per input: CE of the negated margin lower bounds [B, K-1] (true-class entry 0): an upper
-    bound of the worst-case cross-entropy when lb bounds the margins from below."""
-    worst = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
-    return torch.logsumexp(worst, dim=1)
 
 
 @dataclass
@@ -90,15 +83,11 @@ class TrainingAttack:
     def __call__(self, net: nn.Module, x: torch.Tensor, C: torch.Tensor, eps: float,
                  loss_of_lb: PerInputLoss) -> torch.Tensor:
         """A point of B(x, eps_factor x eps) ∩ [0, 1] that maximises the loss of C f (eval mode)."""
-        was = net.training
-        net.eval()
-        try:
+        with eval_mode(net):
             return pgd(net, x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
                        min(1.0, eps * self.eps_factor), steps=self.steps, step_size=self.step_size,
                        random_start=True, restarts=self.restarts, decay_at=self.decay_at,
                        loss_fn=lambda logits, _y: loss_of_lb(torch.einsum("bsk,bk->bs", C, logits)))
-        finally:
-            net.train(was)
 
 
 class CertifiedLoss:
