@@ -11,4 +11,4 @@ _console.install()
 
 # the configs' own resolver (${seed_suffix:${seed}} in run_name) must exist wherever a job's config
 # is resolved, also in a launcher's worker process before the task function runs (submitit)
-from ace_lightning import config as _config  # noqa: E402,F401
+from ace_lightning import resolvers as _resolvers  # noqa: E402,F401

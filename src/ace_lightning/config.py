@@ -12,21 +12,6 @@ from ace_lightning.errors import ConfigError, did_you_mean
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package
 
-
-def seed_suffix(seed: Any) -> str:
-    """The run folder's seed part (``run_name: ${data.name}/eps_${eps}${seed_suffix:${seed}}``):
-    nothing for seed 0, so the run folders made before seeds were swept stay seed 0's, and
-    ``_seed<n>`` otherwise: ``-m seed=0,1,2`` gives three sibling folders, one per seed."""
-    try:
-        value = int(seed)
-    except (TypeError, ValueError):
-        raise ConfigError(f"seed must be an integer, got {seed!r}") from None
-    return "" if value == 0 else f"_seed{value}"
-
-
-if not OmegaConf.has_resolver("seed_suffix"):
-    OmegaConf.register_new_resolver("seed_suffix", seed_suffix)
-
 # Knobs a stage reads that its conf/stage/<name>.yaml does not list (listing them there would change
 # the config hash of every existing run folder): the cert stage's LightningModule takes
 # steps_per_epoch by name (stages.base.config_kwargs).
