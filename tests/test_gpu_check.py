@@ -1,5 +1,6 @@
 """`make gpu-check DEVICE=cpu`: the GPU check's script on the CPU, so it cannot rot between GPU
-runs (the benchmarks' GPU section it ends with is tested in test_bench_gpu_path.py)."""
+runs (the benchmarks' GPU section it ends with is tested in test_bench_gpu_path.py). Slow: a
+minute of one core, the largest single test; `make test-all` and every GPU session run it."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_make_gpu_check_on_cpu(tmp_path):
     out = tmp_path / "gpu-check.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
