@@ -31,6 +31,7 @@ def _train(args: list[str], tmp: Path, env=None, timeout=900) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, timeout=timeout)
 
 
+@pytest.mark.slow  # the chained form; make test keeps the pipeline job (test_pipeline_job.py)
 def test_multirun_chains_the_stages_and_sweeps_eps(tmp_path):
     res = _train(["-m", "stage=core,cert,gate,certify", *[t for t in TINY if not t.startswith("eps=")],
                   "eps=0.02,0.04"], tmp_path)
@@ -102,6 +103,7 @@ def _stop_at_first_complete_checkpoint(proc: subprocess.Popen, ckpt: Path, log: 
     pytest.fail(f"no {ckpt.name} after {timeout} s: {log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow  # a real kill and resume, about 15 s
 def test_sigkill_mid_epoch_then_rerun_resumes_and_finishes(tmp_path):
     """SIGKILL right after the first mid-epoch last.ckpt (checkpoint_every_n_steps), then the
     same command again: it resumes from that checkpoint's step instead of starting over."""
@@ -203,6 +205,7 @@ def test_reproduce_cifar_smoke_on_generated_cifar_files(tmp_path, wanted):
     assert (runs / "cifar10_aceentropy_ibp" / "eps_2_255" / "certify_entropy" / "manifest.json").is_file()
 
 
+@pytest.mark.slow  # make test attacks entropy certificates in test_certify_paths.py
 def test_entropy_selection_on_the_cert_stages_own_selection_co_trained_net(tmp_path):
     """cert with selection co-training, then certify with entropy selection on cert/ itself
     (stage.entropy_stage=cert): no entropy stage needed, records in certify_entropy_cert/."""
