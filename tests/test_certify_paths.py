@@ -122,6 +122,19 @@ def _violations(model: ACEModel, nets: dict, rec: dict, thresholds) -> tuple[int
     return int(claims.certified.sum()), int(report["violations"])
 
 
+def _verdict(model: ACEModel, nets: dict, rec: dict, thresholds, broken: bool, records_hold: bool = True) -> None:
+    """A path's verdict: with its bound broken on purpose the audit's attacks find a violation;
+    intact, some inputs are certified, none is broken, and (``records_hold``) the float32 records
+    contain the deployed model's values at sampled points."""
+    certified, violations = _violations(model, nets, rec, thresholds)
+    if broken:
+        assert violations > 0
+    else:
+        assert certified > 0 and violations == 0
+        if records_hold:
+            _assert_float32_records_hold(model, nets, rec)
+
+
 def _assert_float32_records_hold(model: ACEModel, nets: dict, rec: dict) -> None:
     """The float32 records themselves (not a float64 copy) contain the deployed model's values at
     sampled points of every ball: g(x') in [lb_g, ub_g], the cert-net's margin >= cert_margin."""
@@ -179,16 +192,11 @@ def test_refinement_at_a_threshold(nets, monkeypatch, broken):
     rec = certify_batch(model, x, y, EPS, REFINE, thresholds=[[T]])
     refined = rec["gate_method"] == METHODS.index("CROWN")
     assert refined.any(), "some intervals straddle T and are refined"
-    certified, violations = _violations(model, nets, rec, [T])
     gained = composed_certified(rec["cert_ok"][:, None], rec["core_ok"], rec["lb_g"][:, None], rec["ub_g"][:, None],
                                 [T], g=rec["g"][:, None]) & ~composed_certified(
         base["cert_ok"][:, None], base["core_ok"], base["lb_g"][:, None], base["ub_g"][:, None], [T], g=base["g"][:, None])
     assert gained.any(), "refinement certifies inputs IBP alone does not: the path is exercised"
-    if broken:
-        assert violations > 0
-    else:
-        assert certified > 0 and violations == 0
-        _assert_float32_records_hold(model, nets, rec)
+    _verdict(model, nets, rec, [T], broken)
 
 
 # -- the float64 re-check -----------------------------------------------------------------------
@@ -226,12 +234,7 @@ def test_float64_recheck(nets, monkeypatch, broken):
         monkeypatch.setattr(ace_module, "gate_interval", interval64)
     rec = certify_batch(model, x, y, EPS, settings, thresholds=[[T]])
     assert rec["rechecked"].float().mean() > 0.5, "float64 decided most inputs"
-    certified, violations = _violations(model, nets, rec, [T])
-    if broken:
-        assert violations > 0
-    else:
-        assert certified > 0 and violations == 0
-        _assert_float32_records_hold(model, nets, rec)
+    _verdict(model, nets, rec, [T], broken)
 
 
 # -- budget-limited inputs ----------------------------------------------------------------------
@@ -262,11 +265,7 @@ def test_budget_limited_inputs(nets, monkeypatch, broken):
     monkeypatch.setattr(ladder.Budget, "affordable", real_afford)
     assert (rec["cert_method"] > 0).any(), "the tight methods certified some of the affordable inputs"
     T = float(np.quantile(rec["lb_g"].numpy(), 0.3))
-    certified, violations = _violations(model, nets, rec, [T])
-    if broken:
-        assert violations > 0
-    else:
-        assert certified > 0 and violations == 0
+    _verdict(model, nets, rec, [T], broken, records_hold=False)
 
 
 # -- core-route certificates --------------------------------------------------------------------
@@ -298,11 +297,7 @@ def test_core_route_certificates(nets, monkeypatch, broken):
     T = float(np.quantile(rec["ub_g"].numpy(), 0.6))
     core_route = (rec["ub_g"].double() < T) & rec["core_ok"]
     assert core_route.any(), "some inputs are certified through the core"
-    certified, violations = _violations(model, nets, rec, [T])
-    if broken:
-        assert violations > 0
-    else:
-        assert certified > 0 and violations == 0
+    _verdict(model, nets, rec, [T], broken, records_hold=False)
 
 
 # -- entropy selection on a very confident net ----------------------------------------------------
@@ -382,12 +377,7 @@ def test_cascade_of_two_pairs(nets, monkeypatch, broken):
                                    g=stack("g"))
     via_second = certified & (rec["ub_g_1"].double() < T[0]) & (rec["lb_g_2"].double() >= T[1])
     assert via_second.any(), "some inputs are certified through the second pair"
-    n_cert, violations = _violations(model, nets, rec, T)
-    if broken:
-        assert violations > 0
-    else:
-        assert n_cert > 0 and violations == 0
-        _assert_float32_records_hold(model, nets, rec)
+    _verdict(model, nets, rec, T, broken)
 
 
 # -- refinement covers every reported threshold ---------------------------------------------------
