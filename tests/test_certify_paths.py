@@ -22,7 +22,6 @@ from ace_lightning.ace import ACEModel, CertifySettings, certify_batch, composed
 from ace_lightning.audit_attacks import attack_check
 from ace_lightning.audit_claims import AuditSettings, read_claims
 from ace_lightning.bounds import METHODS, ladder, margin_lower_bounds, output_bounds, robust_ce_loss
-from ace_lightning.errors import SoundnessError
 from ace_lightning.nets import init_gate_from_cert
 from ace_lightning.records import Records
 

@@ -341,9 +341,9 @@ def log_pipeline_end(run_dir: Path, names: list[str], since: float = 0.0) -> Non
     from ace_lightning.summary import format_stage_times, stage_times
 
     measured = stage_times(run_dir, since=since)
-    times = {k: measured[k] for n in names for k in sorted(measured) if k == n or (n == "certify" and k.startswith(n))}
-    ran = {n for n in names for k in times if k == n or (n == "certify" and k.startswith(n))}
-    skipped = [n for n in names if n not in ran]
+    folders = {n: [k for k in sorted(measured) if k == n or (n == "certify" and k.startswith(n))] for n in names}
+    times = {k: measured[k] for n in names for k in folders[n]}
+    skipped = [n for n in names if not folders[n]]
     parts = [format_stage_times(times)] if times else []
     if skipped:
         parts.append(f"{', '.join(skipped)} skipped (already complete)")
