@@ -10,7 +10,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "ace_lightning"
 
 # lowest floor first; a module's floor is that of its longest matching prefix
 FLOORS = [
-    ("ace_lightning", "errors", "atomic", "console", "routing", "rule", "resolvers"),  # 0: no model code
+    ("ace_lightning", "errors", "atomic", "console", "routing", "rule", "resolvers",
+     "registries"),  # 0: no model code
     ("bounds", "nets", "data", "attacks"),                                  # 1: bounds, networks, data
     ("ace", "records", "sweep", "operating", "report", "loggers", "summary", "config",
      "evaluate"),                                                           # 2: the model, the sweep maths
