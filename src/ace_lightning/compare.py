@@ -6,6 +6,8 @@ cert stage folder), its core, and, when the folder was certified, the compositio
 threshold T (sweep_test.csv) with its operating points. One Pareto plot, the table behind it
 (CSV), and a sentence per composition: the natural accuracies at which it is certified more often
 than every single network that is at least as accurate naturally (the single networks' front).
+A search's trial folder (trial.json, search.py) adds one point: its val-chosen operating point on
+test; the trials no other trial beats on both counts are the search's front, joined on the plot.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from ace_lightning.atomic import atomic_write_text
 from ace_lightning.errors import ConfigError, InputNotFoundError
 
 EVALUATION_FILE = "evaluation_test.json"
+TRIAL_FILE = "trial.json"  # a search's trial (search.py): its objective on val, its certify folder, its knobs
 COLUMNS = ("run", "kind", "name", "method", "alpha", "sabr_lambda", "eps", "threshold", "nat_acc", "cert_acc",
-           "adv_acc", "beats_single_front")
+           "adv_acc", "beats_single_front", "search_front")
 
 
 def describe_cert(manifest: dict) -> dict[str, Any]:
@@ -82,6 +85,39 @@ def evaluate_cert_stage(run_dir: Path, settings: CertifySettings, *, data_dir: O
                           attack_steps=attack_steps, progress=progress)
     atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
     return result
+
+
+def trial_row(run_dir: Path, name: str) -> Optional[dict[str, Any]]:
+    """A search trial's row: the composition at its val-chosen operating point (the exported one),
+    on test; None for a folder that is no trial. A trial that did not complete is refused."""
+    from ace_lightning.rundir import read_manifest
+
+    path = run_dir / TRIAL_FILE
+    if not path.is_file():
+        return None
+    trial = json.loads(path.read_text())
+    manifest = (read_manifest(run_dir / str(trial["certify"])) if trial.get("certify") else None) or {}
+    chosen = manifest.get("chosen_operating_point") or {}
+    if trial.get("status") != "complete" or "test" not in chosen:
+        raise InputNotFoundError(f"search trial {run_dir} is not complete (no certified test split): leave it out")
+    info = describe_cert(read_manifest(run_dir / "cert") or {})
+    test = chosen["test"]
+    return {"run": name, "kind": "trial", "name": f"trial {trial.get('trial')} {_label(info, name)}", **info,
+            "eps": manifest.get("eps"), "threshold": chosen.get("threshold"),
+            "nat_acc": test["nat_acc"], "cert_acc": test["cert_acc"], "adv_acc": test.get("adv_acc", ""),
+            "val": chosen.get("val"), "params": trial.get("params") or {}}
+
+
+def pareto_indices(points: Sequence[dict]) -> list[int]:
+    """The points no other point beats on both natural and certified accuracy (ties: the first),
+    by natural accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i]["nat_acc"], -points[i]["cert_acc"], i))
+    keep, top = [], -math.inf
+    for i in order:
+        if points[i]["cert_acc"] > top:
+            keep.append(i)
+            top = points[i]["cert_acc"]
+    return sorted(keep, key=lambda i: points[i]["nat_acc"])
 
 
 def _read_curve(path: Path) -> list[dict[str, float]]:
@@ -177,6 +213,10 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
     notes: list[str] = []
     for run in run_dirs:
         run_dir = Path(run).expanduser().resolve()
+        trial = trial_row(run_dir, f"{run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}")
+        if trial is not None:  # a search's trial: its one point, no curve and no single network
+            rows.append(trial)
+            continue
         if not (run_dir / "cert").is_dir():
             raise InputNotFoundError(f"run folder {run_dir} has no cert/ stage to compare")
         name = run_dir.name if not run_dir.name.startswith("eps_") else f"{run_dir.parent.name}/{run_dir.name}"
@@ -233,8 +273,14 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
                              f"{100 * top['nat_acc']:.2f}% natural / {100 * top['cert_acc']:.2f}% certified; "
                              f"above that natural accuracy only cores (0% certified) remain.")
     for r in rows:
-        if r["kind"] == "ace":
+        if r["kind"] in ("ace", "trial"):
             r["beats_single_front"] = int(r["cert_acc"] > front(r["nat_acc"]) + 1e-12)
+    trials = [r for r in rows if r["kind"] == "trial"]
+    on_front = [trials[i] for i in pareto_indices(trials)]
+    for r in trials:
+        r["search_front"] = int(any(r is f for f in on_front))
+    if trials:
+        summary_lines.append(search_line(trials, on_front))
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -244,7 +290,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str, settings: Optional[Certi
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in COLUMNS})
     paths = {"csv": atomic_write_text(out / "compare.csv", write_csv)}
-    paths["png"] = plot_compare(out / "compare.png", curves, singles, front)
+    paths["png"] = plot_compare(out / "compare.png", curves, singles, front, on_front, trials)
     md = ["# ACE vs single networks (test split)", "",
           f"Single networks certified with {'+'.join(settings.methods)} (cheap to tight), attacked with "
           f"PGD-{attack_steps} (margin loss).", "", *summary_lines, *([""] + [f"Note: {n}" for n in notes] if notes else []),
@@ -289,8 +335,32 @@ def mean_certified(curve: Sequence[dict], nat_from: float, nat_to: float) -> flo
     return float(np.sum(np.diff(cuts) * values) / (nat_to - nat_from))
 
 
-def plot_compare(path: Path, curves, singles, front) -> str:
-    """ACE curves (lines) and operating points (stars), single networks (markers) and their front."""
+def search_line(trials: Sequence[dict], on_front: Sequence[dict]) -> str:
+    """The sentence for a search: its front on test, each trial with its searched knobs and its
+    objective's split (val) numbers beside the test ones."""
+    parts = []
+    for r in on_front:
+        knobs = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in r["params"].items())
+        val = r.get("val") or {}
+        seen = f"; val {100 * val['nat_acc']:.2f} / {100 * val['cert_acc']:.2f}" if "nat_acc" in val else ""
+        parts.append(f"{r['name'].split(' [')[0]} ({100 * r['nat_acc']:.2f}% natural, {100 * r['cert_acc']:.2f}% "
+                     f"certified{seen}; {knobs})")
+    beats = sum(int(r.get("beats_single_front", 0)) for r in on_front)
+    return (f"- Search: {len(trials)} trials (each at its val-chosen operating point, test split); its front: "
+            f"{'; '.join(parts)}. {beats} of the {len(on_front)} on the front are certified more often than every "
+            f"single network at least as accurate naturally.")
+
+
+def _short(value: Any) -> str:
+    try:
+        return format(float(value), ".3g")
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def plot_compare(path: Path, curves, singles, front, search_front=(), trials=()) -> str:
+    """ACE curves (lines) and operating points (stars), single networks (markers) and their front,
+    a search's trials (small diamonds) and their front (joined)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -311,6 +381,11 @@ def plot_compare(path: Path, curves, singles, front) -> str:
                 color="lightgray" if r["kind"] == "core" else "white", zorder=5)
         ax.annotate(r["name"].split(" [")[0], (100 * r["nat_acc"], 100 * r["cert_acc"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
+    if trials:
+        ax.plot([100 * r["nat_acc"] for r in trials], [100 * r["cert_acc"] for r in trials], "D", ms=4,
+                color="tab:purple", alpha=0.45, zorder=6, label=f"search trials ({len(trials)}, val-chosen points)")
+        ax.plot([100 * r["nat_acc"] for r in search_front], [100 * r["cert_acc"] for r in search_front], "-D", ms=6,
+                color="tab:purple", mec="black", lw=1.2, zorder=6, label=f"search front ({len(search_front)} trials)")
     if singles:
         grid = np.linspace(min(r["nat_acc"] for r in singles), max(r["nat_acc"] for r in singles), 400)
         ax.plot(100 * grid, [100 * max(front(n), 0.0) for n in grid], "--", color="black", lw=0.8,
