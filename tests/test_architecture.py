@@ -18,7 +18,7 @@ FLOORS = [
     ("rundir",),                                                            # 3: the run-folder protocol
     ("stages", "certify", "certify_pass", "certify_attack", "compare", "audit", "audit_claims",
      "audit_bounds", "audit_attacks"),                                      # 4: stages
-    ("registry", "hydra_callbacks"),                                        # 5: dispatch
+    ("registry", "hydra_callbacks", "search"),                              # 5: dispatch
     ("train", "cli", "pipeline"),                                           # 6: entry points
 ]
 

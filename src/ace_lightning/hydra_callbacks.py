@@ -13,7 +13,8 @@ before any job starts; ``stage=pipeline`` is the form that runs anywhere. After 
 runs summary is written once, with every run folder of the runs root (jobs finishing at the
 same moment cannot miss each other); the sweep's jobs (their ``job.json``) are listed with their
 status, the summary table goes to wandb once when ``logger=wandb``, and a sweep with a failed job
-exits with code 1.
+exits with code 1. A search (``search`` set, the optuna sweeper) is refused up front when its
+objective does not match the sweeper's directions.
 """
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ class SweepGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
+        if config.get("search"):  # a search: its objective against the sweeper's directions
+            from ace_lightning.errors import ConfigError, fail_on
+            from ace_lightning.search import check_sweeper
+
+            try:
+                check_sweeper(config)
+            except ConfigError as err:
+                fail_on(err)
         launcher = str((config.hydra.get("launcher") or {}).get("_target_", BASIC_LAUNCHER))
         stages = chained_stage_sweep(list(config.hydra.overrides.task))
         if stages and launcher != BASIC_LAUNCHER:

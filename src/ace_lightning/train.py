@@ -12,11 +12,14 @@ nothing already written is touched.
 Every job records its outcome in ``<run_dir>/job.json``. Inside a multirun a failed job does not
 stop the sweep: it prints its error (and a bug's traceback), the other jobs run on, and the sweep
 ends with the runs summary listing every job and exit code 1 (hydra_callbacks.SweepGuard).
+A search (``stage=pipeline experiment=search_fmnist``, the optuna sweeper) gets each trial's
+objective(s) on the validation split as the job's return value (search.py).
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -44,22 +47,24 @@ def in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_job_as_single_run() -> int:
-    """This multirun job's overrides, as ``python -m ace_lightning.train`` in its own process."""
+def run_job_as_single_run(run_name: str) -> int:
+    """This multirun job's overrides, as ``python -m ace_lightning.train`` in its own process, in this
+    job's run folder (a search's trial folder comes from the sweep's job number, which a single run
+    has not) and as a single run (a search's experiment makes itself a multirun)."""
     import subprocess
 
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    cmd = [sys.executable, "-m", "ace_lightning.train", *hc.overrides.task,
-           f"hydra.run.dir={hc.runtime.output_dir}"]
+    cmd = [sys.executable, "-m", "ace_lightning.train", *hc.overrides.task, f"run_name={run_name}",
+           "hydra.mode=RUN", f"hydra.run.dir={hc.runtime.output_dir}"]
     return subprocess.run(cmd).returncode
 
 
-def ddp_job_as_single_run() -> None:
+def ddp_job_as_single_run(run_name: str) -> None:
     """run_job_as_single_run for run_job: a failed process raises (it printed its own error line
     and wrote job.json)."""
-    code = run_job_as_single_run()
+    code = run_job_as_single_run(run_name)
     if code:
         raise ChildProcessError(f"the job's DDP process exited with code {code}")
 
@@ -70,15 +75,22 @@ def main() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> Any:
+    """The job; a search's trial (``search`` set) returns its objective(s) on val for the sweeper
+    (search.py), None when it failed (the sweeper records a failed trial)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     from ace_lightning.console import setup_console
 
     setup_console()
     from ace_lightning.registry import run_job
 
+    work = (lambda: ddp_job_as_single_run(str(cfg.run_name))) if ddp_job_in_multirun(cfg) else None
     try:
-        run_job(cfg, work=ddp_job_as_single_run if ddp_job_in_multirun(cfg) else None)
+        if cfg.get("search"):
+            from ace_lightning.search import run_trial
+
+            return run_trial(cfg, lambda: run_job(cfg, work=work))
+        run_job(cfg, work=work)
     except USER_ERRORS as err:  # one line for the user; tracebacks are for bugs
         if not in_multirun():
             fail_on(err)
