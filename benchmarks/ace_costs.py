@@ -27,7 +27,7 @@ from ace_lightning.records import Records, as_records
 from ace_lightning.sweep import sweep
 from timing import time_fn
 
-DEMO_RUN = Path("runs/demo_fmnist/eps_0.1")
+DEMO_RUN = Path("runs/demo_fmnist_full/eps_0.1")
 
 
 def sweep_cost(records, repeats: int = 5) -> float:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ace_costs  # noqa: E402
 import bound_step_cost  # noqa: E402
+import demo_work  # noqa: E402
 import lightning_overhead  # noqa: E402
 import nets_cost  # noqa: E402
 import stage_cost  # noqa: E402
@@ -46,7 +47,7 @@ C5_CASE = {"c5_cifar10_3x32x32": ("c5", (3, 32, 32), 10, 2 / 255)}
 THROUGHPUT_CASES = ("c3_cifar10_3x32x32", *C5_CASE)
 # skipped by --no-large (quick runs and the test of the GPU path)
 LARGE_NETS = {"c5", "wrn", "resnet18", "efficientnet_b0"}
-SECTIONS = ("bound_step_cost", "lightning_overhead", "ace_costs", "nets_cost", "stage_cost")
+SECTIONS = ("bound_step_cost", "lightning_overhead", "ace_costs", "nets_cost", "stage_cost", "demo_work")
 
 
 def bound_steps(batch: int, reps: int, device: torch.device, cases: dict = BOUND_CASES) -> dict:
@@ -92,6 +93,9 @@ def measure_sections(wanted, batch: int, reps: int, device: torch.device, large:
         print("[bench] the demo's stages against their arithmetic (stage step / bare loop; certify / its "
               "certification pass)", flush=True)
         sections["stage_cost"] = stage_cost.measure()
+    if "demo_work" in wanted and demo_stages:  # counted from the configs (+ wall times of run folders)
+        print("[bench] the demo's work in training steps, against experiment=demo_fmnist_full", flush=True)
+        sections["demo_work"] = demo_work.measure(before_dir=demo_work.ROOT / "runs" / "demo_fmnist_full" / "eps_0.1")
     return sections
 
 
@@ -143,6 +147,18 @@ def print_tables(sections: dict, where: str) -> None:
         else:
             print(f"{'certify wall / certification':32s} {c['certification_pass_s']:10.2f} {c['wall_s']:12.2f} "
                   f"{c['ratio_wall_to_certification']:8.2f}")
+    if "demo_work" in sections:
+        d = sections["demo_work"]
+        print(f"\n{'demo work (training steps)':32s} {'now':>10s} {'before':>10s}")
+        for name in dict.fromkeys([*d["demo"]["stages"], *d["demo_before"]["stages"]]):
+            now, was = d["demo"]["stages"].get(name, {}), d["demo_before"]["stages"].get(name, {})
+            if "train_steps" in now or "train_steps" in was:
+                print(f"{name:32s} {now.get('train_steps', 0):10d} {was.get('train_steps', 0):10d}")
+        print(f"{'all stages':32s} {d['demo']['train_steps']:10d} {d['demo_before']['train_steps']:10d} "
+              f"(ratio {d['ratio_train_steps']:.2f})")
+        for key in ("demo", "demo_before"):
+            if "wall_s" in d[key]:
+                print(f"{key} wall time from its run folder: {d[key]['wall_s']:.0f} s")
     if "ace_costs" in sections:
         a = sections["ace_costs"]["fashion_mnist_demo"]
         print(f"\ncomposed model ({a['model']}), routing rate to cert-net {a['routing_rate_to_cert']:.2f}:")

@@ -35,13 +35,13 @@ def _mean_gap(stamps: list[float], warmup: int) -> float:
     return sum(gaps) / max(1, len(gaps))
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_RUN = ROOT / "runs" / "demo_fmnist" / "eps_0.1"
+DEMO_RUN = ROOT / "runs" / "demo_fmnist_full" / "eps_0.1"
 
 
 def _cfg(stage: str, runs_root: Path, steps: int, extra: tuple[str, ...] = ()):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=[
-            "experiment=demo_fmnist", f"stage={stage}", f"runs_root={runs_root}",
+            "experiment=demo_fmnist_full", f"stage={stage}", f"runs_root={runs_root}",
             f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=0", "trainer.limit_test_batches=1",
             f"++stage_overrides.{stage}.epochs=1", *extra])
 
@@ -89,7 +89,7 @@ def training_stage(stage: str, steps: int = 40, warmup: int = 5, run_dir: Path =
         if stage == "gate":  # the demo's trained cert-net and its cached labels
             if not all((run_dir / s / "manifest.json").is_file() for s in ("core", "cert", "gate")):
                 return {"stage": stage, "skipped": f"no trained demo run folder at {run_dir}: run make demo first"}
-            copy = Path(tmp) / "demo_fmnist" / "eps_0.1"
+            copy = Path(tmp) / "demo_fmnist_full" / "eps_0.1"
             for s in ("core", "cert"):
                 shutil.copytree(run_dir / s, copy / s, ignore=shutil.ignore_patterns("checkpoints"))
             (copy / "gate").mkdir()
@@ -116,11 +116,11 @@ def certify_stage(run_dir: Path = DEMO_RUN) -> dict:
     if not all((run_dir / s / "manifest.json").is_file() for s in ("core", "cert", "gate")):
         return {"skipped": f"no trained demo run folder at {run_dir}: run make demo first"}
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "demo_fmnist" / "eps_0.1"
+        copy = Path(tmp) / "demo_fmnist_full" / "eps_0.1"
         for s in ("core", "cert", "gate"):
             shutil.copytree(run_dir / s, copy / s, ignore=shutil.ignore_patterns("checkpoints"))
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["experiment=demo_fmnist", "stage=certify",
+            cfg = compose(config_name="train", overrides=["experiment=demo_fmnist_full", "stage=certify",
                                                           f"runs_root={tmp}", "trainer.enable_progress_bar=false"])
         t0 = time.perf_counter()
         manifest = run_stage(cfg)

@@ -1,7 +1,7 @@
 """Is the certify stage's attack strong enough? Re-attack a certified run folder with a much
 stronger attack and compare every reported adversarial accuracy.
 
-    python experiments/attack_strength/run.py runs/demo_fmnist/eps_0.1 [--steps 100 --restarts 5]
+    python experiments/attack_strength/run.py runs/demo_fmnist_full/eps_0.1 [--steps 100 --restarts 5]
 
 Both attacks count the inputs the records certify as robust (that is what the certify stage
 reports: adversarial accuracy is an upper bound on robust accuracy, certified <= adversarial) and

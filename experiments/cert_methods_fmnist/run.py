@@ -25,9 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RECIPES = {"IBP": ("demo_fmnist", []),
+RECIPES = {"IBP": ("demo_fmnist_full", []),
            # CROWN-IBP with loss fusion: the same bound of the CE, 7.5x a plain step instead of 25x (make bench)
-           "CROWN-IBP": ("demo_fmnist", ["stage_overrides.cert.method=CROWN-IBP", "++stage_overrides.cert.loss_fusion=true"]),
+           "CROWN-IBP": ("demo_fmnist_full", ["stage_overrides.cert.method=CROWN-IBP", "++stage_overrides.cert.loss_fusion=true"]),
            "SABR": ("fmnist_sabr", []), "MTL-IBP": ("fmnist_mtlibp", []),
            "CC-IBP": ("fmnist_mtlibp", ["stage_overrides.cert.method=CC-IBP"]),
            "Exp-IBP": ("fmnist_mtlibp", ["stage_overrides.cert.method=Exp-IBP"])}

@@ -4,7 +4,7 @@ cert-net's own entropy), certified cheap to tight; the table row that matters is
 accuracy at natural accuracy within 1 point of the core (thresholds chosen on val, test split).
 
     python experiments/compose_fmnist/run.py --name mtl_gate_ibp --cert-run runs/cert_methods/MTL-IBP_e24/eps_0.1 \
-        --core-run runs/demo_fmnist/eps_0.1 --experiment fmnist_mtlibp --gate stage_overrides.gate.method=IBP
+        --core-run runs/demo_fmnist_full/eps_0.1 --experiment fmnist_mtlibp --gate stage_overrides.gate.method=IBP
     python experiments/compose_fmnist/run.py --name mtl_entropy --cert-run ... --core-run ... --selection entropy
 
 Each composition gets its own run folder runs/compose/<name>/eps_<eps>/ (core/ and cert/ copied in,
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--name", required=False)
     p.add_argument("--cert-run", type=Path)
     p.add_argument("--core-run", type=Path)
-    p.add_argument("--experiment", default="demo_fmnist", help="recipe whose gate/certify settings are used")
+    p.add_argument("--experiment", default="demo_fmnist_full", help="recipe whose gate/certify settings are used")
     p.add_argument("--selection", choices=("gate", "entropy"), default="gate")
     p.add_argument("--runs-root", type=Path, default=ROOT / "runs")
     p.add_argument("overrides", nargs="*", help="further overrides, e.g. stage_overrides.gate.method=IBP")

@@ -25,14 +25,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DEMO = ROOT / "runs" / "demo_fmnist" / "eps_0.1"
+DEMO = ROOT / "runs" / "demo_fmnist_full" / "eps_0.1"
 EPOCHS_24 = ["stage_overrides.cert.epochs=24", "stage_overrides.cert.warmup_epochs=1",
              "stage_overrides.cert.ramp_epochs=10", "stage_overrides.cert.lr_schedule.step_epochs=5"]
 CERTIFY_TIGHT = ["stage_overrides.certify.methods=[IBP,CROWN-IBP,CROWN]",
                  "stage_overrides.certify.refine_methods=[CROWN]"]
 SETUPS = {
     # name: (experiment, eps, cert overrides, gate overrides, certify overrides)
-    "demo": ("demo_fmnist", 0.1, [], [], []),
+    "demo": ("demo_fmnist_full", 0.1, [], [], []),
     "cotrained": ("demo_fmnist_select", 0.1, [], None, []),
     "mtl003": ("fmnist_mtlibp", 0.03, ["stage_overrides.cert.alpha=0.1", *EPOCHS_24],
                ["stage_overrides.gate.method=IBP", "++stage_overrides.gate.label_method=[IBP,CROWN-IBP]"],
@@ -110,7 +110,7 @@ def cascade(runs_root: Path) -> dict:
     seconds = {"cert_mtl": _train(["stage=cert", "experiment=fmnist_mtlibp", "stage.folder=cert_mtl",
                                    "stage_overrides.cert.alpha=0.03", *EPOCHS_12, *base], log)}
     pairs = "[{cert:cert_mtl,selection:margin},{cert:cert,selection:margin}]"
-    seconds["certify_cascade"] = _train(["stage=certify", "experiment=demo_fmnist", *base,
+    seconds["certify_cascade"] = _train(["stage=certify", "experiment=demo_fmnist_full", *base,
                                          f"++stage_overrides.certify.cascade={pairs}",
                                          "++stage_overrides.certify.attack.points=[nat_within_1pt]"], log)
     out = run_dir / "compare_cascade"

@@ -1,0 +1,87 @@
+"""The demo's work in steps of its stages, so two machines (or two demo configs) can be compared by
+work rather than by minutes (machines of this kind differ up to 2.7x in speed).
+
+For an experiment config: per training stage, the epochs, the training steps (epochs x batches of
+the training split), the validation batches and their PGD steps; for the certify stage, the inputs it
+bounds and the attack's budget. Where a run folder of that config exists, each stage's wall time from
+its manifest and the seconds per training step it implies (the figure to compare machines by).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra import compose, initialize_config_dir
+
+from ace_lightning.config import CONF_DIR, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ("core", "cert", "gate", "entropy")
+# the demo as it was when issue 25 was filed (7.9 minutes on the lead's machine): gate selection,
+# core 4 epochs, cert-net 24, gate 12; experiment=demo_fmnist_full keeps its nets and epochs
+BEFORE = ("demo_fmnist_full", ("++stage_overrides.certify.selection=gate",))
+
+
+def _compose(experiment: str, overrides: Sequence[str]) -> Any:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment={experiment}", "stage=pipeline", *overrides])
+
+
+def _split_sizes(cfg: Any) -> dict[str, int]:
+    from ace_lightning.config import datamodule_from
+
+    dm = datamodule_from(cfg)
+    dm.setup("fit")
+    return {"train_batches": len(dm.train_dataloader()), "val_batches": len(dm.val_dataloader()),
+            "val_inputs": len(dm.val_dataloader().dataset)}
+
+
+def stage_work(experiment: str, overrides: Sequence[str] = (), run_dir: Optional[Path] = None) -> dict:
+    """Steps per stage of ``experiment`` (and wall seconds from ``run_dir``'s manifests if there)."""
+    from ace_lightning.registry import pipeline_stages, stage_config
+
+    cfg = _compose(experiment, overrides)
+    sizes = _split_sizes(cfg)
+    out: dict[str, Any] = {"experiment": experiment, "overrides": list(overrides), **sizes, "stages": {}}
+    total = 0
+    for name in pipeline_stages(cfg):
+        st = to_dict(stage_config(cfg, name)["stage"])
+        rec: dict[str, Any] = {}
+        if name in TRAINING:
+            epochs = int(st["epochs"])
+            pgd = int(st.get("val_pgd_steps", st.get("eval_pgd_steps", 0)) or 0)
+            rec = {"epochs": epochs, "train_steps": epochs * sizes["train_batches"],
+                   "val_batches": epochs * sizes["val_batches"], "val_pgd_steps_per_batch": pgd}
+            total += rec["train_steps"]
+        elif name == "certify":
+            attack = st.get("attack") or {}
+            rec = {"methods": list(st.get("methods") or []), "splits": list(st.get("splits") or []),
+                   "attack_steps_x_restarts": int(attack.get("steps", 0)) * int(attack.get("restarts", 0))
+                   if attack.get("enabled", True) else 0}
+        folder = "certify_margin" if name == "certify" and st.get("selection") == "margin" else name
+        manifest = run_dir / folder / "manifest.json" if run_dir is not None else None
+        if manifest is not None and manifest.is_file():
+            wall = json.loads(manifest.read_text()).get("wall_s")
+            rec["wall_s"] = wall
+            if wall and rec.get("train_steps"):
+                rec["s_per_train_step"] = wall / rec["train_steps"]
+        out["stages"][name] = rec
+    out["train_steps"] = total
+    walls = [r.get("wall_s") for r in out["stages"].values()]
+    if walls and all(w is not None for w in walls):
+        out["wall_s"] = sum(walls)
+    return out
+
+
+def measure(run_dir: Path = ROOT / "runs" / "demo_fmnist" / "eps_0.1",
+            before_dir: Optional[Path] = None) -> dict:
+    """The demo now against the demo of issue 25 (``BEFORE``): steps, and their ratio."""
+    now = stage_work("demo_fmnist", run_dir=run_dir)
+    before = stage_work(BEFORE[0], BEFORE[1], run_dir=before_dir)
+    return {"demo": now, "demo_before": before,
+            "ratio_train_steps": now["train_steps"] / max(1, before["train_steps"])}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(), indent=2))
