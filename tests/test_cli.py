@@ -209,3 +209,37 @@ def test_certify_writes_the_runs_summary_next_to_the_run_folder(tmp_path):
             cfg = compose(config_name="certify", overrides=["action=certify", f"run_dir={run}"])
             train_cfg = certify_config(cfg, {}, [])
         assert (train_cfg.runs_root, train_cfg.run_dir) == (str(root), str(run)), (train_cfg.runs_root, root)
+
+
+@pytest.mark.parametrize("module", ["pipeline", "summary"])
+def test_the_argparse_commands_help_and_bad_arguments(module, capsys):
+    """python -m ace_lightning.pipeline / .summary share one parser (errors.CommandParser): --help says
+    what the command does; a bad argument is one `error:` line with exit code 2, as in ace-certify."""
+    import importlib
+
+    main = importlib.import_module(f"ace_lightning.{module}").main
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_help.value.code == 0 and out.startswith(f"usage: python -m ace_lightning.{module} ")
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_bad.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert err[0].endswith(f"(see python -m ace_lightning.{module} --help)")
+
+
+def test_summary_prints_the_tables_and_stage_times(tmp_path, capsys):
+    from ace_lightning.summary import main
+
+    (tmp_path / "certify_margin").mkdir()
+    (tmp_path / "certify_margin" / "table.txt").write_text("the table\n")
+    (tmp_path / "certify_margin" / "manifest.json").write_text(json.dumps({"status": "complete", "wall_s": 90.0}))
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == [
+        "certify_margin: the table", "", "wall-clock per stage: certify_margin 1.5 min; total 1.5 min"]
+    assert main(["--no-table", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("wall-clock per stage:")
+    with pytest.raises(SystemExit) as exit_empty:
+        main([str(tmp_path / "nothing")])
+    assert exit_empty.value.code == 2 and capsys.readouterr().err.startswith("error: no certify*/table.txt")
