@@ -113,18 +113,24 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, written, tmp_pat
     assert snapshot(folder) == before
 
 
+def fake_run_folder(run: Path, stages: tuple[str, ...], data: dict) -> Path:
+    """Manifests and weight files of ``stages`` (no network behind them): enough for action=certify
+    to compose its config, not to certify."""
+    info = {"name": "synthetic", "input_shape": [3, 32, 32], "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
+    for stage in stages:
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text(json.dumps({
+            "stage": stage, "status": "complete", "eps": 0.03, "data": info, "net": {"name": "fc", "kind": "cert"}, "config": {"data": data, "eps": 0.03, "seed": 0},
+            "outputs": {"weights": {"path": f"{stage}.pt"}}}))
+        (run / stage / f"{stage}.pt").write_bytes(b"weights")
+    return run
+
+
 def test_certify_a_run_folder_without_a_gate_stage(tmp_path):
     """Manifests of core/ and cert/ only, gate selection asked for: the gate stage is named before
     anything is loaded (without selection=gate such a folder is certified with margin selection)."""
-    run = tmp_path / "runs" / "synthetic" / "eps_0.03"
-    for stage in ("core", "cert"):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "manifest.json").write_text(json.dumps({
-            "stage": stage, "status": "complete", "eps": 0.03, "data": {"name": "synthetic"},
-            "net": {"name": "fc", "kind": "cert"},
-            "config": {"data": {"name": "synthetic", "subset": 64, "val_size": 48}, "eps": 0.03, "seed": 0},
-            "outputs": {"weights": {"path": f"{stage}.pt"}}}))
-        (run / stage / f"{stage}.pt").write_bytes(b"weights")
+    run = fake_run_folder(tmp_path / "runs" / "synthetic" / "eps_0.03", ("core", "cert"),
+                          {"name": "synthetic", "subset": 64, "val_size": 48})
     before = snapshot(tmp_path / "runs")
     res = cli("action=certify", f"run_dir={run}", "selection=gate", cwd=tmp_path / "cwd")
     assert res.returncode == 2, res.stderr[-3000:]
@@ -133,6 +139,40 @@ def test_certify_a_run_folder_without_a_gate_stage(tmp_path):
     assert "needs stage 'gate'" in errors[0], errors
     assert snapshot(tmp_path / "runs") == before
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_certify_overrides_with_an_unknown_knob_name_the_closest_one(tmp_path):
+    run = fake_run_folder(tmp_path / "runs" / "synthetic" / "eps_0.03", ("core", "cert"), {"name": "synthetic"})
+    res = cli("action=certify", f"run_dir={run}", 'overrides=["stage.attack.stepz=3"]', cwd=tmp_path / "cwd")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        "error: unknown knob 'attack.stepz' for stage 'certify' (did you mean 'attack.steps'?)"], res.stderr
+
+
+def test_certify_config_precedence(tmp_path):
+    """certify_config's order, lowest first: train.yaml, the run folder (the cert-net's data settings,
+    the last certify's stage settings), the knobs of certify.yaml, data.<key>= / trainer.<key>=,
+    then overrides=[...]."""
+    from hydra import compose, initialize_config_dir
+
+    from ace_lightning.cli import certify_config
+    from ace_lightning.config import CONF_DIR
+
+    run = fake_run_folder(tmp_path / "runs" / "synthetic" / "eps_0.03", ("core", "cert", "certify_margin"),
+                          {"name": "synthetic", "subset": 64, "val_size": 48, "batch_size": 16})
+    last = json.loads((run / "certify_margin" / "manifest.json").read_text())
+    last["config"]["stage"] = {"name": "certify", "methods": ["IBP", "CROWN"], "batch_size": 7, "dtype": "float64",
+                               "attack": {"enabled": True, "steps": 4}}
+    (run / "certify_margin" / "manifest.json").write_text(json.dumps(last))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="certify", overrides=[
+            "action=certify", f"run_dir={run}", "methods=[IBP]", "eps=0.02",
+            'overrides=["stage.attack.enabled=false","data.batch_size=4"]'])
+        job = certify_config(cfg, {}, ["++data.val_size=8", "++trainer.devices=1"])
+    assert (job.stage.name, job.stage.selection, job.eps, job.seed) == ("certify", "margin", 0.02, 0)
+    assert (job.data.subset, job.data.val_size, job.data.batch_size, job.trainer.devices) == (64, 8, 4, 1)
+    assert (list(job.stage.methods), job.stage.batch_size, job.stage.dtype) == (["IBP"], 7, "float64")
+    assert (job.stage.attack.enabled, job.stage.attack.steps, job.stage.attack.restarts) == (False, 4, 3)
 
 
 def test_help_lists_every_action_with_one_line(tmp_path):
@@ -159,18 +199,47 @@ def test_certify_writes_the_runs_summary_next_to_the_run_folder(tmp_path):
     <root>/<data>/eps_<eps>, else the folder's parent; never the run folder itself."""
     from hydra import compose, initialize_config_dir
 
-    from ace_lightning.cli import certify_overrides
+    from ace_lightning.cli import certify_config
     from ace_lightning.config import CONF_DIR
 
-    data = {"name": "synthetic", "input_shape": [3, 32, 32], "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
     for run, root in ((tmp_path / "runs" / "synthetic" / "eps_0.03", tmp_path / "runs"),
                       (tmp_path / "elsewhere" / "my_run", tmp_path / "elsewhere")):
-        for stage in ("core", "cert", "gate"):
-            (run / stage).mkdir(parents=True)
-            (run / stage / "manifest.json").write_text(json.dumps({
-                "stage": stage, "status": "complete", "eps": 0.03, "data": data, "net": {"name": "fc"},
-                "config": {"data": {"name": "synthetic"}, "seed": 0}, "outputs": {"weights": {"path": f"{stage}.pt"}}}))
+        fake_run_folder(run, ("core", "cert", "gate"), {"name": "synthetic"})
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="certify", overrides=["action=certify", f"run_dir={run}"])
-        overrides = certify_overrides(cfg, {}, [])
-        assert f"runs_root={json.dumps(str(root))}" in overrides, overrides
+            train_cfg = certify_config(cfg, {}, [])
+        assert (train_cfg.runs_root, train_cfg.run_dir) == (str(root), str(run)), (train_cfg.runs_root, root)
+
+
+@pytest.mark.parametrize("module", ["pipeline", "summary"])
+def test_the_argparse_commands_help_and_bad_arguments(module, capsys):
+    """python -m ace_lightning.pipeline / .summary share one parser (errors.CommandParser): --help says
+    what the command does; a bad argument is one `error:` line with exit code 2, as in ace-certify."""
+    import importlib
+
+    main = importlib.import_module(f"ace_lightning.{module}").main
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_help.value.code == 0 and out.startswith(f"usage: python -m ace_lightning.{module} ")
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_bad.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert err[0].endswith(f"(see python -m ace_lightning.{module} --help)")
+
+
+def test_summary_prints_the_tables_and_stage_times(tmp_path, capsys):
+    from ace_lightning.summary import main
+
+    (tmp_path / "certify_margin").mkdir()
+    (tmp_path / "certify_margin" / "table.txt").write_text("the table\n")
+    (tmp_path / "certify_margin" / "manifest.json").write_text(json.dumps({"status": "complete", "wall_s": 90.0}))
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == [
+        "certify_margin: the table", "", "wall-clock per stage: certify_margin 1.5 min; total 1.5 min"]
+    assert main(["--no-table", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("wall-clock per stage:")
+    with pytest.raises(SystemExit) as exit_empty:
+        main([str(tmp_path / "nothing")])
+    assert exit_empty.value.code == 2 and capsys.readouterr().err.startswith("error: no certify*/table.txt")

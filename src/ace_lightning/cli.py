@@ -29,12 +29,13 @@ from omegaconf import DictConfig
 
 from ace_lightning.config import to_dict
 from ace_lightning.console import log, setup_console
-from ace_lightning.errors import USER_ERRORS, fail_on, hydra_entry
+from ace_lightning.errors import USER_ERRORS, fail, fail_on, hydra_entry, hydra_error_line
 from ace_lightning.errors import ConfigError, InputNotFoundError
 
 SPLITS = ("val", "test")
 PLOT_COLUMNS = ("threshold", "nat_acc", "cert_acc", "cert_route_rate")
 FORWARDED = ("data", "trainer")  # config groups of conf/certify.yaml that belong to the train config
+RUN_FOLDER = "ace_certify"  # the config group (Hydra's ConfigStore) of what certify_config reads from the run folder
 
 
 def _required(cfg: DictConfig, key: str, what: str) -> str:
@@ -64,31 +65,9 @@ def _grid(value: Any) -> Optional[int | list[float]]:
 
 # -- action=certify --------------------------------------------------------------------------------
 
-def _override_value(value: Any) -> str:
-    """A Python value in Hydra's override grammar (strings quoted, inf/nan as Hydra floats)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value), ensure_ascii=False)
-
-
-def _dotted(prefix: str, value: Any) -> list[str]:
-    """``++prefix.key=value`` for every leaf: adds or replaces, later overrides win."""
-    if isinstance(value, dict) and value:
-        return [o for k, v in value.items() for o in _dotted(f"{prefix}.{k}", v)]
-    return [f"++{prefix}={_override_value(value)}"]
-
-
-def _forwarded() -> tuple[dict[str, str], list[str]]:
-    """The command line's config groups of the train config (data, trainer) and its
-    ``data.<key>=...`` / ``trainer.<key>=...`` overrides, as ``++`` (add or replace)."""
+def _command_line() -> tuple[dict[str, str], list[str]]:
+    """The command line's config groups of the train config (``data=``, ``trainer=``) and its
+    ``data.<key>=`` / ``trainer.<key>=`` overrides as typed (``++``: add or replace there)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
@@ -98,10 +77,22 @@ def _forwarded() -> tuple[dict[str, str], list[str]]:
     return groups, dotted
 
 
-def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]) -> list[str]:
-    """Train-config overrides for ``stage=certify`` on ``cfg.run_dir``; precedence, lowest first:
-    the run folder's manifests (data settings, eps, seed; the last certify's settings), the knobs of
-    conf/certify.yaml, the command line's data/trainer overrides, then ``cfg.overrides``."""
+def certify_config(cfg: DictConfig, groups: dict[str, str], dotted: list[str]) -> DictConfig:
+    """The train config of ``stage=certify`` on ``cfg.run_dir``, composed once. Precedence, lowest first:
+
+    1. conf/train.yaml with ``stage=certify`` and the groups ``data=`` (default: the dataset the
+       cert-net was trained on) and ``trainer=`` of the command line;
+    2. the run folder: the cert-net's data settings (same dataset: the same val/test inputs), eps
+       and seed; the stage settings of the folder's last certify; runs_root beside the folder;
+    3. the knobs of conf/certify.yaml that are set (eps, selection, methods, ..., overwrite);
+    4. the command line's ``data.<key>=`` / ``trainer.<key>=`` overrides;
+    5. ``overrides=[...]``.
+
+    2 and 3 are one config node that Hydra merges after the defaults list (RUN_FOLDER), so the
+    user's own overrides (4, 5) are applied after it, as typed."""
+    from hydra import compose
+    from hydra.core.config_store import ConfigStore
+
     from ace_lightning.certify import certify_folder
     from ace_lightning.rundir import read_manifest, spec_from_run
 
@@ -121,33 +112,29 @@ def certify_overrides(cfg: DictConfig, groups: dict[str, str], dotted: list[str]
     # the layout train.yaml makes is <runs_root>/<data>/eps_<eps>: summary.csv goes to runs_root; any
     # other folder is a run of its parent (the summary lands next to it, never inside it)
     runs_root = run_dir.parents[1] if run_dir.name.startswith("eps_") else run_dir.parent
-    out = ["stage=certify", f"data={data}", f"trainer={groups.get('trainer', 'default')}",
-           f"run_dir={_override_value(str(run_dir))}", f"runs_root={_override_value(str(runs_root))}",
-           f"eps={eps!r}"]
+    node: dict[str, Any] = {"run_dir": str(run_dir), "runs_root": str(runs_root), "eps": eps}
     if data == trained["name"]:  # the same val/test inputs as in training
-        out += _dotted("data", {k: v for k, v in trained.items() if k != "name"})
+        node["data"] = {k: v for k, v in trained.items() if k != "name"}
     if cert.get("config", {}).get("seed") is not None:
-        out.append(f"seed={int(cert['config']['seed'])}")
-    last = read_manifest(run_dir / certify_folder(selection, entropy_stage))
-    if last and isinstance(last.get("config", {}).get("stage"), dict):
-        out += _dotted("stage", {k: v for k, v in last["config"]["stage"].items()
-                                 if k not in ("name", "epochs", "grad_clip")})
+        node["seed"] = int(cert["config"]["seed"])
+    last = (read_manifest(run_dir / certify_folder(selection, entropy_stage)) or {}).get("config", {}).get("stage")
+    stage = {k: v for k, v in last.items() if k not in ("name", "epochs", "grad_clip")} if isinstance(last, dict) else {}
     knobs = {"selection": selection, "entropy_stage": entropy_stage if selection == "entropy" else None,
              "batch_size": cfg.batch_size, "grid": _grid(cfg.grid),
              **{k: to_dict(cfg.get(k)) for k in ("methods", "gate_methods", "refine_methods", "thresholds",
                                                 "time_budget_s", "dtype", "recheck_tol")}}
-    out += [o for k, v in knobs.items() if v is not None for o in _dotted(f"stage.{k}", v)]
-    out.append(f"overwrite={_override_value(bool(cfg.overwrite))}")
-    return out + dotted + [str(o) for o in to_dict(cfg.overrides) or []]
+    node["stage"] = {**stage, **{k: v for k, v in knobs.items() if v is not None}}
+    node["overwrite"] = bool(cfg.overwrite)
+    ConfigStore.instance().store(group=RUN_FOLDER, name="run_folder", node=node, package="_global_")
+    return compose(config_name="train", overrides=[
+        "stage=certify", f"data={data}", f"trainer={groups.get('trainer', 'default')}", f"+{RUN_FOLDER}=run_folder",
+        *dotted, *[str(o) for o in to_dict(cfg.overrides) or []]])
 
 
 def run_certify_action(cfg: DictConfig) -> dict:
-    from hydra import compose
-
     from ace_lightning.registry import run_stage
 
-    train_cfg = compose(config_name="train", overrides=certify_overrides(cfg, *_forwarded()))
-    return run_stage(train_cfg)
+    return run_stage(certify_config(cfg, *_command_line()))
 
 
 # -- action=sweep ----------------------------------------------------------------------------------
@@ -290,11 +277,13 @@ def certify_main(cfg: DictConfig) -> None:
                "compare": run_compare_action, "audit": run_audit_action}
     try:
         if cfg.action not in actions:
-            raise ConfigError(f"action={_override_value(cfg.action)}: pass action=certify, action=sweep, "
+            raise ConfigError(f"action={json.dumps(to_dict(cfg.action))}: pass action=certify, action=sweep, "
                              f"action=plot, action=compare or action=audit")
         actions[cfg.action](cfg)
-    except (*USER_ERRORS, HydraException) as err:  # one line for the user; tracebacks are for bugs
+    except USER_ERRORS as err:  # one line for the user; tracebacks are for bugs
         fail_on(err)
+    except HydraException as err:  # composing the train config: overrides=[...] with an unknown knob
+        fail(hydra_error_line(err))
 
 
 if __name__ == "__main__":

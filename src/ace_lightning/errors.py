@@ -6,11 +6,12 @@ its traceback. Each class also derives from the builtin a caller would expect, s
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 
 class ACEError(Exception):
@@ -56,14 +57,27 @@ def error_line(err: BaseException) -> str:
     return msg
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """``error: <message>`` on stderr and exit code 2: how every command reports a user error."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def fail_on(err: BaseException) -> None:
+def fail_on(err: BaseException) -> NoReturn:
     fail(error_line(err))
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The command line of the small commands (``python -m ace_lightning.pipeline``, ``... .summary``;
+    ace-train and ace-certify are Hydra's): ``--help`` opens with what the command does, and a bad
+    argument is one ``error:`` line with exit code 2, as every user error."""
+
+    def __init__(self, module: str, description: str) -> None:
+        super().__init__(prog=f"python -m {module}", description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def did_you_mean(key: str, known: Iterable[Any], prefix: str = "") -> str:

@@ -2,10 +2,11 @@
 (``stage=pipeline``, the stages in order in one process, exactly what ``ace-train stage=pipeline
 experiment=<name>`` runs), then the obtained numbers next to the paper's (docs/METHOD.md section 9)
 in reproduce.json/.md. With SMOKE=1 (or --smoke) the same pipelines run with ``debug=smoke``.
+
+    make reproduce-cifar [SMOKE=1] [ARGS="--only cifar10_acenet_ibp_2_255 -- data.data_dir=/data/cifar10"]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from ace_lightning.registry import run_stage
 from ace_lightning.atomic import atomic_write_text
 from ace_lightning.config import CONF_DIR
 from ace_lightning.console import log, setup_console
-from ace_lightning.errors import USER_ERRORS, error_line
+from ace_lightning.errors import USER_ERRORS, CommandParser, fail_on
 
 # (experiment, stages, the paper's numbers to print beside ours)
 REPRODUCE = [
@@ -104,18 +105,19 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Reproduce the paper's CIFAR-10 ACE results")
-    parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1")
-    parser.add_argument("--runs-root", default=None)
-    parser.add_argument("--only", nargs="*", default=None)
+    parser = CommandParser("ace_lightning.pipeline", __doc__)
+    parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1",
+                        help="debug=smoke: a tiny subset, one epoch (default: on when SMOKE=1)")
+    parser.add_argument("--runs-root", default=None, help="where the run folders and reproduce.json/.md go (runs)")
+    parser.add_argument("--only", nargs="*", default=None, choices=[e for e, *_ in REPRODUCE], metavar="EXPERIMENT",
+                        help="only these experiments: " + ", ".join(e for e, *_ in REPRODUCE))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.data_dir=/data/cifar10")
     args = parser.parse_args(argv)
     setup_console()
     try:
         rows = reproduce(args.smoke, args.runs_root, args.only, args.overrides)
     except USER_ERRORS as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
+        fail_on(err)
     table = format_rows(rows)
     print(table)  # the command's product
     root = Path(args.runs_root or "runs")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ace_lightning.atomic import atomic_write_text
+from ace_lightning.errors import CommandParser, fail
 
 COLUMNS = ("run", "data", "eps", "seed", "selection", "point", "threshold", "nat_acc", "cert_acc", "adv_acc",
            "cert_route_rate", "status", "error")
@@ -202,23 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ace_lightning.summary [--no-table] RUN_DIR``: the certify table and the stage
     times. The table and the times are this command's product, so they are printed (stdout), not
     logged; ``--no-table`` leaves the table out."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    with_table = "--no-table" not in args
-    args = [a for a in args if a != "--no-table"]
-    if len(args) != 1:
-        print("usage: python -m ace_lightning.summary [--no-table] RUN_DIR", file=sys.stderr)
-        return 2
-    run_dir = Path(args[0])
-    tables = sorted(run_dir.glob("certify*/table.txt"))  # certify/ (gate), certify_margin/, ...
+    parser = CommandParser("ace_lightning.summary", "A run folder's certify tables (certify*/table.txt), the "
+                           "wall-clock time of each stage and where the Pareto plots are.")
+    parser.add_argument("run_dir", type=Path, help="the run folder, e.g. runs/demo_fmnist/eps_0.1")
+    parser.add_argument("--no-table", action="store_true", help="only the stage times and the plots")
+    args = parser.parse_args(argv)
+    tables = sorted(args.run_dir.glob("certify*/table.txt"))  # certify/ (gate), certify_margin/, ...
     if not tables:
-        print(f"error: no certify*/table.txt in {run_dir}: run the certify stage first", file=sys.stderr)
-        return 2
-    if with_table:
+        fail(f"no certify*/table.txt in {args.run_dir}: run the certify stage first")
+    if not args.no_table:
         for table in tables:
             print(f"{table.parent.name}: " + table.read_text().rstrip() + "\n")
-    print("wall-clock per stage: " + format_stage_times(stage_times(run_dir)))
+    print("wall-clock per stage: " + format_stage_times(stage_times(args.run_dir)))
     print("Pareto plot: " + ", ".join(str(t.parent / "pareto.png") for t in tables))
     return 0
 
