@@ -338,7 +338,8 @@ class GateStage(CertifiedStageModule):
         if self.bound_method != "CROWN-IBP" and self.eval_crown_ibp():
             if g is not None and label is not None:
                 t = self.threshold
-                rows, n = self.rows_to_tighten(((label == 1) & (g >= t) & (lb < t)) | ((label == 0) & (g < t) & (ub >= t)))
+                rows, n = self.rows_to_tighten(((label == 1) & (g >= t) & (lb < t))
+                                               | ((label == 0) & (g < t) & (ub >= t)))
             else:
                 rows, n = torch.arange(x.shape[0], device=x.device), x.shape[0]
             if n:

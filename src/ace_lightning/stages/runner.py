@@ -97,7 +97,7 @@ class Stage:
 
     name: str
     config: type[StageConfig]  # its typed config: the keys of conf/stage/<name>.yaml
-    net_key: str  # the job config's net (core_net, cert_net) or, with StageInputs.net, its name
+    net_key: str  # the job config's key of its net (core_net; gate_net: set from StageInputs.net)
     weights: str  # the exported weights' file name; "{folder}" is the stage folder
     key_metric: Optional[str]  # the best checkpoint's (None: the last weights are exported)
     make_module: Callable[[torch.nn.Module, Any, Any, StageInputs], L.LightningModule]
@@ -126,8 +126,8 @@ def run_training_stage(cfg: Mapping[str, Any], stage: Stage, callbacks: tuple = 
     loaded, validated and tested, and exported like trained ones. The manifest, with the stage's
     own keys (``manifest_extra``), is written once, by this function."""
     config = stage.configure(cfg)
-    found = stage.read_inputs(cfg, config) if stage.read_inputs is not None else None
-    inputs = found or StageInputs(folder=stage.name, eps=job_eps(cfg))
+    inputs = (stage.read_inputs(cfg, config) if stage.read_inputs is not None
+              else StageInputs(folder=stage.name, eps=job_eps(cfg)))
     if inputs.net is not None:  # the net an earlier stage trained, under the stage's own key
         cfg = {**to_dict(cfg), stage.net_key: inputs.net}
     key_metric = None if config.selects_last() else stage.key_metric
