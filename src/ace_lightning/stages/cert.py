@@ -91,13 +91,11 @@ class CertConfig(ClassifierTrainingConfig):
         """The stage folder: a cascade's second cert-net has its own (cert_2)."""
         return str(self.folder or "cert")
 
-    def validate(self, eps: float) -> None:
-        self.method = method = self.check_method()
+    def check_stage_knobs(self, method: str) -> None:
         if not float(self.shi_reg_weight) >= 0:
             raise ConfigError(f"shi_reg_weight must be >= 0, got {self.shi_reg_weight}")
         if not 0.0 < float(self.shi_tol) <= 1.0:
             raise ConfigError(f"shi_tol must be in (0, 1], got {self.shi_tol}")
-        self.check_schedule(eps)
         warmup, ramp, epochs = float(self.warmup_epochs), float(self.ramp_epochs), self.epochs
         lam = float(self.select_weight)
         if not 0.0 <= lam <= 1.0:
@@ -126,7 +124,6 @@ class CertConfig(ClassifierTrainingConfig):
         folder = self.stage_folder()
         if not folder.startswith("cert") or "/" in folder or folder.startswith("certify"):
             raise ConfigError(f"stage.folder must name a cert stage folder such as cert or cert_2, got {folder!r}")
-        self.check_validation()
 
 
 class CertStage(CertifiedClassifier):

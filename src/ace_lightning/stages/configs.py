@@ -104,6 +104,7 @@ class StageConfig:
         return cls.from_dict(to_dict(cfg["stage"]), job_eps(cfg))
 
     def validate(self, eps: float) -> None:
+        """One-line ConfigErrors for values no stage could train with (each stage adds its own)."""
         check_optimizer(self.optimizer)
 
     def hparams(self, **extra: Any) -> dict[str, Any]:
@@ -161,13 +162,19 @@ class CertifiedTrainingConfig(StageConfig):
                               f"epochs > {self.epochs} epochs (lower the ramp or raise stage.epochs)")
         ramp_progress(0, 0, 1, self.ramp_shape)
 
-    def check_validation(self) -> None:
-        """val_crown_ibp and the optimizer (after the stage's own knobs)."""
-        check_val_crown_ibp(self.val_crown_ibp)
-        check_optimizer(self.optimizer)
+    def check_stage_knobs(self, method: str) -> None:
+        """The stage's own knobs (``method``: the canonical training method)."""
 
     def validate(self, eps: float) -> None:
-        raise NotImplementedError  # each stage orders its own checks (the first error is the one shown)
+        """The method and its knobs, the ramp, the stage's own knobs, the validation policy and the
+        optimizer, in this order; ``method`` becomes the canonical name (null stays null)."""
+        method = self.check_method()
+        self.check_schedule(eps)
+        self.check_stage_knobs(method)
+        check_val_crown_ibp(self.val_crown_ibp)
+        super().validate(eps)
+        if self.method is not None:
+            self.method = method
 
 
 @dataclass(kw_only=True)

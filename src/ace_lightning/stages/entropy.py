@@ -66,9 +66,7 @@ class EntropyConfig(ClassifierTrainingConfig):
     tau: float
     route: str
 
-    def validate(self, eps: float) -> None:
-        method = self.check_method()
-        self.check_schedule(eps)
+    def check_stage_knobs(self, method: str) -> None:
         if method not in CLASSIC:
             raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
                               f"{self.method}: train the cert stage with it and use entropy selection on it "
@@ -79,8 +77,6 @@ class EntropyConfig(ClassifierTrainingConfig):
             raise ConfigError(f"tau must be a positive entropy in nats (select iff H <= tau), got {self.tau}")
         if str(self.route).lower() not in ROUTES:
             raise ConfigError(f"unknown entropy route {self.route!r}; choose one of {', '.join(ROUTES)}")
-        self.check_validation()
-        self.method = method
 
 
 @dataclass

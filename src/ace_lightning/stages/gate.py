@@ -155,11 +155,7 @@ class GateConfig(CertifiedTrainingConfig):
     def method_knobs(self) -> dict[str, Any]:
         return {"sabr_lambda": self.sabr_lambda or 0.4, "alpha": self.alpha or 0.5, "attack": self.attack}
 
-    def validate(self, eps: float) -> None:
-        method = self.check_method()
-        if self.method is not None:
-            self.method = method
-        self.check_schedule(eps)
+    def check_stage_knobs(self, method: str) -> None:
         if self.pos_weight not in POS_WEIGHT_MODES:
             raise ConfigError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {self.pos_weight!r}")
         if not 0.0 <= float(self.pos_weight_sigma) <= 1.0:
@@ -174,7 +170,6 @@ class GateConfig(CertifiedTrainingConfig):
         if self.cascade_thresholds is not None and len(self.cascade_thresholds) != len(self.cascade or ["cert"]) - 1:
             raise ConfigError(f"stage.cascade_thresholds needs one threshold per earlier pair "
                               f"({len(self.cascade or ['cert']) - 1}), got {len(self.cascade_thresholds)}")
-        self.check_validation()
 
 
 class GateStage(CertifiedStageModule):
