@@ -81,6 +81,8 @@ class EntropyConfig(ClassifierTrainingConfig):
 
 @dataclass
 class EntropyInputs(StageInputs):
+    """The run folder's inputs, and the manifest of the cert-net the stage fine-tunes."""
+
     cert_manifest: Optional[dict] = None  # init_from_cert: the manifest of the cert-net's stage
 
 
@@ -135,9 +137,9 @@ def read_entropy_inputs(cfg: Mapping[str, Any], config: EntropyConfig) -> Entrop
     """The cert-net to fine-tune (``init_from_cert``: its stage's weights and net), else cert_net."""
     inputs = EntropyInputs(folder="entropy", eps=float(cfg["eps"]), net=dict(to_dict(cfg["cert_net"])))
     if config.init_from_cert:
-        cert_stage = str(config.cert_stage or "cert")
-        manifest = require_stage(Path(cfg["run_dir"]).resolve(), cert_stage, "entropy")
-        path, sha = stage_weights(Path(cfg["run_dir"]).resolve(), cert_stage, manifest, "entropy")
+        cert_stage, run_dir = str(config.cert_stage or "cert"), Path(cfg["run_dir"]).resolve()
+        manifest = require_stage(run_dir, cert_stage, "entropy")
+        path, sha = stage_weights(run_dir, cert_stage, manifest, "entropy")
         inputs.net = dict(manifest["net"])
         inputs.inputs["cert"] = {"stage": cert_stage, "path": str(path), "sha256": sha}
         inputs.cert_manifest = manifest
