@@ -55,7 +55,7 @@ def resolve(target: str, name: str) -> str:
 # (what two stages share lives in one of them, never in a stage module) and import no stage module.
 STAGE_MODULES = {"core": ("core",), "cert": ("cert",), "gate": ("gate", "gate_labels", "gate_run"),
                  "entropy": ("entropy",)}
-SHARED_STAGE_MODULES = ("base", "certified", "common", "losses", "runner", "schedules")
+SHARED_STAGE_MODULES = ("base", "certified", "common", "configs", "losses", "runner", "schedules")
 # the certify stage and the tools beside it, which meet the training stages only through the run folder
 CERTIFY_SIDE = ("certify", "compare", "audit")
 

@@ -93,7 +93,7 @@ def test_open_knobs_stay_open(tmp_path):
                         "++stage_overrides.core.lr_schedule.milestones=[1]",
                         "++stage_overrides.gate.gate_net={name: fc, bn: true}"]))
     assert "epochs" in stage_schema("cert") and "steps_per_epoch" not in stage_schema("cert")
-    check_knobs("cert", {"steps_per_epoch": 3})  # CertStage takes it by name (stages.base.config_kwargs)
+    check_knobs("cert", {"steps_per_epoch": 3})  # config.EXTRA_KNOBS (stages.configs.CertifiedTrainingConfig)
 
 
 def _all_stages(overrides: list[str]) -> list[str]:

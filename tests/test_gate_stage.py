@@ -19,6 +19,7 @@ from ace_lightning.registry import run_stage
 from ace_lightning.stages import gate_labels
 from ace_lightning.errors import StageInputError
 from ace_lightning.stages.gate import (
+    GateConfig,
     GateStage,
     balanced_pos_weight,
     freeze_all_but_last_linear,
@@ -67,6 +68,11 @@ def _rows(path: Path) -> list[dict]:
 
 def _info():
     return get_dataset_info("synthetic").specialise(input_shape=[1, 16, 16], num_classes=3)
+
+
+def _config(**knobs) -> GateConfig:
+    """conf/stage/gate.yaml with Adam and no LR schedule, and these knobs."""
+    return GateConfig.from_dict({"optimizer": {"name": "adam", "lr": 1e-3}, "lr_schedule": {}, **knobs}, EPS)
 
 
 class _CaptureStart(L.Callback):
@@ -126,8 +132,7 @@ def test_train_last_k_freezes_the_right_params():
                    {m.split(".")[0] for m in linears})
     with pytest.raises(ValueError, match="train_last_k"):
         freeze_all_but_last_linear(gate, 3)
-    module = GateStage(build_net({"name": "small", "kind": "gate"}, _info()), {"name": "adam", "lr": 1e-3},
-                       {}, eps=EPS, train_last_k=1)
+    module = GateStage(build_net({"name": "small", "kind": "gate"}, _info()), _config(train_last_k=1), EPS)
     assert [n for n, p in module.net.named_parameters() if p.requires_grad] == [
         f"{linears[-1]}.weight", f"{linears[-1]}.bias"]
 
@@ -138,8 +143,8 @@ def test_gate_loss_uses_the_worst_case_logit_of_each_label():
     label = torch.tensor([1, 1, 1, 0, 0, 0])
     bce = nn.functional.binary_cross_entropy_with_logits
     for worst_neg in (True, False):
-        module = GateStage(build_net({"name": "small", "kind": "gate"}, _info()), {"name": "adam", "lr": 1e-3},
-                           {}, eps=EPS, worst_case_negatives=worst_neg)
+        module = GateStage(build_net({"name": "small", "kind": "gate"}, _info()),
+                           _config(worst_case_negatives=worst_neg), EPS)
         loss, robust, g = module.gate_loss(x, label, EPS, kappa=0.25, beta=None, pos_weight=2.0)
         lb, ub = (b.view(-1) for b in output_bounds(module.net, x, EPS, "IBP"))
         worst = torch.cat([lb[:3], (ub if worst_neg else g)[3:]])
@@ -155,7 +160,7 @@ def test_gate_loss_uses_the_worst_case_logit_of_each_label():
 
 def test_validation_metrics_and_dead_unit_diagnostic():
     gate = build_net({"name": "small", "kind": "gate"}, _info())
-    module = GateStage(gate, {"name": "adam", "lr": 1e-3}, {}, eps=EPS, val_crown_ibp=False)
+    module = GateStage(gate, _config(val_crown_ibp=False), EPS)
     head = gate.get_submodule(final_linear_name(gate))
     with torch.no_grad():
         head.weight.zero_()

@@ -184,6 +184,22 @@ def test_a_two_job_sweep_through_submitit_local(tmp_path):
     assert "sweep: 2 of 2 jobs complete" in res.stdout
 
 
+def _replace_runs(monkeypatch, **runs) -> None:
+    """registry.STAGES with these stages' runs replaced (their checks kept)."""
+    from types import SimpleNamespace
+
+    from ace_lightning import registry
+    from ace_lightning.registries import Registry
+
+    stages = Registry("stage")
+    for name in registry.STAGES:
+        stage = registry.STAGES.get(name)
+        if name in runs:
+            stage = SimpleNamespace(name=name, configure=stage.configure, run=runs[name])
+        stages.add(name, stage)
+    monkeypatch.setattr(registry, "STAGES", stages)
+
+
 def test_a_failing_stage_is_marked_failed_and_its_job_records_the_error(tmp_path, monkeypatch):
     """run_job (what ace-train runs): the stage's run_state.json says failed with the one-line error
     (it still resumes: the same config hash), job.json says which stage failed; a bug keeps its
@@ -195,8 +211,7 @@ def test_a_failing_stage_is_marked_failed_and_its_job_records_the_error(tmp_path
         prepare_stage_dir(Path(cfg["run_dir"]).resolve() / "cert", "feedc0de", False)
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setitem(registry.STAGES, "core", lambda cfg, callbacks=(): {"stage": "core"})
-    monkeypatch.setitem(registry.STAGES, "cert", broken_cert)
+    _replace_runs(monkeypatch, core=lambda cfg, callbacks=(): {"stage": "core"}, cert=broken_cert)
     cfg = _compose(["stage=pipeline", f"runs_root={tmp_path}", "eps=0.05", *PIPELINE_TINY])
     with pytest.raises(RuntimeError, match="boom"):
         registry.run_job(cfg)
@@ -207,9 +222,8 @@ def test_a_failing_stage_is_marked_failed_and_its_job_records_the_error(tmp_path
     assert (job["status"], job["failed_stage"], job["error"], job["data"]) == ("failed", "cert", "RuntimeError: boom",
                                                                                "synthetic")
     assert prepare_stage_dir(run / "cert", "feedc0de", False) is None  # resumable as after a crash
-    monkeypatch.setitem(registry.STAGES, "cert", lambda cfg, callbacks=(): {"stage": "cert"})
-    monkeypatch.setitem(registry.STAGES, "gate", lambda cfg, callbacks=(): {"stage": "gate"})
-    monkeypatch.setitem(registry.STAGES, "certify", lambda cfg, callbacks=(): {"stage": "certify"})
+    _replace_runs(monkeypatch, **{n: (lambda n: lambda cfg, callbacks=(): {"stage": n})(n)
+                                  for n in ("core", "cert", "gate", "certify")})
     registry.run_job(cfg)
     assert json.loads((run / "job.json").read_text())["status"] == "complete"
 

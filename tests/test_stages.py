@@ -182,13 +182,13 @@ def test_selection_co_training_starts_after_the_ramp(tmp_path):
 
 
 def test_selection_co_training_lr_warm_restart():
-    from ace_lightning.stages.cert import CertStage
+    from ace_lightning.stages.cert import CertConfig, CertStage
     net = build_net({"name": "small", "kind": "cert"}, get_dataset_info("synthetic"))
     common = dict(optimizer={"name": "adam", "lr": 1e-3}, lr_schedule={"step_epochs": 5, "gamma": 0.5},
-                  eps=0.03, warmup_epochs=1, ramp_epochs=10, epochs=34)
-    plain = CertStage(net, **common)
-    restart = CertStage(net, **common, select_weight=0.8, select_start_epoch=24, select_lr=5e-4,
-                        select_lr_step_epochs=3)
+                  warmup_epochs=1, ramp_epochs=10, epochs=34)
+    plain = CertStage(net, CertConfig.from_dict(common, 0.03), 0.03)
+    restart = CertStage(net, CertConfig.from_dict({**common, "select_weight": 0.8, "select_start_epoch": 24,
+                                                   "select_lr": 5e-4, "select_lr_step_epochs": 3}, 0.03), 0.03)
     assert [plain.lr_factor(e) for e in (0, 10, 11, 16, 21, 23)] == [1, 1, 1, 0.5, 0.25, 0.25]
     for e in range(24):  # the certified-training phase is untouched
         assert restart.lr_factor(e) == plain.lr_factor(e)

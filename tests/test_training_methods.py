@@ -234,8 +234,8 @@ def test_every_experiment_composes_and_the_cifar_recipes_carry_the_papers_settin
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ace_lightning.stages.cert import CertStage
     from ace_lightning.config import CONF_DIR
+    from ace_lightning.stages.cert import CertConfig
 
     names = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -243,7 +243,7 @@ def test_every_experiment_composes_and_the_cifar_recipes_carry_the_papers_settin
                                           resolve=True) for n in names}
     for name, cfg in cfgs.items():  # every cert-stage recipe passes the stage's own checks
         st = {**cfg["stage"], **(cfg.get("stage_overrides") or {}).get("cert", {})}
-        CertStage.check_config(st, cfg["eps"])
+        CertConfig.from_dict(st, cfg["eps"])
     sabr = cfgs["cifar10_acenet_sabr_2_255"]
     cert = sabr["stage_overrides"]["cert"]
     assert (cert["method"], cert["sabr_lambda"], cert["epochs"], cert["lr_schedule"]["milestones"]) == \

@@ -14,9 +14,9 @@ from ace_lightning.bounds.lirpa import CACHE_PER_NET
 from ace_lightning.data import get_dataset_info
 from ace_lightning.nets import build_net
 from ace_lightning.stages import certified as cert_mod
-from ace_lightning.stages.cert import CertStage
+from ace_lightning.stages.cert import CertConfig, CertStage
 from ace_lightning.stages.certified import certified_correct
-from ace_lightning.stages.gate import GateStage
+from ace_lightning.stages.gate import GateConfig, GateStage
 
 EPS = 1e-4  # a random net: IBP certifies most correct inputs, CROWN-IBP a few more
 
@@ -68,7 +68,8 @@ def test_bounded_module_cache_keeps_the_recent_shapes_only():
 
 def test_cert_validation_bounds_with_crown_ibp_only_where_it_can_add_a_certificate(monkeypatch):
     net = _net("cert")
-    module = CertStage(net, {"name": "adam", "lr": 1e-3}, {}, eps=EPS, val_crown_ibp=True, val_pgd_steps=3)
+    module = CertStage(net, CertConfig.from_dict({"optimizer": {"name": "adam", "lr": 1e-3}, "lr_schedule": {},
+                                                  "val_crown_ibp": True, "val_pgd_steps": 3}, EPS), EPS)
     x, y = _batch(net)
     nat = net(x).argmax(-1) == y
     ibp = certified_correct(net, x, y, EPS, "IBP")
@@ -122,7 +123,8 @@ def test_adversarial_correct_with_known_robust_inputs_draws_the_same_random_star
 
 def test_gate_validation_bounds_with_crown_ibp_only_where_a_metric_can_change(monkeypatch):
     gate = _net("gate")
-    module = GateStage(gate, {"name": "adam", "lr": 1e-3}, {}, eps=EPS, val_crown_ibp=True)
+    module = GateStage(gate, GateConfig.from_dict({"optimizer": {"name": "adam", "lr": 1e-3}, "lr_schedule": {},
+                                                  "val_crown_ibp": True}, EPS), EPS)
     x, _ = _batch(gate, 96)
     with torch.no_grad():
         g = gate(x).view(-1)

@@ -7,6 +7,7 @@ The steps live beside it: the certification pass (certify_pass.py), the records'
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ace_lightning.ace import ACEModel, CertifySettings
+from ace_lightning.ace import SELECTIONS, ACEModel, CertifySettings
+from ace_lightning.attacks.pgd import check_loss
 from ace_lightning.atomic import atomic_write_text
 from ace_lightning.certify_attack import ATTACK_DEFAULTS, attack_and_check
 from ace_lightning.certify_pass import (SPLITS, compute_records, precision_summary, refine_at_operating_points,
                                         split_loaders)
-from ace_lightning.config import datamodule_from, to_dict
+from ace_lightning.config import datamodule_from, job_eps, to_dict
 from ace_lightning.console import log
 from ace_lightning.errors import ConfigError
 from ace_lightning.records import write_records
@@ -263,3 +265,65 @@ def log_to_wandb(cfg: Mapping[str, Any], stage_dir: Path, points: Sequence[Mappi
                     run.summary[f"{p['key']}/{k}"] = p[k]
     finally:
         run.finish()
+
+
+def check_certify(cfg: Mapping[str, Any]) -> None:
+    """The certify stage's knobs (one-line ConfigErrors before any folder is made)."""
+    st = to_dict(cfg["stage"])
+    eps = job_eps(cfg)
+    if not 0.0 <= eps <= 1.0:
+        raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+    CertifySettings.from_config(st)
+    cascade = st.get("cascade")
+    if cascade is not None:
+        if not isinstance(cascade, list) or not cascade:
+            raise ConfigError("stage.cascade must be a list of (cert, selection) pairs, e.g. [{cert: cert_2, "
+                              "selection: margin}, {cert: cert, selection: margin}], or null for one pair")
+        for k, pair in enumerate(cascade):
+            pair = pair if isinstance(pair, Mapping) else {"?": pair}
+            unknown = set(pair) - {"cert", "selection", "gate"}
+            if unknown:
+                raise ConfigError(f"cascade pair {k + 1}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                  f"a pair is {{cert: <folder>, selection: margin|gate|entropy, gate: <folder>}}")
+            if str(pair.get("selection") or "margin") not in SELECTIONS:
+                raise ConfigError(f"cascade pair {k + 1}: unknown selection {pair.get('selection')!r}; "
+                                  f"known: {', '.join(SELECTIONS)}")
+    elif st.get("selection", "gate") not in SELECTIONS:
+        raise ConfigError(f"unknown selection {st.get('selection')!r}; known: {', '.join(SELECTIONS)}")
+    splits = st.get("splits") or []
+    bad = [s for s in (splits if isinstance(splits, list) else [splits]) if s not in ("val", "test")]
+    if bad or not isinstance(splits, list):
+        raise ConfigError(f"unknown split {(bad or [splits])[0]!r}; certify knows val and test")
+    batch = st.get("batch_size", 256)
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ConfigError(f"stage.batch_size must be a whole number >= 1, got {batch!r}")
+    if not float(st.get("tolerance", 0.01)) >= 0:
+        raise ConfigError(f"stage.tolerance must be >= 0, got {st.get('tolerance')}")
+    attack = dict(st.get("attack") or {})
+    check_loss(str(attack.get("loss", "margin")))
+
+
+class CertifyStage:
+    """The certify stage as the registry sees it (registry.STAGES): its checks and its run. It
+    trains nothing, so the training stages' runner (stages/runner.py) is not involved."""
+
+    name = "certify"
+
+    @staticmethod
+    def configure(cfg: Mapping[str, Any]) -> None:
+        check_certify(cfg)
+
+    @staticmethod
+    def run(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+        manifest = run_certify(cfg)
+        st = to_dict(cfg["stage"])
+        stage_dir = Path(cfg["run_dir"]).resolve() / certify_folder(st.get("selection", "gate"),
+                                                                     str(st.get("entropy_stage") or "entropy"),
+                                                                     st.get("cascade"))
+        if manifest:  # rank zero: where the results are (the table was printed above)
+            log.info(f"stage 'certify' results: {stage_dir} (table.txt, records.csv, operating_points.json, "
+                     f"pareto.png, ace_model.pt)")
+        return manifest
+
+
+STAGE = CertifyStage()

@@ -2,6 +2,7 @@
 the schema of a stage's knobs (the keys of its conf/stage/<name>.yaml: anything else is refused)."""
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,9 +14,9 @@ from ace_lightning.errors import ConfigError, did_you_mean
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package
 
 # Knobs a stage reads that its conf/stage/<name>.yaml does not list (listing them there would change
-# the config hash of every existing run folder): the cert stage's LightningModule takes
-# steps_per_epoch by name (stages.base.config_kwargs).
-EXTRA_KNOBS: dict[str, tuple[str, ...]] = {"cert": ("steps_per_epoch",)}
+# the config hash of every existing run folder): the certified stages' schedule counts steps_per_epoch
+# when given (stages.configs.CertifiedTrainingConfig).
+EXTRA_KNOBS: dict[str, tuple[str, ...]] = {s: ("steps_per_epoch",) for s in ("cert", "gate", "entropy")}
 # Sub-knobs every stage's nested knob dict accepts beyond its yaml's: the LR schedule's milestones
 # (stages.base.StageModule.lr_factor reads them whatever the stage).
 EXTRA_SUBKNOBS: dict[str, tuple[str, ...]] = {"lr_schedule": ("milestones",)}
@@ -33,6 +34,19 @@ def datamodule_from(cfg: Mapping[str, Any]):
     from ace_lightning.data import ACEDataModule
 
     return ACEDataModule(**dict(to_dict(cfg["data"])))
+
+
+def job_eps(cfg: Mapping[str, Any]) -> float:
+    """The run's eps as a number (each stage's check says which range it takes: [0, 1] for the core
+    and the certify stage, (0, 1] for the certified training stages)."""
+    value = cfg.get("eps")
+    try:
+        eps = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        eps = math.nan
+    if not math.isfinite(eps):
+        raise ConfigError(f"eps must be a number in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {value!r}")
+    return eps
 
 
 @lru_cache(maxsize=None)

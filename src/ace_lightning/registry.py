@@ -1,7 +1,8 @@
-"""Stage name -> function(cfg) -> manifest, and the pipeline job that runs stages in order.
+"""Stage name -> Stage (each stage module declares its own), the pipeline job that runs stages in
+order, and the bookkeeping of one launcher job (job.json).
 
-Adding a stage = one entry in STAGES + conf/stage/<name>.yaml. This module sits above the stages
-and the certify stage (it imports them; nothing below imports it).
+Adding a stage = its module (with its Stage) + conf/stage/<name>.yaml + one line in STAGES below.
+This module sits above the stages and the certify stage (it imports them; nothing below imports it).
 
 Per-stage settings have one dialect, ``stage_overrides.<stage>.<knob>``, whatever runs the stage:
 a single stage job (``stage=cert``), a chain of jobs (``-m stage=core,cert,...`` with the basic
@@ -9,229 +10,34 @@ launcher) or one pipeline job (``stage=pipeline``, any launcher).
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
-import torch
-
-from ace_lightning.bounds import output_bounds
-from ace_lightning.nets import eval_mode
-from ace_lightning.config import CONF_DIR, check_knobs, to_dict
+from ace_lightning import certify
+from ace_lightning.config import CONF_DIR, check_knobs, job_eps, to_dict
 from ace_lightning.console import log
-from ace_lightning.stages.base import check_optimizer, check_val_crown_ibp, config_kwargs
-from ace_lightning.stages.runner import check_certified_precision, run_training_stage
-from ace_lightning.errors import USER_ERRORS, ConfigError, InputNotFoundError, did_you_mean
+from ace_lightning.errors import USER_ERRORS, ConfigError, did_you_mean
+from ace_lightning.registries import Registry
+from ace_lightning.stages import cert, core, entropy, gate_run
 
 
-def run_core(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.core import CoreStage
+class JobStage(Protocol):
+    """What the registry needs of a stage: its checks (``configure``: one-line errors before
+    anything is written) and its run. The training stages are stages.runner.Stage."""
 
-    st = to_dict(cfg["stage"])
+    name: str
 
-    def make(net, dm):
-        return CoreStage(net, **config_kwargs(CoreStage, st, eval_eps=float(cfg["eps"])))
+    def configure(self, cfg: Mapping[str, Any]) -> Any: ...
 
-    return run_training_stage(cfg, "core", make, "core_net", CoreStage.key_metric, "core.pt",
-                              mixed_precision=bool(st.get("mixed_precision", False)), callbacks=callbacks)
-
-
-def check_boundable(net: torch.nn.Module, dm) -> None:
-    """Fail before training when the bound layer cannot handle the cert-net (one-line ValueError)."""
-    shape = tuple(dm.info.input_shape)
-    x = torch.full((2, *shape), 0.5)
-    with eval_mode(net):
-        output_bounds(net, x, 0.01, "IBP")
+    def run(self, cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict: ...
 
 
-def run_cert(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.cert import CertStage
-    from ace_lightning.rundir import sha256_file
-
-    st = to_dict(cfg["stage"])
-    check_cert(cfg)  # validate before any data is loaded
-    pretrained = st.get("pretrained_path")
-    inputs = {}
-    if pretrained:
-        path = Path(str(pretrained)).expanduser().resolve()
-        pretrained = str(path)
-        inputs["pretrained"] = {"path": pretrained, "sha256": sha256_file(path)}
-
-    def make(net, dm):
-        kw = config_kwargs(CertStage, st, eps=float(cfg["eps"]))
-        if pretrained:
-            kw["shi_init"] = False  # the imported weights are the net
-        return CertStage(net, **kw)
-
-    # selection co-training trades a little certified accuracy for selectability: the best val
-    # cert_acc would pick a checkpoint from before it, so the last weights are exported instead
-    key = None if float(st.get("select_weight", 0.0) or 0.0) > 0 else CertStage.key_metric
-    folder = str(st.get("folder") or "cert")  # a second cert-net of a cascade: its own folder (cert_2)
-    return run_training_stage(cfg, folder, make, "cert_net", key, "cert.pt", inputs=inputs,
-                              pre_check=check_boundable, callbacks=callbacks, pretrained=pretrained)
-
-
-def run_certify_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.certify import certify_folder, run_certify
-
-    manifest = run_certify(cfg)
-    st = to_dict(cfg["stage"])
-    stage_dir = Path(cfg["run_dir"]).resolve() / certify_folder(st.get("selection", "gate"),
-                                                                 str(st.get("entropy_stage") or "entropy"),
-                                                                 st.get("cascade"))
-    if manifest:  # rank zero: where the results are (the table was printed above)
-        log.info(f"stage 'certify' results: {stage_dir} (table.txt, records.csv, operating_points.json, "
-                 f"pareto.png, ace_model.pt)")
-    return manifest
-
-
-def run_gate(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.gate_run import run_gate as run
-
-    check_certified_precision(cfg, "gate")
-    return run(cfg, callbacks=callbacks, pre_check=check_boundable)
-
-
-def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
-    from ace_lightning.stages.entropy import run_entropy as run
-
-    check_certified_precision(cfg, "entropy")
-    return run(cfg, callbacks=callbacks, pre_check=check_boundable)
-
-
-STAGES: dict[str, Callable[..., dict]] = {"core": run_core, "cert": run_cert, "certify": run_certify_stage,
-                                          "gate": run_gate, "entropy": run_entropy}
-
-
-# -- every stage's config checked before the job's first stage runs ---------------------------------
-
-def job_eps(cfg: Mapping[str, Any]) -> float:
-    """The run's eps as a number (each stage's check says which range it takes: [0, 1] for the core
-    and the certify stage, (0, 1] for the certified training stages)."""
-    value = cfg.get("eps")
-    try:
-        eps = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        eps = math.nan
-    if not math.isfinite(eps):
-        raise ConfigError(f"eps must be a number in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {value!r}")
-    return eps
-
-
-def check_net(cfg: Mapping[str, Any], key: str) -> None:
-    from ace_lightning.nets import check_net_config
-
-    check_net_config(to_dict(cfg[key]), key)
-
-
-def check_core(cfg: Mapping[str, Any]) -> None:
-    from ace_lightning.stages.core import CoreStage
-
-    st = to_dict(cfg["stage"])
-    CoreStage.check_config(st, job_eps(cfg))
-    check_optimizer(st.get("optimizer"))
-    check_net(cfg, "core_net")
-
-
-def check_cert(cfg: Mapping[str, Any]) -> None:
-    from ace_lightning.stages.cert import CertStage
-
-    st = to_dict(cfg["stage"])
-    CertStage.check_config(st, job_eps(cfg))
-    check_val_crown_ibp(st.get("val_crown_ibp", True))
-    check_optimizer(st.get("optimizer"))
-    check_certified_precision(cfg, "cert")
-    folder = str(st.get("folder") or "cert")  # a second cert-net of a cascade: its own folder (cert_2)
-    if not folder.startswith("cert") or "/" in folder or folder.startswith("certify"):
-        raise ConfigError(f"stage.folder must name a cert stage folder such as cert or cert_2, got {folder!r}")
-    if st.get("pretrained_path"):
-        path = Path(str(st["pretrained_path"])).expanduser().resolve()
-        if not path.is_file():
-            raise InputNotFoundError(f"stage.pretrained_path: weight file not found: {path}")
-    check_net(cfg, "cert_net")
-
-
-def check_gate(cfg: Mapping[str, Any]) -> None:
-    from ace_lightning.nets import check_net_config
-    from ace_lightning.stages.gate import GateStage
-    from ace_lightning.stages.gate_labels import check_negatives, label_methods
-
-    st = to_dict(cfg["stage"])
-    GateStage.check_config({**st, "method": st.get("method") or "IBP"}, job_eps(cfg))
-    check_negatives(st.get("negatives"))
-    if st.get("label_method"):
-        label_methods(st["label_method"])
-    check_val_crown_ibp(st.get("val_crown_ibp", True))
-    check_optimizer(st.get("optimizer"))
-    check_certified_precision(cfg, "gate")
-    cascade, thresholds = list(st.get("cascade") or ["cert"]), st.get("cascade_thresholds")
-    if thresholds is not None and len(thresholds) != len(cascade) - 1:
-        raise ConfigError(f"stage.cascade_thresholds needs one threshold per earlier pair ({len(cascade) - 1}), "
-                          f"got {len(thresholds)}")
-    if st.get("gate_net"):
-        check_net_config({**dict(st["gate_net"]), "kind": "gate"}, "stage.gate_net")
-
-
-def check_entropy(cfg: Mapping[str, Any]) -> None:
-    from ace_lightning.stages.cert import CLASSIC, CertStage
-    from ace_lightning.stages.entropy import EntropyStage
-
-    st = to_dict(cfg["stage"])
-    if CertStage.check_config(st, job_eps(cfg)) not in CLASSIC:
-        raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
-                          f"{st.get('method')}: train the cert stage with it and use entropy selection on it "
-                          f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")
-    EntropyStage.check_entropy_config(st.get("lam", 0.5), st.get("tau", 1.0), st.get("route", "box"))
-    check_val_crown_ibp(st.get("val_crown_ibp", True))
-    check_optimizer(st.get("optimizer"))
-    check_certified_precision(cfg, "entropy")
-    if not st.get("init_from_cert", True):
-        check_net(cfg, "cert_net")
-
-
-def check_certify(cfg: Mapping[str, Any]) -> None:
-    from ace_lightning.ace import SELECTIONS, CertifySettings
-    from ace_lightning.attacks.pgd import check_loss
-
-    st = to_dict(cfg["stage"])
-    eps = job_eps(cfg)
-    if not 0.0 <= eps <= 1.0:
-        raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
-    CertifySettings.from_config(st)
-    cascade = st.get("cascade")
-    if cascade is not None:
-        if not isinstance(cascade, list) or not cascade:
-            raise ConfigError("stage.cascade must be a list of (cert, selection) pairs, e.g. [{cert: cert_2, "
-                              "selection: margin}, {cert: cert, selection: margin}], or null for one pair")
-        for k, pair in enumerate(cascade):
-            pair = pair if isinstance(pair, Mapping) else {"?": pair}
-            unknown = set(pair) - {"cert", "selection", "gate"}
-            if unknown:
-                raise ConfigError(f"cascade pair {k + 1}: unknown key(s) {', '.join(sorted(unknown))}; "
-                                  f"a pair is {{cert: <folder>, selection: margin|gate|entropy, gate: <folder>}}")
-            if str(pair.get("selection") or "margin") not in SELECTIONS:
-                raise ConfigError(f"cascade pair {k + 1}: unknown selection {pair.get('selection')!r}; "
-                                  f"known: {', '.join(SELECTIONS)}")
-    elif st.get("selection", "gate") not in SELECTIONS:
-        raise ConfigError(f"unknown selection {st.get('selection')!r}; known: {', '.join(SELECTIONS)}")
-    splits = st.get("splits") or []
-    bad = [s for s in (splits if isinstance(splits, list) else [splits]) if s not in ("val", "test")]
-    if bad or not isinstance(splits, list):
-        raise ConfigError(f"unknown split {(bad or [splits])[0]!r}; certify knows val and test")
-    batch = st.get("batch_size", 256)
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
-        raise ConfigError(f"stage.batch_size must be a whole number >= 1, got {batch!r}")
-    if not float(st.get("tolerance", 0.01)) >= 0:
-        raise ConfigError(f"stage.tolerance must be >= 0, got {st.get('tolerance')}")
-    attack = dict(st.get("attack") or {})
-    check_loss(str(attack.get("loss", "margin")))
-
-
-STAGE_CHECKS: dict[str, Callable[[Any], None]] = {"core": check_core, "cert": check_cert, "gate": check_gate,
-                                                  "entropy": check_entropy, "certify": check_certify}
+STAGES: Registry[JobStage] = Registry("stage")
+for _stage in (core.STAGE, cert.STAGE, certify.STAGE, gate_run.STAGE, entropy.STAGE):
+    STAGES.add(_stage.name, _stage)
 
 
 def pipeline_stages(cfg: Any) -> list[str]:
@@ -242,7 +48,7 @@ def pipeline_stages(cfg: Any) -> list[str]:
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"stage.stages must be a list of stages, e.g. [core, cert, certify], got {stages!r}")
     for name in stages:
-        if str(name) not in STAGES:
+        if str(name) not in STAGES.names():
             raise ConfigError(f"stage.stages: unknown stage '{name}'{did_you_mean(str(name), STAGES)}; "
                               f"known: {', '.join(STAGES)}")
     return [str(n) for n in stages]
@@ -257,7 +63,7 @@ def check_job(cfg: Any) -> None:
     from ace_lightning.data.datamodule import check_data_config
 
     name = str(to_dict(cfg["stage"]).get("name"))
-    if name not in STAGES and name != PIPELINE:
+    if name not in STAGES.names() and name != PIPELINE:
         raise ConfigError(f"unknown stage '{name}'; known: {', '.join([*STAGES, PIPELINE])}")
     overrides = to_dict(cfg.get("stage_overrides")) or {}
     if not isinstance(overrides, Mapping):
@@ -280,7 +86,7 @@ def check_job(cfg: Any) -> None:
     check_data_config(to_dict(job["data"]))
     names = pipeline_stages(job) if name == PIPELINE else [name]
     for n in names:
-        STAGE_CHECKS[n](stage_config(job, n) if name == PIPELINE else job)
+        STAGES.get(n).configure(stage_config(job, n) if name == PIPELINE else job)
 
 
 PIPELINE = "pipeline"
@@ -292,7 +98,7 @@ def stage_config(cfg: Any, name: str) -> Any:
     config hash, as the job ``stage=<name>`` with the same overrides)."""
     from omegaconf import OmegaConf, open_dict
 
-    if name not in STAGES:
+    if name not in STAGES.names():
         raise ConfigError(f"stage.stages: unknown stage '{name}'; known: {', '.join(STAGES)}")
     out = cfg.copy()
     with open_dict(out):
@@ -326,7 +132,7 @@ def run_pipeline(cfg: Any, callbacks: tuple = ()) -> dict:
         log.info(f"pipeline {cfg['run_dir']}: stage '{name}'")
         started = time.time()
         try:
-            manifests[name] = STAGES[name](stage_cfg, callbacks=tuple(callbacks))
+            manifests[name] = STAGES.get(name).run(stage_cfg, callbacks=tuple(callbacks))
         except BaseException as err:
             stage_failed(cfg, name, err, started)
             raise
@@ -471,4 +277,4 @@ def run_stage(cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
     check_job(cfg)
     if name == PIPELINE:
         return run_pipeline(cfg, tuple(callbacks))
-    return STAGES[name](cfg, callbacks=tuple(callbacks))
+    return STAGES.get(name).run(cfg, callbacks=tuple(callbacks))

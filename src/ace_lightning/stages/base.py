@@ -3,7 +3,7 @@ from config, epoch metrics that are exact under DDP (torchmetrics sums, not mean
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ace_lightning.bounds import full_precision
-from ace_lightning.stages.schedules import CertSchedule, step_decay
+from ace_lightning.stages.schedules import step_decay
 from ace_lightning.errors import ConfigError
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -54,19 +54,6 @@ def check_optimizer(cfg: Any) -> None:
     name = str(cfg.get("name", "adam")).lower()
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
-
-
-def config_kwargs(cls: type, st: Mapping[str, Any], **given: Any) -> dict[str, Any]:
-    """The keyword arguments of ``cls`` found in a stage config (conf/stage/<name>.yaml with its
-    overrides) plus ``given``: a stage's knobs reach its LightningModule by name, without a
-    hand-written copy per knob. Keys the constructor does not take (name, epochs of the trainer,
-    checkpointing, ...) belong to the runner and are left out."""
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    kw = {k: v for k, v in st.items() if k in params and k not in ("self", "net")}
-    kw.update(given)
-    return kw
 
 
 def check_val_crown_ibp(value: Any) -> bool | str:
@@ -113,47 +100,6 @@ class StageModule(L.LightningModule):
             return gamma ** sum(epoch >= int(m) for m in milestones)
         every = int(self.lr_schedule_cfg.get("step_epochs", 0) or 0)
         return step_decay(epoch, self.lr_decay_start_epoch, every, gamma)
-
-    # -- the eps/kappa/beta ramp of the certified stages (cert, entropy, gate) ------------------
-    # Stages using it set eps, eps_factor, warmup_epochs, ramp_epochs, kappa_end, ramp_shape, method,
-    # steps_per_epoch and _schedule = None in their __init__.
-    @property
-    def per_epoch(self) -> int:
-        return self.steps_per_epoch or max(1, int(self.trainer.num_training_batches))
-
-    @property
-    def schedule(self) -> CertSchedule:
-        if self._schedule is None:
-            self._schedule = CertSchedule(
-                eps_train=min(1.0, self.eps * self.eps_factor),
-                warmup_steps=int(round(self.warmup_epochs * self.per_epoch)),
-                ramp_steps=int(round(self.ramp_epochs * self.per_epoch)),
-                kappa_end=self.kappa_end, shape=self.ramp_shape)
-        return self._schedule
-
-    @property
-    def fitting(self) -> bool:
-        """Inside Trainer.fit (validation between epochs), not test / validate / a direct call."""
-        trainer = self._trainer
-        return trainer is not None and trainer.state.fn == "fit"
-
-    def eval_crown_ibp(self) -> bool:
-        """Whether this validation/test pass also bounds with CROWN-IBP (``val_crown_ibp``): true,
-        false, or "after_ramp": only once eps has reached its target (validation before that
-        certifies with the training method alone; it cannot select the checkpoint, whose
-        certified accuracy at the target eps is far higher after the ramp). Test: always."""
-        mode = self.val_crown_ibp
-        if mode != "after_ramp":
-            return bool(mode)
-        if not self.fitting:
-            return True  # test, validate (a pretrained net), direct calls: the net is final
-        s = self.schedule
-        return self.global_step >= s.warmup_steps + s.ramp_steps
-
-    def schedule_at(self, step: int) -> tuple[float, float, Optional[float]]:
-        """(eps, kappa, beta) at an optimiser step; beta only for CROWN-IBP training."""
-        beta = self.schedule.beta(step) if self.method == "CROWN-IBP" else None
-        return self.schedule.eps(step), self.schedule.kappa(step), beta
 
     def log_train_step(self, shown: Mapping[str, Any], quiet: Mapping[str, Any] = {}) -> None:
         """Per-step training values (``shown`` also in the progress bar), handed to Lightning only

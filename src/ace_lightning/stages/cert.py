@@ -17,16 +17,22 @@ measured in experiments/gate_tuning_fmnist.md).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ace_lightning.bounds import margin_ce, margin_spec, robust_ce_loss
-from ace_lightning.errors import ConfigError
-from ace_lightning.stages.certified import CLASSIC, CertifiedStage
-from ace_lightning.stages.common import l1_penalty
+from ace_lightning.config import to_dict
+from ace_lightning.errors import ConfigError, InputNotFoundError
+from ace_lightning.nets import check_net_config
+from ace_lightning.rundir import sha256_file
+from ace_lightning.stages.certified import CertifiedClassifier
+from ace_lightning.stages.configs import CLASSIC, ClassifierTrainingConfig
 from ace_lightning.stages.losses import CertifiedLoss, build_loss, ibp_init, shi_regularizer
+from ace_lightning.stages.runner import Stage, StageInputs
 
 SHI_WARMUP_EPS = 1e-6  # Shi et al.: the regulariser's bounds during the natural warm-up
 
@@ -50,65 +56,92 @@ def selection_margin_loss(lb_margins: torch.Tensor, logits: torch.Tensor, margin
     return per_input.mean() / margin
 
 
-class CertStage(CertifiedStage):
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: Mapping[str, Any],
-        lr_schedule: Mapping[str, Any],
-        eps: float,
-        method: str = "IBP",
-        eps_factor: float = 1.05,
-        warmup_epochs: float = 1,
-        ramp_epochs: float = 10,
-        ramp_shape: str = "linear",
-        kappa_end: float = 0.5,
-        loss_fusion: bool = False,
-        l1: float = 1e-5,
-        epochs: Optional[int] = None,
-        val_pgd_steps: int = 10,
-        val_crown_ibp: bool | str = True,
-        select_weight: float = 0.0,
-        select_margin: float = 4.0,
-        select_uncertified_weight: float = 1.0,
-        select_start_epoch: Optional[float] = None,
-        select_lr: Optional[float] = None,
-        select_lr_step_epochs: int = 3,
-        select_negatives: str = "uncertified",
-        sabr_lambda: float = 0.4,
-        alpha: float = 0.5,
-        attack: Optional[Mapping[str, Any]] = None,
-        shi_init: bool = False,
-        shi_regularizer: bool = False,
-        shi_reg_weight: float = 0.5,
-        shi_tol: float = 0.5,
-        steps_per_epoch: Optional[int] = None,
-    ) -> None:
-        method = self.check_config(dict(method=method, kappa_end=kappa_end, epochs=epochs,
-                                        warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
-                                        ramp_shape=ramp_shape, eps_factor=eps_factor,
-                                        loss_fusion=loss_fusion, select_weight=select_weight,
-                                        select_margin=select_margin,
-                                        select_uncertified_weight=select_uncertified_weight,
-                                        select_start_epoch=select_start_epoch, select_lr=select_lr,
-                                        select_lr_step_epochs=select_lr_step_epochs,
-                                        select_negatives=select_negatives, sabr_lambda=sabr_lambda,
-                                        alpha=alpha, attack=attack, shi_reg_weight=shi_reg_weight,
-                                        shi_tol=shi_tol), eps)
-        super().__init__(net, optimizer, lr_schedule, eps, method, eps_factor, warmup_epochs, ramp_epochs,
-                         ramp_shape, kappa_end, loss_fusion, l1, val_pgd_steps, val_crown_ibp, steps_per_epoch)
-        self.select_weight, self.select_margin = float(select_weight), float(select_margin)
-        self.select_uncertified_weight = float(select_uncertified_weight)
-        self.select_negatives = str(select_negatives)
-        self.select_start_epoch = (float(warmup_epochs) + float(ramp_epochs) if select_start_epoch is None
-                                   else float(select_start_epoch))
-        self.select_lr = None if select_lr is None else float(select_lr)
-        self.select_lr_step_epochs = int(select_lr_step_epochs)
-        self.loss_fn = build_loss(method, sabr_lambda=sabr_lambda, alpha=alpha, attack=dict(attack or {}))
-        self.shi_regularizer, self.shi_reg_weight, self.shi_tol = bool(shi_regularizer), float(shi_reg_weight), float(shi_tol)
-        if shi_init:  # a resumed run restores its checkpoint's weights over this
+@dataclass(kw_only=True)
+class CertConfig(ClassifierTrainingConfig):
+    """conf/stage/cert.yaml (every knob documented there)."""
+
+    stage = "cert"
+
+    folder: Optional[str]
+    sabr_lambda: float
+    alpha: float
+    attack: Optional[dict]
+    shi_init: bool
+    shi_regularizer: bool
+    shi_reg_weight: float
+    shi_tol: float
+    pretrained_path: Optional[str]
+    select_weight: float
+    select_margin: float
+    select_uncertified_weight: float
+    select_negatives: str
+    select_start_epoch: Optional[float]
+    select_lr: Optional[float]
+    select_lr_step_epochs: int
+
+    def method_knobs(self) -> dict[str, Any]:
+        return {"sabr_lambda": self.sabr_lambda, "alpha": self.alpha, "attack": self.attack}
+
+    def selects_last(self) -> bool:
+        """Selection co-training trades a little certified accuracy for selectability: the best val
+        cert_acc would pick a checkpoint from before it, so the last weights are exported instead."""
+        return float(self.select_weight) > 0
+
+    def stage_folder(self) -> str:
+        """The stage folder: a cascade's second cert-net has its own (cert_2)."""
+        return str(self.folder or "cert")
+
+    def check_stage_knobs(self, method: str) -> None:
+        if not float(self.shi_reg_weight) >= 0:
+            raise ConfigError(f"shi_reg_weight must be >= 0, got {self.shi_reg_weight}")
+        if not 0.0 < float(self.shi_tol) <= 1.0:
+            raise ConfigError(f"shi_tol must be in (0, 1], got {self.shi_tol}")
+        warmup, ramp, epochs = float(self.warmup_epochs), float(self.ramp_epochs), self.epochs
+        lam = float(self.select_weight)
+        if not 0.0 <= lam <= 1.0:
+            raise ConfigError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
+        if lam > 0:
+            if method == "SABR":
+                raise ConfigError("select_weight > 0 needs certified margins over the whole ball, which SABR "
+                                  "does not compute: use IBP, CROWN-IBP, MTL-IBP, CC-IBP or Exp-IBP")
+            if not float(self.select_margin) > 0:
+                raise ConfigError(f"select_margin must be positive, got {self.select_margin}")
+            if self.select_negatives not in ("uncertified", "wrong"):
+                raise ConfigError(f"select_negatives must be uncertified or wrong, got {self.select_negatives!r}")
+            if float(self.select_uncertified_weight) < 0:
+                raise ConfigError(f"select_uncertified_weight must be >= 0, got {self.select_uncertified_weight}")
+            if self.loss_fusion:
+                raise ConfigError("select_weight > 0 needs the margin bounds: set loss_fusion: false")
+            start = self.select_start_epoch
+            if start is not None and float(start) < warmup + ramp:
+                raise ConfigError(f"select_start_epoch {start} is inside the eps schedule (warm-up + ramp = "
+                                  f"{warmup + ramp:g} epochs): the selection loss needs the full eps")
+            if start is not None and float(start) >= float(epochs):
+                raise ConfigError(f"select_start_epoch {start} >= epochs {epochs}: the selection loss would never run")
+            if self.select_lr is not None and not float(self.select_lr) > 0:
+                raise ConfigError(f"select_lr must be positive (or null: keep the stage's lr schedule), "
+                                  f"got {self.select_lr}")
+        folder = self.stage_folder()
+        if not folder.startswith("cert") or "/" in folder or folder.startswith("certify"):
+            raise ConfigError(f"stage.folder must name a cert stage folder such as cert or cert_2, got {folder!r}")
+
+
+class CertStage(CertifiedClassifier):
+    def __init__(self, net: nn.Module, config: CertConfig, eps: float) -> None:
+        super().__init__(net, config, eps, config.method)
+        self.select_weight, self.select_margin = float(config.select_weight), float(config.select_margin)
+        self.select_uncertified_weight = float(config.select_uncertified_weight)
+        self.select_negatives = str(config.select_negatives)
+        self.select_start_epoch = (float(config.warmup_epochs) + float(config.ramp_epochs)
+                                   if config.select_start_epoch is None else float(config.select_start_epoch))
+        self.select_lr = None if config.select_lr is None else float(config.select_lr)
+        self.select_lr_step_epochs = int(config.select_lr_step_epochs)
+        self.loss_fn = build_loss(config.method, sabr_lambda=config.sabr_lambda, alpha=config.alpha,
+                                  attack=dict(config.attack or {}))
+        self.shi_regularizer = bool(config.shi_regularizer)
+        self.shi_reg_weight, self.shi_tol = float(config.shi_reg_weight), float(config.shi_tol)
+        if config.shi_init:  # a resumed run restores its checkpoint's weights over this
             ibp_init(self.net)
-        self.save_hyperparameters(ignore=["net"])
 
     def lr_factor(self, epoch: int) -> float:
         """The stage's step decay; with ``select_lr`` the co-training phase restarts at select_lr and
@@ -120,42 +153,6 @@ class CertStage(CertifiedStage):
         gamma = float(self.lr_schedule_cfg.get("gamma", 1.0))
         base = float(self.optimizer_cfg.get("lr", 1e-3))
         return self.select_lr / base * gamma ** ((epoch - start) // max(1, self.select_lr_step_epochs))
-
-    @classmethod
-    def check_config(cls, st: Mapping[str, Any], eps: float) -> str:
-        """One-line ValueErrors before any data is loaded; returns the canonical method name."""
-        method = cls.check_method(st)
-        if not float(st.get("shi_reg_weight", 0.5)) >= 0:
-            raise ConfigError(f"shi_reg_weight must be >= 0, got {st.get('shi_reg_weight')}")
-        if not 0.0 < float(st.get("shi_tol", 0.5)) <= 1.0:
-            raise ConfigError(f"shi_tol must be in (0, 1], got {st.get('shi_tol')}")
-        cls.check_schedule(st, eps)
-        warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
-        epochs = st.get("epochs")
-        lam = float(st.get("select_weight", 0.0))
-        if not 0.0 <= lam <= 1.0:
-            raise ConfigError(f"select_weight (lambda of the selection co-training) must be in [0, 1], got {lam}")
-        if lam > 0:
-            if method == "SABR":
-                raise ConfigError("select_weight > 0 needs certified margins over the whole ball, which SABR "
-                                 "does not compute: use IBP, CROWN-IBP, MTL-IBP, CC-IBP or Exp-IBP")
-            if not float(st.get("select_margin", 4.0)) > 0:
-                raise ConfigError(f"select_margin must be positive, got {st.get('select_margin')}")
-            if st.get("select_negatives", "uncertified") not in ("uncertified", "wrong"):
-                raise ConfigError(f"select_negatives must be uncertified or wrong, got {st.get('select_negatives')!r}")
-            if float(st.get("select_uncertified_weight", 1.0)) < 0:
-                raise ConfigError(f"select_uncertified_weight must be >= 0, got {st.get('select_uncertified_weight')}")
-            if st.get("loss_fusion"):
-                raise ConfigError("select_weight > 0 needs the margin bounds: set loss_fusion: false")
-            start = st.get("select_start_epoch")
-            if start is not None and float(start) < warmup + ramp:
-                raise ConfigError(f"select_start_epoch {start} is inside the eps schedule (warm-up + ramp = "
-                                 f"{warmup + ramp:g} epochs): the selection loss needs the full eps")
-            if start is not None and epochs is not None and float(start) >= float(epochs):
-                raise ConfigError(f"select_start_epoch {start} >= epochs {epochs}: the selection loss would never run")
-            if st.get("select_lr") is not None and not float(st["select_lr"]) > 0:
-                raise ConfigError(f"select_lr must be positive (or null: keep the stage's lr schedule), got {st['select_lr']}")
-        return method
 
     def selection_loss(self, lb_margins: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_sel with this stage's knobs (select_negatives: wrong passes the labels)."""
@@ -213,9 +210,37 @@ class CertStage(CertifiedStage):
                 tight, balance = shi_regularizer(relus[0], relus[1], self.net, self.shi_tol)
                 loss = loss + weight * (tight + balance)
                 extra.update({"train/shi_tightness": tight, "train/shi_relu": balance})
-        if self.l1:
-            loss = loss + self.l1 * l1_penalty(self.net)
+        loss = self.with_l1(loss)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_train_step({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc, **extra},
-                            {"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0})
+        self.log_certified_step({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc, **extra},
+                                eps_t, kappa, beta)
         return loss
+
+
+def read_cert_inputs(cfg: Mapping[str, Any], config: CertConfig) -> StageInputs:
+    """An external cert-net (``pretrained_path``) is an input: its path and sha256."""
+    inputs = StageInputs(folder=config.stage_folder(), eps=float(cfg["eps"]))
+    if config.pretrained_path:
+        path = Path(str(config.pretrained_path)).expanduser().resolve()
+        inputs.pretrained = str(path)
+        inputs.inputs["pretrained"] = {"path": str(path), "sha256": sha256_file(path)}
+    return inputs
+
+
+def make_cert(net: nn.Module, dm: Any, config: CertConfig, inputs: StageInputs) -> CertStage:
+    if inputs.pretrained:
+        config = replace(config, shi_init=False)  # the imported weights are the net
+    return CertStage(net, config, inputs.eps)
+
+
+def check_cert_job(cfg: Mapping[str, Any], config: CertConfig) -> None:
+    """The external weights exist; the cert-net's config is a net."""
+    if config.pretrained_path:
+        path = Path(str(config.pretrained_path)).expanduser().resolve()
+        if not path.is_file():
+            raise InputNotFoundError(f"stage.pretrained_path: weight file not found: {path}")
+    check_net_config(to_dict(cfg["cert_net"]), "cert_net")
+
+
+STAGE = Stage("cert", CertConfig, net_key="cert_net", weights="cert.pt", key_metric="val/cert_acc",
+              make_module=make_cert, read_inputs=read_cert_inputs, check=check_cert_job, certified=True)

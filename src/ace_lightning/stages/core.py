@@ -2,56 +2,62 @@
 with PGD at a small eps (docs/METHOD.md section 6). It never needs to be certifiable."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ace_lightning.attacks import adversarial_correct, pgd
-from ace_lightning.nets import eval_mode
+from ace_lightning.config import to_dict
+from ace_lightning.errors import ConfigError
+from ace_lightning.nets import check_net_config, eval_mode
 from ace_lightning.stages.base import StageModule
 from ace_lightning.stages.common import l1_penalty
-from ace_lightning.errors import ConfigError
+from ace_lightning.stages.configs import StageConfig
+from ace_lightning.stages.runner import Stage, StageInputs
+
+
+@dataclass(kw_only=True)
+class CoreConfig(StageConfig):
+    """conf/stage/core.yaml (every knob documented there)."""
+
+    stage = "core"
+
+    mode: str
+    train_eps: float
+    pgd_steps: int
+    pgd_step_size: float
+    eval_pgd_steps: int
+    channels_last: bool
+    mixed_precision: bool
+
+    def validate(self, eps: float) -> None:
+        """eps: the run's, for the PGD evaluation."""
+        if self.mode not in ("natural", "pgd"):
+            raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {self.mode!r}")
+        if self.mode == "pgd" and not 0.0 < float(self.train_eps) <= 1.0:
+            raise ConfigError(f"PGD core training needs train_eps in (0, 1], got {self.train_eps}")
+        if not 0.0 <= float(eps) <= 1.0:
+            raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+        super().validate(eps)
+
+    def mixed(self) -> bool:
+        return self.mixed_precision
 
 
 class CoreStage(StageModule):
     metric_names = ("nat_acc", "pgd_acc")
-    key_metric = "val/nat_acc"
 
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: Mapping[str, Any],
-        lr_schedule: Mapping[str, Any],
-        mode: str = "natural",
-        train_eps: float = 0.0,
-        pgd_steps: int = 8,
-        pgd_step_size: float = 0.25,
-        eval_eps: float = 0.0,
-        eval_pgd_steps: int = 10,
-        l1: float = 0.0,
-        channels_last: bool = False,
-    ) -> None:
-        if channels_last:  # NHWC convolutions: faster for many conv nets, different float rounding
+    def __init__(self, net: nn.Module, config: CoreConfig, eval_eps: float) -> None:
+        if config.channels_last:  # NHWC convolutions: faster for many conv nets, different float rounding
             net = net.to(memory_format=torch.channels_last)
-        super().__init__(net, optimizer, lr_schedule)
-        self.check_config({"mode": mode, "train_eps": train_eps}, eval_eps)
-        self.mode, self.train_eps = mode, float(train_eps)
-        self.pgd_steps, self.pgd_step_size = int(pgd_steps), float(pgd_step_size)
-        self.eval_eps, self.eval_pgd_steps, self.l1 = float(eval_eps), int(eval_pgd_steps), float(l1)
-        self.channels_last = bool(channels_last)
-        self.save_hyperparameters(ignore=["net"])
-
-    @staticmethod
-    def check_config(st: Mapping[str, Any], eps: float) -> None:
-        """One-line ConfigErrors before any data is loaded (eps: the run's, for the PGD evaluation)."""
-        mode, train_eps = st.get("mode", "natural"), st.get("train_eps", 0.0)
-        if mode not in ("natural", "pgd"):
-            raise ConfigError(f"core training mode must be 'natural' or 'pgd', got {mode!r}")
-        if mode == "pgd" and not 0.0 < float(train_eps) <= 1.0:
-            raise ConfigError(f"PGD core training needs train_eps in (0, 1], got {train_eps}")
-        if not 0.0 <= float(eps) <= 1.0:
-            raise ConfigError(f"eps must be in [0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
+        super().__init__(net, config.optimizer, config.lr_schedule)
+        self.mode, self.train_eps = config.mode, float(config.train_eps)
+        self.pgd_steps, self.pgd_step_size = int(config.pgd_steps), float(config.pgd_step_size)
+        self.eval_eps, self.eval_pgd_steps, self.l1 = float(eval_eps), int(config.eval_pgd_steps), float(config.l1)
+        self.channels_last = bool(config.channels_last)
+        self.save_hyperparameters(config.hparams(eval_eps=self.eval_eps))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """The batch in the net's memory format (NHWC with ``channels_last``)."""
@@ -81,3 +87,15 @@ class CoreStage(StageModule):
         if self.eval_eps > 0 and self.eval_pgd_steps > 0:
             out["pgd_acc"] = adversarial_correct(self.net, x, y, self.eval_eps, steps=self.eval_pgd_steps)
         return out
+
+
+def make_core(net: nn.Module, dm: Any, config: CoreConfig, inputs: StageInputs) -> CoreStage:
+    return CoreStage(net, config, eval_eps=inputs.eps)
+
+
+def check_core_net(cfg: Any, config: CoreConfig) -> None:
+    check_net_config(to_dict(cfg["core_net"]), "core_net")
+
+
+STAGE = Stage("core", CoreConfig, net_key="core_net", weights="core.pt", key_metric="val/nat_acc",
+              make_module=make_core, check=check_core_net)

@@ -23,8 +23,9 @@ val/cert_acc (the composition sweeps tau afterwards).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -39,10 +40,11 @@ from ace_lightning.bounds import (
 from ace_lightning.bounds.entropy import ROUTES
 from ace_lightning.config import to_dict
 from ace_lightning.errors import ConfigError
+from ace_lightning.nets import check_net_config
 from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
-from ace_lightning.stages.certified import CLASSIC, CertifiedStage
-from ace_lightning.stages.common import l1_penalty
-from ace_lightning.stages.runner import run_training_stage
+from ace_lightning.stages.certified import CertifiedClassifier
+from ace_lightning.stages.configs import CLASSIC, ClassifierTrainingConfig
+from ace_lightning.stages.runner import Stage, StageInputs
 
 
 def natural_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,34 +54,45 @@ def natural_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.where(logits.argmax(-1) == y, h, log_k - h) / log_k).mean()
 
 
-class EntropyStage(CertifiedStage):
-    metric_names = CertifiedStage.metric_names + ("certified_selection_rate", "false_selection_rate",
-                                                  "selection_rate")
-    key_metric = "val/cert_acc"
+@dataclass(kw_only=True)
+class EntropyConfig(ClassifierTrainingConfig):
+    """conf/stage/entropy.yaml (every knob documented there)."""
 
-    def __init__(self, net: nn.Module, optimizer: Mapping[str, Any], lr_schedule: Mapping[str, Any],
-                 eps: float, lam: float = 0.5, tau: float = 1.0, route: str = "box", method: str = "IBP",
-                 eps_factor: float = 1.05, warmup_epochs: float = 1, ramp_epochs: float = 10,
-                 ramp_shape: str = "linear", kappa_end: float = 0.5, loss_fusion: bool = False, l1: float = 1e-5,
-                 epochs: Optional[int] = None, val_pgd_steps: int = 10, val_crown_ibp: bool | str = True,
-                 steps_per_epoch: Optional[int] = None) -> None:
-        self.check_entropy_config(lam, tau, route)
-        method = self.check_config(dict(method=method, kappa_end=kappa_end, epochs=epochs,
-                                        warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
-                                        ramp_shape=ramp_shape, eps_factor=eps_factor, loss_fusion=loss_fusion), eps)
-        super().__init__(net, optimizer, lr_schedule, eps, method, eps_factor, warmup_epochs, ramp_epochs,
-                         ramp_shape, kappa_end, loss_fusion, l1, val_pgd_steps, val_crown_ibp, steps_per_epoch)
-        self.lam, self.tau, self.route = float(lam), float(tau), str(route).lower()
-        self.save_hyperparameters(ignore=["net"])
+    stage = "entropy"
 
-    @staticmethod
-    def check_entropy_config(lam: float, tau: float, route: str) -> None:
-        if not 0.0 <= float(lam) <= 1.0:
-            raise ConfigError(f"lambda (stage.lam) must be in [0, 1], got {lam}")
-        if not (float(tau) > 0 and math.isfinite(float(tau))):
-            raise ConfigError(f"tau must be a positive entropy in nats (select iff H <= tau), got {tau}")
-        if str(route).lower() not in ROUTES:
-            raise ConfigError(f"unknown entropy route {route!r}; choose one of {', '.join(ROUTES)}")
+    init_from_cert: bool
+    cert_stage: Optional[str]
+    lam: float
+    tau: float
+    route: str
+
+    def check_stage_knobs(self, method: str) -> None:
+        if method not in CLASSIC:
+            raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
+                              f"{self.method}: train the cert stage with it and use entropy selection on it "
+                              f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")
+        if not 0.0 <= float(self.lam) <= 1.0:
+            raise ConfigError(f"lambda (stage.lam) must be in [0, 1], got {self.lam}")
+        if not (float(self.tau) > 0 and math.isfinite(float(self.tau))):
+            raise ConfigError(f"tau must be a positive entropy in nats (select iff H <= tau), got {self.tau}")
+        if str(self.route).lower() not in ROUTES:
+            raise ConfigError(f"unknown entropy route {self.route!r}; choose one of {', '.join(ROUTES)}")
+
+
+@dataclass
+class EntropyInputs(StageInputs):
+    """The run folder's inputs, and the manifest of the cert-net the stage fine-tunes."""
+
+    cert_manifest: Optional[dict] = None  # init_from_cert: the manifest of the cert-net's stage
+
+
+class EntropyStage(CertifiedClassifier):
+    metric_names = CertifiedClassifier.metric_names + ("certified_selection_rate", "false_selection_rate",
+                                                       "selection_rate")
+
+    def __init__(self, net: nn.Module, config: EntropyConfig, eps: float) -> None:
+        super().__init__(net, config, eps, config.method)
+        self.lam, self.tau, self.route = float(config.lam), float(config.tau), str(config.route).lower()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -98,13 +111,10 @@ class EntropyStage(CertifiedStage):
         else:  # one bound pass: margins z_y - z_j, both sides
             l_cert, robust, logits, lb_d, ub_d = self.margin_pass(x, y, eps_t, kappa, beta, upper=True)
             l_ent = entropy_selection_loss_from_margins(lb_d, ub_d, y, logits.argmax(-1) == y)
-        loss = (1.0 - self.lam) * l_cert + self.lam * l_ent
-        if self.l1:
-            loss = loss + self.l1 * l1_penalty(self.net)
+        loss = self.with_l1((1.0 - self.lam) * l_cert + self.lam * l_ent)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log_train_step({"train/loss": loss, "train/robust_loss": robust, "train/entropy_loss": l_ent,
-                             "train/acc": acc},
-                            {"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0})
+        self.log_certified_step({"train/loss": loss, "train/robust_loss": robust, "train/entropy_loss": l_ent,
+                                 "train/acc": acc}, eps_t, kappa, beta)
         return loss
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,41 +133,40 @@ class EntropyStage(CertifiedStage):
         return out
 
 
-def run_entropy(cfg: Mapping[str, Any], callbacks: tuple = (),
-                pre_check: Optional[Callable[[nn.Module, Any], None]] = None) -> dict:
-    st = to_dict(cfg["stage"])
-    eps = float(cfg["eps"])
-    if CertifiedStage.check_config(st, eps) not in CLASSIC:
-        raise ConfigError(f"the entropy stage co-trains with IBP or CROWN-IBP bounds over the ball, not "
-                         f"{st.get('method')}: train the cert stage with it and use entropy selection on it "
-                         f"(stage=certify stage.selection=entropy stage.entropy_stage=cert)")
-    EntropyStage.check_entropy_config(st["lam"], st["tau"], st["route"])
-    run_dir = Path(cfg["run_dir"]).resolve()
-    init = bool(st.get("init_from_cert", True))
-    cert_stage = str(st.get("cert_stage") or "cert")
-    inputs: dict[str, Any] = {}
-    if init:
-        cert_manifest = require_stage(run_dir, cert_stage, "entropy")
-        cert_path, cert_sha = stage_weights(run_dir, cert_stage, cert_manifest, "entropy")
-        net_cfg = dict(cert_manifest["net"])
-        inputs["cert"] = {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}
-    else:
-        net_cfg = dict(to_dict(cfg["cert_net"]))
-    def make(net: nn.Module, dm: Any) -> EntropyStage:
-        if init:
-            check_same_data(dm.info, cert_manifest, cert_stage, "entropy")
-            load_weights(net, cert_path, f"stage 'entropy': cert-net of stage '{cert_stage}'")
-        return EntropyStage(net, st["optimizer"], st["lr_schedule"], eps=eps, lam=st["lam"], tau=st["tau"],
-                            route=st["route"], method=st["method"], eps_factor=st["eps_factor"],
-                            warmup_epochs=st["warmup_epochs"], ramp_epochs=st["ramp_epochs"],
-                            ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
-                            loss_fusion=st["loss_fusion"], l1=st["l1"], epochs=st["epochs"],
-                            val_pgd_steps=st["val_pgd_steps"], val_crown_ibp=st["val_crown_ibp"])
+def read_entropy_inputs(cfg: Mapping[str, Any], config: EntropyConfig) -> EntropyInputs:
+    """The cert-net to fine-tune (``init_from_cert``: its stage's weights and net), else cert_net."""
+    inputs = EntropyInputs(folder="entropy", eps=float(cfg["eps"]), net=dict(to_dict(cfg["cert_net"])))
+    if config.init_from_cert:
+        cert_stage, run_dir = str(config.cert_stage or "cert"), Path(cfg["run_dir"]).resolve()
+        manifest = require_stage(run_dir, cert_stage, "entropy")
+        path, sha = stage_weights(run_dir, cert_stage, manifest, "entropy")
+        inputs.net = dict(manifest["net"])
+        inputs.inputs["cert"] = {"stage": cert_stage, "path": str(path), "sha256": sha}
+        inputs.cert_manifest = manifest
+    return inputs
 
-    plain = dict(to_dict(cfg))
-    plain["entropy_net"] = net_cfg
-    selection = {"type": "entropy", "tau": float(st["tau"]), "threshold": -float(st["tau"]),
-                 "route": str(st["route"]).lower(), "lam": float(st["lam"]), "init_from_cert": init}
-    return run_training_stage(plain, "entropy", make, "entropy_net", EntropyStage.key_metric,
-                              "entropy_cert.pt", inputs=inputs, pre_check=pre_check, callbacks=callbacks,
-                              manifest_extra=lambda module: {"selection": selection})
+
+def make_entropy(net: nn.Module, dm: Any, config: EntropyConfig, inputs: EntropyInputs) -> EntropyStage:
+    if inputs.cert_manifest is not None:
+        cert = inputs.inputs["cert"]
+        check_same_data(dm.info, inputs.cert_manifest, cert["stage"], "entropy")
+        load_weights(net, Path(cert["path"]), f"stage 'entropy': cert-net of stage '{cert['stage']}'")
+    return EntropyStage(net, config, inputs.eps)
+
+
+def entropy_manifest(module: EntropyStage, config: EntropyConfig, inputs: EntropyInputs) -> dict:
+    """The composition's selector: g(x) = -H(x) >= -tau."""
+    return {"selection": {"type": "entropy", "tau": float(config.tau), "threshold": -float(config.tau),
+                          "route": str(config.route).lower(), "lam": float(config.lam),
+                          "init_from_cert": bool(config.init_from_cert)}}
+
+
+def check_entropy_job(cfg: Mapping[str, Any], config: EntropyConfig) -> None:
+    """A cert-net trained from scratch: cert_net is a net."""
+    if not config.init_from_cert:
+        check_net_config(to_dict(cfg["cert_net"]), "cert_net")
+
+
+STAGE = Stage("entropy", EntropyConfig, net_key="entropy_net", weights="entropy_cert.pt", key_metric="val/cert_acc",
+              make_module=make_entropy, read_inputs=read_entropy_inputs, check=check_entropy_job,
+              manifest_extra=entropy_manifest, certified=True)

@@ -40,20 +40,20 @@ everything; a warning says so and no optimisation step is taken.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ace_lightning.bounds import output_bounds, padded_rows
+from ace_lightning.bounds import output_bounds
 from ace_lightning.errors import ConfigError
 from ace_lightning.nets import final_linear_name
-from ace_lightning.stages.base import StageModule, check_val_crown_ibp
-from ace_lightning.stages.certified import CLASSIC
-from ace_lightning.stages.common import l1_penalty
-from ace_lightning.stages.losses import build_loss, check_method_knobs
-from ace_lightning.stages.schedules import CertSchedule, ramp_progress
+from ace_lightning.stages.certified import CertifiedStageModule
+from ace_lightning.stages.configs import CLASSIC, CertifiedTrainingConfig
+from ace_lightning.stages.gate_labels import check_negatives, label_methods
+from ace_lightning.stages.losses import build_loss
 
 POS_WEIGHT_MODES = ("sliding", "balanced", "none")
 GATE_CONSTANT = 1.0e4  # |g| of a gate that selects nothing / everything (far from any threshold)
@@ -129,66 +129,69 @@ def relu_activity(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float,
 
 # -- the LightningModule ------------------------------------------------------------------------------
 
-class GateStage(StageModule):
+@dataclass(kw_only=True)
+class GateConfig(CertifiedTrainingConfig):
+    """conf/stage/gate.yaml (every knob documented there). ``method``, ``sabr_lambda`` and ``alpha``
+    null: the cert-net's (resolved from its manifest by the runner, stages/gate_run.py)."""
+
+    stage = "gate"
+
+    cascade: Optional[list]
+    cascade_thresholds: Optional[list]
+    gate_net: Optional[dict]
+    init_from_cert: bool
+    sabr_lambda: Optional[float]
+    alpha: Optional[float]
+    attack: Optional[dict]
+    label_method: Any  # a bound method, a list of them (cheap to tight) or null
+    labels_file: Optional[str]
+    negatives: Optional[str]
+    threshold: float
+    pos_weight: str
+    pos_weight_sigma: float
+    worst_case_negatives: bool
+    train_last_k: Optional[int]
+
+    def method_knobs(self) -> dict[str, Any]:
+        return {"sabr_lambda": self.sabr_lambda or 0.4, "alpha": self.alpha or 0.5, "attack": self.attack}
+
+    def check_stage_knobs(self, method: str) -> None:
+        if self.pos_weight not in POS_WEIGHT_MODES:
+            raise ConfigError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {self.pos_weight!r}")
+        if not 0.0 <= float(self.pos_weight_sigma) <= 1.0:
+            raise ConfigError(f"pos_weight_sigma must be in [0, 1], got {self.pos_weight_sigma}")
+        if self.train_last_k is not None and int(self.train_last_k) < 1:
+            raise ConfigError(f"train_last_k must be null (train everything) or >= 1, got {self.train_last_k}")
+        if not math.isfinite(float(self.threshold)):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
+        check_negatives(self.negatives)
+        if self.label_method:
+            label_methods(self.label_method)
+        if self.cascade_thresholds is not None and len(self.cascade_thresholds) != len(self.cascade or ["cert"]) - 1:
+            raise ConfigError(f"stage.cascade_thresholds needs one threshold per earlier pair "
+                              f"({len(self.cascade or ['cert']) - 1}), got {len(self.cascade_thresholds)}")
+
+
+class GateStage(CertifiedStageModule):
     metric_names = ("gate_acc", "certified_selection_rate", "false_selection_rate", "selection_rate",
                     "certified_rejection_rate", "dead_units", "collapsed_rate")
-    key_metric = "val/selection_score"
-    precise_eval = True
 
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: Mapping[str, Any],
-        lr_schedule: Mapping[str, Any],
-        eps: float,
-        method: str = "IBP",
-        epochs: int = 10,
-        label_fraction: float = 0.5,
-        threshold: float = 0.0,
-        eps_factor: float = 1.05,
-        warmup_epochs: float = 0.0,
-        ramp_epochs: float = 1.0,
-        ramp_shape: str = "linear",
-        kappa_end: float = 0.0,
-        pos_weight: str = "sliding",
-        pos_weight_sigma: float = 1.0,
-        worst_case_negatives: bool = True,
-        train_last_k: Optional[int] = None,
-        l1: float = 1e-5,
-        val_crown_ibp: bool | str = True,
-        constant_output: Optional[float] = None,
-        label_balance: Optional[Mapping[str, Mapping[str, Any]]] = None,
-        sabr_lambda: float = 0.4,
-        alpha: float = 0.5,
-        attack: Optional[Mapping[str, Any]] = None,
-        steps_per_epoch: Optional[int] = None,
-    ) -> None:
-        method = self.check_config(dict(method=method, epochs=epochs, threshold=threshold,
-                                        eps_factor=eps_factor, warmup_epochs=warmup_epochs,
-                                        ramp_epochs=ramp_epochs, ramp_shape=ramp_shape,
-                                        kappa_end=kappa_end, pos_weight=pos_weight,
-                                        pos_weight_sigma=pos_weight_sigma, train_last_k=train_last_k,
-                                        sabr_lambda=sabr_lambda, alpha=alpha, attack=attack), eps)
-        super().__init__(net, optimizer, lr_schedule,
-                         lr_decay_start_epoch=int(round(warmup_epochs + ramp_epochs)))
-        self.eps, self.method, self.epochs = float(eps), method, int(epochs)
+    def __init__(self, net: nn.Module, config: GateConfig, eps: float) -> None:
+        method = config.method or "IBP"
+        super().__init__(net, config, eps, method)
+        self.epochs = int(config.epochs)
         # the bound the metrics use: the method's own for IBP / CROWN-IBP, IBP for the others
         self.bound_method = method if method in CLASSIC else "IBP"
-        self.loss_fn = build_loss(method, sabr_lambda=sabr_lambda, alpha=alpha, attack=dict(attack or {}))
-        self.label_fraction, self.threshold = float(label_fraction), float(threshold)
-        self.eps_factor = float(eps_factor)
-        self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
-        self.ramp_shape, self.kappa_end = ramp_shape, float(kappa_end)
-        self.pos_weight_mode, self.pos_weight_sigma = pos_weight, float(pos_weight_sigma)
-        self.worst_case_negatives = bool(worst_case_negatives)
-        self.l1, self.val_crown_ibp = float(l1), check_val_crown_ibp(val_crown_ibp)
-        self.train_last_k = train_last_k
+        knobs = config.method_knobs()
+        self.loss_fn = build_loss(method, sabr_lambda=knobs["sabr_lambda"], alpha=knobs["alpha"],
+                                  attack=dict(knobs["attack"] or {}))
+        self.label_fraction, self.threshold = 0.5, float(config.threshold)
+        self.pos_weight_mode, self.pos_weight_sigma = config.pos_weight, float(config.pos_weight_sigma)
+        self.worst_case_negatives = bool(config.worst_case_negatives)
+        self.train_last_k = config.train_last_k
         self.constant_output: Optional[float] = None
-        self.label_balance = dict(label_balance or {})
-        self.steps_per_epoch = steps_per_epoch
-        self._schedule: Optional[CertSchedule] = None
-        self._set_constant(constant_output)
-        self.save_hyperparameters(ignore=["net"])
+        self.label_balance: dict = {}
+        self._set_constant(None)
 
     def _set_constant(self, constant_output: Optional[float]) -> None:
         """A gate whose training set has one class only outputs a constant: no step is taken."""
@@ -234,37 +237,6 @@ class GateStage(StageModule):
         if balance is not None and not self.label_balance:
             self.gate_status = self.use_labels(balance, getattr(dm, "cert_stage", "cert"))
 
-    @staticmethod
-    def check_config(st: Mapping[str, Any], eps: float) -> str:
-        """One-line ValueErrors before any data is loaded; returns the canonical method name."""
-        method = check_method_knobs(st.get("method") or "IBP", st.get("sabr_lambda") or 0.4, st.get("alpha") or 0.5,
-                                    st.get("attack"))
-        if not 0.0 < float(eps) <= 1.0:
-            raise ConfigError(f"eps must be in (0, 1] (pixel space, e.g. 2/255 = 0.00784), got {eps}")
-        if not 0.0 <= float(st.get("kappa_end", 0.0)) <= 1.0:
-            raise ConfigError(f"kappa_end must be in [0, 1], got {st.get('kappa_end')}")
-        if float(st.get("eps_factor", 1.0)) <= 0:
-            raise ConfigError(f"eps_factor must be positive, got {st.get('eps_factor')}")
-        mode = st.get("pos_weight", "sliding")
-        if mode not in POS_WEIGHT_MODES:
-            raise ConfigError(f"pos_weight must be one of {', '.join(POS_WEIGHT_MODES)}, got {mode!r}")
-        if not 0.0 <= float(st.get("pos_weight_sigma", 1.0)) <= 1.0:
-            raise ConfigError(f"pos_weight_sigma must be in [0, 1], got {st.get('pos_weight_sigma')}")
-        k = st.get("train_last_k")
-        if k is not None and int(k) < 1:
-            raise ConfigError(f"train_last_k must be null (train everything) or >= 1, got {k}")
-        if not math.isfinite(float(st.get("threshold", 0.0))):
-            raise ConfigError(f"threshold must be a finite number, got {st.get('threshold')}")
-        warmup, ramp = float(st.get("warmup_epochs", 0)), float(st.get("ramp_epochs", 0))
-        if warmup < 0 or ramp < 0:
-            raise ConfigError("warmup_epochs and ramp_epochs must be >= 0")
-        epochs = st.get("epochs")
-        if epochs is not None and warmup + ramp > float(epochs):
-            raise ConfigError(f"eps schedule ends after training ends: warm-up {warmup:g} + ramp {ramp:g} "
-                             f"epochs > {epochs} epochs (lower the ramp or raise stage.epochs)")
-        ramp_progress(0, 0, 1, st.get("ramp_shape", "linear"))
-        return method
-
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
@@ -273,8 +245,6 @@ class GateStage(StageModule):
         return self
 
     # -- schedules ---------------------------------------------------------------------------------
-
-
     def pos_weight_at(self, step: int) -> float:
         if self.pos_weight_mode == "none" or not 0.0 < self.label_fraction < 1.0:
             return 1.0
@@ -345,12 +315,10 @@ class GateStage(StageModule):
         eps_t, kappa, beta = self.schedule_at(step)
         pw = self.pos_weight_at(step)
         loss, robust, g = self.gate_loss(x, label, eps_t, kappa, beta, pw)
-        if self.l1:
-            loss = loss + self.l1 * l1_penalty(self.net)
+        loss = self.with_l1(loss)
         acc = ((g >= self.threshold) == (label == 1)).float().mean()
-        self.log_train_step({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc},
-                            {"train/eps": eps_t, "train/kappa": kappa, "train/beta": beta if beta is not None else 0.0,
-                             "train/pos_weight": pw})
+        self.log_certified_step({"train/loss": loss, "train/robust_loss": robust, "train/acc": acc},
+                                eps_t, kappa, beta, **{"train/pos_weight": pw})
         return loss
 
     # -- evaluation at the target eps --------------------------------------------------------------
@@ -363,9 +331,10 @@ class GateStage(StageModule):
         lb, ub = output_bounds(self.net, x, self.eps, self.bound_method)
         lb, ub = lb.view(-1), ub.view(-1)
         if self.bound_method != "CROWN-IBP" and self.eval_crown_ibp():
-            if g is not None and label is not None and self.fitting:
+            if g is not None and label is not None:
                 t = self.threshold
-                rows, n = padded_rows(((label == 1) & (g >= t) & (lb < t)) | ((label == 0) & (g < t) & (ub >= t)))
+                rows, n = self.rows_to_tighten(((label == 1) & (g >= t) & (lb < t))
+                                               | ((label == 0) & (g < t) & (ub >= t)))
             else:
                 rows, n = torch.arange(x.shape[0], device=x.device), x.shape[0]
             if n:

@@ -1,4 +1,4 @@
-"""The gate stage's runner (registry: stage=gate): the cert-net of the run folder (the last of
+"""The gate stage's Stage (registry: stage=gate): the cert-net of the run folder (the last of
 ``stage.cascade``), the gates of a cascade's earlier pairs, the labels (stages/gate_labels.py) ->
 the trained gate of stages/gate.py, its weights and a manifest saying what the composition needs.
 
@@ -10,18 +10,19 @@ labels made for another eps (an explicit ``stage.labels_file``) a one-line Stage
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ace_lightning.config import to_dict
-from ace_lightning.errors import ConfigError, StageInputError
-from ace_lightning.nets import build_net, init_gate_from_cert
+from ace_lightning.errors import StageInputError
+from ace_lightning.nets import build_net, check_net_config, init_gate_from_cert
 from ace_lightning.rundir import check_same_data, load_weights, require_stage, stage_weights
-from ace_lightning.stages.certified import CLASSIC
-from ace_lightning.stages.gate import GateStage
+from ace_lightning.stages.configs import CLASSIC
+from ace_lightning.stages.gate import GateConfig, GateStage
 from ace_lightning.stages.gate_labels import (
     EarlierGate,
     GateLabelsDataModule,
@@ -32,7 +33,7 @@ from ace_lightning.stages.gate_labels import (
     read_labels,
 )
 from ace_lightning.stages.losses import check_method_knobs
-from ace_lightning.stages.runner import run_training_stage
+from ace_lightning.stages.runner import Stage, StageInputs
 
 # gate labels for a net trained with SABR or an expressive loss (loose IBP bounds by design):
 # certified cheap to tight, as the certify stage does
@@ -59,40 +60,45 @@ def check_labels_file(path: Path, payload: Mapping[str, Any], **expected: Any) -
                               f"for this run or set it to null to recompute")
 
 
-def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
-             pre_check: Optional[Callable[[nn.Module, Any], None]] = None) -> dict:
-    """Train the gate of the last pair in ``stage.cascade`` (default: one pair, the 'cert' stage)."""
-    st = to_dict(cfg["stage"])
+@dataclass
+class GateInputs(StageInputs):
+    """What the gate of cascade pair ``position`` reads from the run folder."""
+
+    config: Optional[GateConfig] = None  # method, sabr_lambda, alpha resolved from the cert-net's
+    cert_stage: str = "cert"
+    cert_manifest: dict = field(default_factory=dict)
+    cert_sha: str = ""
+    position: int = 0
+    cascade: list = field(default_factory=list)
+    earlier: list = field(default_factory=list)  # EarlierGate of each earlier pair
+    labelled: Optional[GateLabelsDataModule] = None  # set once the labels are made
+
+
+def read_gate_inputs(cfg: Mapping[str, Any], config: GateConfig) -> GateInputs:
+    """The cert-net of the last pair in ``stage.cascade`` (default: one pair, the 'cert' stage), the
+    gates of the earlier pairs, an explicit labels file: all checked before any data is loaded."""
     eps = float(cfg["eps"])
-    GateStage.check_config({**st, "method": st.get("method") or "IBP"}, eps)
-    negatives = check_negatives(st.get("negatives"))  # before any label is computed
     run_dir = Path(cfg["run_dir"]).resolve()
-    cascade = [str(c) for c in (st.get("cascade") or ["cert"])]
+    cascade = [str(c) for c in (config.cascade or ["cert"])]
     position = len(cascade) - 1
     stage = gate_stage_name(position)
-    stage_dir = run_dir / stage
     cert_stage = cascade[-1]
     cert_manifest = require_stage(run_dir, cert_stage, stage)
     cert_path, cert_sha = stage_weights(run_dir, cert_stage, cert_manifest, stage)
     cert_stage_cfg = (cert_manifest.get("config") or {}).get("stage") or {}
-    cert_method = cert_stage_cfg.get("method") or "IBP"
     # null knobs follow the cert-net's training: its method, its SABR lambda / alpha
-    knobs = {k: st.get(k) if st.get(k) is not None else cert_stage_cfg.get(k) for k in ("sabr_lambda", "alpha")}
-    knobs = {k: v for k, v in knobs.items() if v is not None}
-    method = check_method_knobs(st.get("method") or cert_method, knobs.get("sabr_lambda", 0.4),
-                                knobs.get("alpha", 0.5), st.get("attack"))
-    GateStage.check_config({**st, **knobs, "method": method}, eps)
-    label_method = label_methods(st.get("label_method") or (method if method in CLASSIC else LADDER_LABELS))
+    knobs = {k: getattr(config, k) if getattr(config, k) is not None else cert_stage_cfg.get(k)
+             for k in ("sabr_lambda", "alpha")}
+    method = check_method_knobs(config.method or cert_stage_cfg.get("method") or "IBP",
+                                knobs["sabr_lambda"] if knobs["sabr_lambda"] is not None else 0.4,
+                                knobs["alpha"] if knobs["alpha"] is not None else 0.5, config.attack)
+    resolved = replace(config, method=method, **{k: v for k, v in knobs.items() if v is not None})
+    resolved.validate(eps)
+    label_method = label_methods(config.label_method or (method if method in CLASSIC else LADDER_LABELS))
     if "net" not in cert_manifest:
         raise StageInputError(f"stage '{stage}': the manifest of '{cert_stage}' does not say which net it trained")
-    gate_net_cfg = {**dict(st.get("gate_net") or cert_manifest["net"]), "kind": "gate"}
-
-    # earlier pairs of a cascade: their gates must exist (trained in order)
-    thresholds = st.get("cascade_thresholds")
-    if thresholds is not None and len(thresholds) != position:
-        raise ConfigError(f"stage.cascade_thresholds needs one threshold per earlier pair ({position}), "
-                          f"got {len(thresholds)}")
-    earlier: list[EarlierGate] = []
+    earlier: list[EarlierGate] = []  # earlier pairs of a cascade: their gates must exist (trained in order)
+    thresholds = config.cascade_thresholds
     for i in range(position):
         name = gate_stage_name(i)
         gm = require_stage(run_dir, name, stage)
@@ -100,17 +106,18 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
         sel = gm.get("selection") or {}
         t_i = float(thresholds[i]) if thresholds is not None else float(sel.get("threshold", 0.0))
         earlier.append(EarlierGate(name, sel.get("method") or "IBP", t_i, g_sha, gm["net"], g_path))
-    labels_file = st.get("labels_file")
-    if labels_file:  # fail before any data is loaded
-        path = Path(labels_file).expanduser().resolve()
+    if config.labels_file:  # fail before any data is loaded
+        path = Path(config.labels_file).expanduser().resolve()
         check_labels_file(path, read_labels(path), eps=eps, method=label_method, cert_sha256=cert_sha,
                           after=cascade_key(earlier))
-
-    inputs: dict[str, Any] = {"cert": {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}}
+    inputs = GateInputs(folder=stage, eps=eps, net={**dict(config.gate_net or cert_manifest["net"]), "kind": "gate"},
+                        config=resolved, cert_stage=cert_stage, cert_manifest=cert_manifest, cert_sha=cert_sha,
+                        position=position, cascade=cascade, earlier=earlier)
+    inputs.inputs["cert"] = {"stage": cert_stage, "path": str(cert_path), "sha256": cert_sha}
     for g in earlier:
-        inputs[g.name] = {"stage": g.name, "path": str(g.path), "sha256": g.sha256}
+        inputs.inputs[g.name] = {"stage": g.name, "path": str(g.path), "sha256": g.sha256}
     progress = bool(to_dict(cfg["trainer"]).get("enable_progress_bar", True))
-    labelled: dict[str, GateLabelsDataModule] = {}
+    negatives = check_negatives(config.negatives)
 
     def with_labels(dm: Any) -> GateLabelsDataModule:
         """The gate's data: the run's images with labels certified once (GateLabelsDataModule)."""
@@ -120,32 +127,38 @@ def run_gate(cfg: Mapping[str, Any], callbacks: tuple = (),
                                 f"stage '{stage}': cert-net of stage '{cert_stage}'")
         for g in earlier:
             g.net = load_weights(build_net(g.net_cfg, info), g.path, f"stage '{stage}': gate of stage '{g.name}'")
-        labelled["dm"] = GateLabelsDataModule(dm, stage_dir, cert_net, cert_sha, eps, label_method, earlier,
-                                              negatives, _label_device(cfg), progress, labels_file)
-        labelled["dm"].cert_stage = cert_stage
-        return labelled["dm"]
+        inputs.labelled = GateLabelsDataModule(dm, run_dir / stage, cert_net, cert_sha, eps, label_method, earlier,
+                                               negatives, _label_device(cfg), progress, config.labels_file)
+        inputs.labelled.cert_stage = cert_stage
+        return inputs.labelled
 
-    def make(net: nn.Module, dm: GateLabelsDataModule) -> GateStage:
-        if st.get("init_from_cert", True):
-            init_gate_from_cert(net, dm.cert_net)  # ConfigError naming the first mismatching layer
-        return GateStage(
-            net, st["optimizer"], st["lr_schedule"], eps=eps, method=method, epochs=st["epochs"],
-            threshold=st["threshold"], eps_factor=st["eps_factor"], warmup_epochs=st["warmup_epochs"],
-            ramp_epochs=st["ramp_epochs"], ramp_shape=st["ramp_shape"], kappa_end=st["kappa_end"],
-            pos_weight=st["pos_weight"], pos_weight_sigma=st["pos_weight_sigma"],
-            worst_case_negatives=st.get("worst_case_negatives", True), train_last_k=st["train_last_k"], l1=st["l1"],
-            val_crown_ibp=st["val_crown_ibp"], attack=st.get("attack"), **knobs)
+    inputs.datamodule = with_labels
+    return inputs
 
-    def manifest_extra(module: GateStage) -> dict:
-        """What the composition needs from this stage: the selector, its labels, its status."""
-        return {"selection": {"type": "network", "threshold": float(st["threshold"]),
-                              "method": method if method in CLASSIC else "IBP", "training_method": method,
-                              "cert_stage": cert_stage, "position": position, "cascade": cascade,
-                              "earlier_thresholds": [g.threshold for g in earlier]},
-                "labels": labelled["dm"].info_dict, "gate_status": getattr(module, "gate_status", "trained")}
 
-    plain = dict(to_dict(cfg))
-    plain["gate_net"] = gate_net_cfg
-    return run_training_stage(plain, stage, make, "gate_net", GateStage.key_metric, f"{stage}.pt",
-                              inputs=inputs, pre_check=pre_check, callbacks=callbacks,
-                              datamodule=with_labels, manifest_extra=manifest_extra)
+def make_gate(net: nn.Module, dm: GateLabelsDataModule, config: GateConfig, inputs: GateInputs) -> GateStage:
+    if config.init_from_cert:
+        init_gate_from_cert(net, dm.cert_net)  # ConfigError naming the first mismatching layer
+    return GateStage(net, inputs.config or config, inputs.eps)
+
+
+def gate_manifest(module: GateStage, config: GateConfig, inputs: GateInputs) -> dict:
+    """What the composition needs from this stage: the selector, its labels, its status."""
+    method = module.method
+    return {"selection": {"type": "network", "threshold": float(config.threshold),
+                          "method": method if method in CLASSIC else "IBP", "training_method": method,
+                          "cert_stage": inputs.cert_stage, "position": inputs.position, "cascade": inputs.cascade,
+                          "earlier_thresholds": [g.threshold for g in inputs.earlier]},
+            "labels": inputs.labelled.info_dict if inputs.labelled is not None else None,
+            "gate_status": getattr(module, "gate_status", "trained")}
+
+
+def check_gate_job(cfg: Mapping[str, Any], config: GateConfig) -> None:
+    """A gate of its own architecture (``gate_net``) is a net."""
+    if config.gate_net:
+        check_net_config({**dict(config.gate_net), "kind": "gate"}, "stage.gate_net")
+
+
+STAGE = Stage("gate", GateConfig, net_key="gate_net", weights="{folder}.pt", key_metric="val/selection_score",
+              make_module=make_gate, read_inputs=read_gate_inputs, check=check_gate_job,
+              manifest_extra=gate_manifest, certified=True)

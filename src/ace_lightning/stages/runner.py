@@ -4,11 +4,16 @@ checkpoints + exported weights + manifest in ``<run_dir>/<stage>/``.
 Resume: rerunning the same command continues from ``checkpoints/last.ckpt`` (schedules are counted
 in steps, so eps/kappa/beta continue exactly). A completed stage with the same config is skipped.
 A stage folder made by a *different* config is never overwritten silently.
+
+A stage is what its module declares in one ``Stage``: its typed config (stages/configs.py), what it
+reads from the run folder (``read_inputs``), its LightningModule (``make_module``) and its own
+manifest keys; the registry maps names to these and this runner trains any of them.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -19,7 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from ace_lightning.data import ACEDataModule
 from ace_lightning.loggers import StageCSVLogger, extra_loggers, finish_loggers, run_identity
 from ace_lightning.nets import build_net
-from ace_lightning.config import datamodule_from, to_dict
+from ace_lightning.config import datamodule_from, job_eps, to_dict
 from ace_lightning.console import log, progress_bar_callbacks
 from ace_lightning.errors import ConfigError
 from ace_lightning.rundir import (
@@ -32,6 +37,8 @@ from ace_lightning.rundir import (
     read_manifest,
     write_manifest,
 )
+from ace_lightning.stages.certified import check_boundable
+from ace_lightning.stages.configs import StageConfig
 
 HALF_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
 
@@ -71,35 +78,70 @@ def build_trainer(cfg: Mapping[str, Any], stage_dir: Path, monitor: Optional[str
     return trainer, ckpt
 
 
-def run_training_stage(
-    cfg: Mapping[str, Any],
-    stage: str,
-    make_module: Callable[[Any, ACEDataModule], L.LightningModule],
-    net_cfg_key: str,
-    key_metric: Optional[str],
-    weights_name: str,
-    inputs: Optional[Mapping[str, Any]] = None,
-    mixed_precision: bool = False,
-    pre_check: Optional[Callable[[torch.nn.Module, ACEDataModule], None]] = None,
-    callbacks: tuple = (),
-    pretrained: Optional[str] = None,
-    datamodule: Optional[Callable[[ACEDataModule], L.LightningDataModule]] = None,
-    manifest_extra: Optional[Callable[[L.LightningModule], Mapping[str, Any]]] = None,
-) -> dict:
-    """The shared skeleton of the core, cert and gate stages. With ``pretrained`` (a weights file
-    of the stage's architecture, e.g. a cert-net trained by another library) nothing is trained:
-    the weights are loaded, validated and tested, and exported like trained ones. ``datamodule``
-    wraps the run's data (the gate's labels); ``manifest_extra`` adds a stage's own keys to the
-    manifest (written once, by this function)."""
+@dataclass
+class StageInputs:
+    """What a stage reads from the run folder for one job (before any data is loaded)."""
+
+    folder: str  # its sub-folder of the run folder (cert_2, gate_1: a cascade's)
+    eps: float  # the run's
+    inputs: dict = field(default_factory=dict)  # earlier stages' files with their sha256 (manifest)
+    net: Optional[dict] = None  # the net config, where an earlier stage's manifest gives it
+    pretrained: Optional[str] = None  # external weights, validated and exported instead of trained
+    datamodule: Optional[Callable[[ACEDataModule], L.LightningDataModule]] = None  # wraps the run's data
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage as the registry and run_training_stage see it: each stage module declares
+    one, and nothing else of it is named outside its module."""
+
+    name: str
+    config: type[StageConfig]  # its typed config: the keys of conf/stage/<name>.yaml
+    net_key: str  # the job config's key of its net (core_net; gate_net: set from StageInputs.net)
+    weights: str  # the exported weights' file name; "{folder}" is the stage folder
+    key_metric: Optional[str]  # the best checkpoint's (None: the last weights are exported)
+    make_module: Callable[[torch.nn.Module, Any, Any, StageInputs], L.LightningModule]
+    read_inputs: Optional[Callable[[Mapping[str, Any], Any], StageInputs]] = None  # None: no inputs
+    check: Optional[Callable[[Mapping[str, Any], Any], None]] = None  # the job's nets and files
+    manifest_extra: Optional[Callable[[L.LightningModule, Any, StageInputs], Mapping[str, Any]]] = None
+    certified: bool = False  # trains through bounds: float32 weights, a net the bounds can handle
+
+    def configure(self, cfg: Mapping[str, Any]) -> StageConfig:
+        """The job's typed config of this stage, validated, and the job's other checks for it:
+        what registry.check_job runs for each stage before anything is written."""
+        config = self.config.from_job(cfg)
+        if self.certified:
+            check_certified_precision(cfg, self.name)
+        if self.check is not None:
+            self.check(cfg, config)
+        return config
+
+    def run(self, cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict:
+        return run_training_stage(cfg, self, callbacks)
+
+
+def run_training_stage(cfg: Mapping[str, Any], stage: Stage, callbacks: tuple = ()) -> dict:
+    """Train ``stage`` for the job ``cfg``. With ``pretrained`` inputs (a weights file of the stage's
+    architecture, e.g. a cert-net trained by another library) nothing is trained: the weights are
+    loaded, validated and tested, and exported like trained ones. The manifest, with the stage's
+    own keys (``manifest_extra``), is written once, by this function."""
+    config = stage.configure(cfg)
+    inputs = (stage.read_inputs(cfg, config) if stage.read_inputs is not None
+              else StageInputs(folder=stage.name, eps=job_eps(cfg)))
+    if inputs.net is not None:  # the net an earlier stage trained, under the stage's own key
+        cfg = {**to_dict(cfg), stage.net_key: inputs.net}
+    key_metric = None if config.selects_last() else stage.key_metric
+    pretrained, weights_name = inputs.pretrained, stage.weights.format(folder=inputs.folder)
     run_dir = Path(cfg["run_dir"]).resolve()
-    stage_dir = run_dir / stage
-    net_cfg = to_dict(cfg[net_cfg_key])
+    stage_dir = run_dir / inputs.folder
+    stage_name = inputs.folder
+    net_cfg = to_dict(cfg[stage.net_key])
     ident = identity_config(cfg, {"net": net_cfg, "inputs": {k: v.get("sha256") if isinstance(v, dict) else v
-                                                             for k, v in (inputs or {}).items()}})
+                                                             for k, v in inputs.inputs.items()}})
     ident_hash = config_hash(ident)
     done = prepare_stage_dir(stage_dir, ident_hash, bool(cfg.get("overwrite", False)), ident)
     if done is not None:
-        log.info(f"stage '{stage}' already complete in {stage_dir} (same config): skipped")
+        log.info(f"stage '{stage_name}' already complete in {stage_dir} (same config): skipped")
         return done
 
     started = time.perf_counter()
@@ -111,15 +153,15 @@ def run_training_stage(
     if pretrained:  # one-line error naming the mismatched keys, before any data is read
         from ace_lightning.nets.checkpoint import load_external_weights
 
-        matched_by = load_external_weights(net, pretrained, f"{stage} net {net_cfg.get('name')!r}")
-    if datamodule is not None:
-        dm = datamodule(dm)
-    if pre_check is not None:
-        pre_check(net, dm)
-    module = make_module(net, dm)
+        matched_by = load_external_weights(net, pretrained, f"{stage_name} net {net_cfg.get('name')!r}")
+    if inputs.datamodule is not None:
+        dm = inputs.datamodule(dm)
+    if stage.certified:  # fail before training when the bounds cannot handle the net
+        check_boundable(net, dm)
+    module = stage.make_module(net, dm, config, inputs)
     has_val = int(to_dict(cfg["data"]).get("val_size", 0) or 0) > 0
     trainer, ckpt = build_trainer(cfg, stage_dir, key_metric if has_val else None,
-                                  extra_callbacks=tuple(callbacks), mixed_precision=mixed_precision)
+                                  extra_callbacks=tuple(callbacks), mixed_precision=config.mixed())
     last = stage_dir / "checkpoints" / "last.ckpt"
     best = None
     if pretrained:
@@ -129,10 +171,10 @@ def run_training_stage(
     else:
         resume = str(last) if last.is_file() and cfg.get("resume", True) else None
         if resume and trainer.is_global_zero:
-            log.info(f"resuming stage '{stage}' from {last}")
+            log.info(f"resuming stage '{stage_name}' from {last}")
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
         if trainer.interrupted:
-            raise KeyboardInterrupt(f"stage '{stage}' interrupted: rerun the same command to resume from "
+            raise KeyboardInterrupt(f"stage '{stage_name}' interrupted: rerun the same command to resume from "
                                     f"{last}")
         best = ckpt.best_model_path if ckpt.best_model_path else None
         test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best or str(last), verbose=False)
@@ -143,12 +185,12 @@ def run_training_stage(
     if trainer.is_global_zero:
         weights = export_weights(module.net, stage_dir / weights_name)
         manifest = {
-            "stage": stage, "status": "complete", "config_hash": ident_hash, "config": ident,
+            "stage": stage_name, "status": "complete", "config_hash": ident_hash, "config": ident,
             "net": net_cfg, "eps": cfg.get("eps"),
             "data": {"name": info.name, "input_shape": list(info.input_shape),
                      "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std),
                      "train": len(dm.train_indices), "val": len(dm.val_indices), "test": len(dm.test_indices)},
-            "inputs": dict(inputs or {}),
+            "inputs": dict(inputs.inputs),
             "outputs": {"weights": weights,
                         "best_checkpoint": Path(best).name if best else None,
                         "last_checkpoint": None if pretrained else "checkpoints/last.ckpt"},
@@ -158,11 +200,11 @@ def run_training_stage(
             "wall_s": time.perf_counter() - started,
             "global_step": int(trainer.global_step),
             "precision": str(trainer.precision),
-            **(dict(manifest_extra(module)) if manifest_extra is not None else {}),
+            **(dict(stage.manifest_extra(module, config, inputs)) if stage.manifest_extra is not None else {}),
         }
         manifest = write_manifest(stage_dir, manifest)
         atomic_write_text(stage_dir / RUN_STATE, json.dumps({"config_hash": ident_hash, "status": "complete"}))
-        log.info(f"stage '{stage}' complete: {stage_dir}  " +
+        log.info(f"stage '{stage_name}' complete: {stage_dir}  " +
               "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     finish_loggers(trainer.loggers)
     trainer.strategy.barrier()
