@@ -22,7 +22,7 @@ from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize
 from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
 from ace_lightning.bounds.gap import gap, gap_bounds
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
-from ace_lightning.bounds.lirpa import alpha_crown_options
+from ace_lightning.bounds.methods import alpha_crown_options
 from ace_lightning.bounds.precision import net_in_dtype, precise
 from ace_lightning.bounds.outward import param_dtype, widen
 from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError, StageInputError
