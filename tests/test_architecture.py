@@ -14,7 +14,7 @@ FLOORS = [
      "registries"),  # 0: no model code
     ("bounds", "nets", "data", "attacks"),                                  # 1: bounds, networks, data
     ("ace", "records", "sweep", "operating", "report", "loggers", "summary", "config",
-     "evaluate"),                                                           # 2: the model, the sweep maths
+     "evaluate", "selections"),                                             # 2: the model, the sweep maths
     ("rundir",),                                                            # 3: the run-folder protocol
     ("stages", "certify", "certify_pass", "certify_attack", "compare", "audit", "audit_claims",
      "audit_bounds", "audit_attacks"),                                      # 4: stages

@@ -40,7 +40,7 @@ def test_x_outside_pixel_box_is_rejected(net):
 
 
 def test_unknown_method_lists_the_known_ones(net):
-    with pytest.raises(ValueError, match="unknown bound method 'PGD'; choose one of IBP, CROWN-IBP"):
+    with pytest.raises(ValueError, match="unknown bound method 'PGD'; known: IBP, CROWN-IBP"):
         margin_lower_bounds(net, X, torch.tensor([0, 1]), 0.1, "PGD")
 
 

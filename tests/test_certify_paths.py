@@ -443,6 +443,7 @@ def test_margin_selection_with_class_thresholds(nets, monkeypatch, broken):
     if broken:
         _no_containment_check(monkeypatch)
         import ace_lightning.bounds.gap as gap_module
+        import ace_lightning.selections as selections
 
         real = gap_module.gap_bounds
 
@@ -450,7 +451,7 @@ def test_margin_selection_with_class_thresholds(nets, monkeypatch, broken):
             g, lb, ub = real(net, xs, eps, method, **kw)
             return g, torch.where(lb > 0, lb + SHRINK * (g.to(lb.dtype) - lb), lb), ub
 
-        monkeypatch.setattr(ace_module, "gap_bounds", shrunk)
+        monkeypatch.setattr(selections, "gap_bounds", shrunk)  # the margin selection's bounds
         monkeypatch.setattr(ladder, "margin_ladder", _shrunk_ladder(ladder.margin_ladder))
         monkeypatch.setattr(ace_module, "margin_ladder", _shrunk_ladder(ladder.margin_ladder))
     rec = certify_batch(model, x, y, EPS, settings)

@@ -82,7 +82,7 @@ def test_downsampled_view_equals_the_small_net_on_pooled_input():
 
 
 def test_unknown_cert_net_and_bad_stats():
-    with pytest.raises(ValueError, match="unknown cert-net 'c9'; known: c2, c3"):
+    with pytest.raises(ValueError, match="unknown cert-net 'c9'; known: fc, small, c2, c3"):
         create_cert_net("c9", (3, 32, 32), 10, *_stats(3))
     with pytest.raises(ValueError, match="mean/std need 1 entries"):
         create_cert_net("c2", (1, 28, 28), 10, *_stats(3))

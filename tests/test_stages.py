@@ -131,7 +131,7 @@ def test_completed_stage_is_skipped_and_a_different_config_is_refused(tmp_path, 
 @pytest.mark.parametrize("override, message", [
     (["stage.ramp_epochs=5"], "eps schedule ends after training ends"),
     (["stage.kappa_end=1.5"], "kappa_end must be in"),
-    (["stage.method=CROWN"], "training method must be one of"),
+    (["stage.method=CROWN"], "unknown certified-training method"),
     (["eps=1.5"], "eps must be in"),
     (["stage.select_weight=1.5"], "select_weight"),
     (["stage.select_weight=0.5", "stage.select_margin=0"], "select_margin must be positive"),

@@ -166,7 +166,7 @@ def test_cert_stage_trains_with_each_method(tmp_path, method, extra):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["stage.method=PGD"], "training method must be one of"),
+    (["stage.method=PGD"], "unknown certified-training method"),
     (["stage.method=SABR", "stage.sabr_lambda=0"], r"sabr_lambda .* must be in \(0, 1\]"),
     (["stage.method=SABR", "stage.sabr_lambda=1.5"], r"sabr_lambda .* must be in \(0, 1\]"),
     (["stage.method=MTL-IBP", "stage.alpha=0"], r"alpha .* must be in \(0, 1\]"),

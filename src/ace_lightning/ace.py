@@ -18,19 +18,17 @@ import torch
 from torch import nn
 
 from ace_lightning import rule
-from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize_method, output_bounds
-from ace_lightning.bounds.entropy import entropy, entropy_gate_bounds
-from ace_lightning.bounds.gap import gap, gap_bounds
+from ace_lightning.bounds import DTYPES, METHODS, margin_lower_bounds, normalize_method
+from ace_lightning.bounds.gap import gap
 from ace_lightning.bounds.ladder import NO_METHOD, gate_interval, margin_ladder, refine_gate
-from ace_lightning.bounds.lirpa import alpha_crown_options
+from ace_lightning.bounds.methods import alpha_crown_options
 from ace_lightning.bounds.precision import net_in_dtype, precise
-from ace_lightning.bounds.outward import param_dtype, widen
 from ace_lightning.errors import ConfigError, InputNotFoundError, SoundnessError, StageInputError
 from ace_lightning.records import method_codes, pair_suffix, pair_suffixes
 from ace_lightning.routing import composed_output, first_firing, selects
+from ace_lightning.selections import SELECTIONS
 
 FORMAT = "ace-lightning/ace-model/1"
-SELECTIONS = ("gate", "entropy", "margin")
 
 
 @dataclass(frozen=True)
@@ -142,18 +140,18 @@ class ACEModel(nn.Module):
         self.core = core
         self.certs = nn.ModuleList(certs)
         self.gates = nn.ModuleDict({str(i): g for i, g in enumerate(gates) if g is not None})
-        self.selection = list(selections) if selections is not None else \
-            ["gate" if g is not None else "entropy" for g in gates]
-        for i, (sel, g) in enumerate(zip(self.selection, gates)):
-            if sel not in SELECTIONS or (sel == "gate") != (g is not None):
+        names = list(selections) if selections is not None else ["gate" if g is not None else "entropy" for g in gates]
+        for i, (sel, g) in enumerate(zip(names, gates)):
+            if sel not in SELECTIONS or SELECTIONS.get(sel).network != (g is not None):
                 raise ConfigError(f"pair {i + 1}: selection {sel!r} with {'a' if g is not None else 'no'} gate "
                                  f"network (known: {', '.join(SELECTIONS)}; only 'gate' has a network)")
+        self.selection = [SELECTIONS.canonical(sel) for sel in names]
         # float64: the exported T is exactly the swept one (records are compared in float64)
         self.register_buffer("thresholds", torch.as_tensor(list(thresholds), dtype=torch.float64))
         # margin selection's class thresholds kappa [n, K] (0: one T for every class; NaN: not margin)
         kappa = torch.full((len(certs), _num_classes(certs[0], spec)), math.nan, dtype=torch.float64)
         for i, sel in enumerate(self.selection):
-            if sel == "margin":
+            if SELECTIONS.get(sel).per_class:
                 kappa[i] = 0.0
         self.register_buffer("class_thresholds", kappa)
         self.spec = dict(spec or {})
@@ -169,7 +167,7 @@ class ACEModel(nn.Module):
 
     def set_class_thresholds(self, i: int, kappa: Sequence[float]) -> None:
         """Margin selection's per-class thresholds of pair i (fires at gap >= kappa_c + T_i)."""
-        if self.selection[i] != "margin":
+        if not SELECTIONS.get(self.selection[i]).per_class:
             raise ConfigError(f"pair {i + 1} uses {self.selection[i]} selection: class thresholds are for margin")
         if len(kappa) != self.class_thresholds.shape[1]:
             raise ConfigError(f"need {self.class_thresholds.shape[1]} class thresholds, got {len(kappa)}")
@@ -179,12 +177,10 @@ class ACEModel(nn.Module):
         """g_i(x), [B], in float64 (the thresholds' dtype: a float32 threshold would round the
         swept T; the entropy is computed in float64 anyway). Margin selection: the gap minus the
         predicted class's kappa, so that every selector fires at g >= T_i."""
-        if self.selection[i] == "gate":
-            return self.gates[str(i)](x).squeeze(-1).to(torch.float64)
-        logits = cert_logits if cert_logits is not None else self.certs[i](x)
-        if self.selection[i] == "margin":
-            return gap(logits) - self.class_thresholds[i].to(logits.device)[logits.argmax(-1)]
-        return -entropy(logits)
+        selection = SELECTIONS.get(self.selection[i])
+        if not selection.network and cert_logits is None:
+            cert_logits = self.certs[i](x)
+        return selection.value(self, i, x, cert_logits)
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +193,7 @@ class ACEModel(nn.Module):
             if remaining.numel() == 0:
                 break
             xi = x[remaining]
-            cert_logits = self.certs[i](xi) if self.selection[i] != "gate" else None
+            cert_logits = None if SELECTIONS.get(self.selection[i]).network else self.certs[i](xi)
             fire = selects(self.gate_value(i, xi, cert_logits), self.thresholds[i])
             if fire.any():
                 answered = cert_logits[fire] if cert_logits is not None else self.certs[i](xi[fire])
@@ -229,15 +225,7 @@ class ACEModel(nn.Module):
     def selector_bounds(self, i: int, x: torch.Tensor, eps: float, method: str = "IBP", dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(g, lb_g, ub_g) of selector i over the ball (full precision, float32 or ``dtype``)."""
-        if self.selection[i] == "gate":
-            gate = self.gates[str(i)]
-            lb, ub, g = output_bounds(gate, x, eps, method, return_logits=True, dtype=dtype)
-            lb, ub = widen(lb.squeeze(-1), ub.squeeze(-1), 1.0 + lb.abs().squeeze(-1) + ub.abs().squeeze(-1),
-                           lb.dtype, param_dtype(gate))  # outward: the bound pass and the deployed forward round
-            return g.squeeze(-1), lb, ub
-        if self.selection[i] == "margin":  # the gap itself (class thresholds enter the rule, not the bound)
-            return gap_bounds(self.certs[i], x, eps, method, dtype=dtype)
-        return entropy_gate_bounds(self.certs[i], x, eps, method, dtype=dtype)
+        return SELECTIONS.get(self.selection[i]).bounds(self, i, x, eps, method, dtype)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, eps: Optional[float] = None,
@@ -290,12 +278,8 @@ class ACEModel(nn.Module):
         certs, gates = [], []
         for branch in spec["branches"]:
             certs.append(build_net(branch["cert_net"], info))
-            if branch["selection"] == "gate":
-                gates.append(build_net({**branch["gate_net"], "kind": "gate"}, info))
-            elif branch["selection"] in SELECTIONS:
-                gates.append(None)
-            else:
-                raise ConfigError(f"unknown selection {branch['selection']!r}; known: {', '.join(SELECTIONS)}")
+            network = SELECTIONS.get(branch["selection"]).network
+            gates.append(build_net({**branch["gate_net"], "kind": "gate"}, info) if network else None)
         model = cls(core, certs, gates, [float(b["threshold"]) for b in spec["branches"]], spec,
                     [b["selection"] for b in spec["branches"]])
         for i, b in enumerate(spec["branches"]):

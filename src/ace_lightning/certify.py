@@ -28,18 +28,13 @@ from ace_lightning.errors import ConfigError
 from ace_lightning.records import write_records
 from ace_lightning.report import format_table
 from ace_lightning.rundir import config_hash, load_model, read_manifest, sha256_file, spec_from_run, write_manifest
+from ace_lightning.selections import SELECTIONS
 
 
 def certify_folder(selection: str, entropy_stage: str = "entropy", cascade: Any = None) -> str:
     """certify/ (gate), certify_margin/ (margin selection on the cert stage's net),
     certify_entropy/ (the entropy stage's cert-net), certify_entropy_<stage>/, certify_cascade/."""
-    if cascade:
-        return "certify_cascade"
-    if selection == "gate":
-        return "certify"
-    if selection == "margin":
-        return "certify_margin"
-    return "certify_entropy" if entropy_stage == "entropy" else f"certify_entropy_{entropy_stage}"
+    return "certify_cascade" if cascade else SELECTIONS.get(selection).folder(entropy_stage)
 
 
 INFERENCE_TIMED = 2048  # test inputs whose plain inference is timed (inference_per_input_ms)

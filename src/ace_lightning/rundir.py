@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 import ace_lightning
-from ace_lightning.ace import SELECTIONS, ACEModel
+from ace_lightning.ace import ACEModel
 from ace_lightning.atomic import atomic_torch_save, atomic_write_text
 from ace_lightning.config import to_dict
 from ace_lightning.console import log
 from ace_lightning.errors import ConfigError, StageInputError
+from ace_lightning.selections import SELECTIONS
 
 MANIFEST = "manifest.json"
 RUN_STATE = "run_state.json"
@@ -250,8 +251,8 @@ def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "
     core/, cert/ and gate/ (selection network); core/ and cert/ (margin selection); for entropy
     selection the cert-net of ``entropy_stage`` (entropy/: co-trained by the entropy stage; cert/:
     the cert stage's net as is); or a ``cascade`` of pairs (``cascade_spec``)."""
-    if selection not in SELECTIONS:
-        raise ConfigError(f"unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
+    selection = SELECTIONS.canonical(selection)
+    chosen = SELECTIONS.get(selection)
     run_dir = Path(run_dir)
     core = require_stage(run_dir, "core", "certify")
     first = (cascade[0] or {}).get("cert", "cert") if cascade else "cert"
@@ -267,16 +268,15 @@ def spec_from_run(run_dir: Path, selection: str = "gate", entropy_stage: str = "
         branches, more = cascade_spec(run_dir, cascade)
         paths.update(more)
     else:
-        selector = require_stage(run_dir, {"gate": "gate", "margin": "cert"}.get(selection, entropy_stage), "certify")
+        stage = chosen.stage(entropy_stage)
+        selector = require_stage(run_dir, stage, "certify")
         branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"]}
-        if selection == "gate":
+        if chosen.network:  # the cert stage's net and the selector network of its stage
             paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
-            paths["gate_0"] = run_dir / "gate" / selector["outputs"]["weights"]["path"]
+            paths["gate_0"] = run_dir / stage / selector["outputs"]["weights"]["path"]
             branch["gate_net"] = {**selector["net"], "kind": "gate"}
-        elif selection == "margin":  # no selector network: the cert stage's net and its own gap
-            paths["cert_0"] = run_dir / "cert" / cert["outputs"]["weights"]["path"]
-        else:
-            paths["cert_0"] = run_dir / entropy_stage / selector["outputs"]["weights"]["path"]
+        else:  # no selector network: the cert-net of the selector's stage (margin: cert/; entropy: entropy_stage)
+            paths["cert_0"] = run_dir / stage / selector["outputs"]["weights"]["path"]
             branch["cert_net"] = selector.get("net", cert["net"])
         branches = [branch]
     spec = {"data": {k: data[k] for k in ("name", "input_shape", "num_classes", "mean", "std")},
@@ -315,10 +315,11 @@ def cascade_spec(run_dir: Path, cascade: Sequence[Mapping[str, Any]]) -> tuple[l
         folder, selection = str(pair.get("cert") or "cert"), str(pair.get("selection") or "margin")
         if selection not in SELECTIONS:
             raise ConfigError(f"cascade pair {k + 1}: unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
+        selection = SELECTIONS.canonical(selection)
         cert = require_stage(run_dir, folder, "certify")
         paths[f"cert_{k}"] = run_dir / folder / cert["outputs"]["weights"]["path"]
         branch: dict[str, Any] = {"selection": selection, "threshold": 0.0, "cert_net": cert["net"], "stage": folder}
-        if selection == "gate":
+        if SELECTIONS.get(selection).network:
             gate_folder = str(pair.get("gate") or ("gate" if k == 0 else f"gate_{k}"))
             gate = require_stage(run_dir, gate_folder, "certify")
             paths[f"gate_{k}"] = run_dir / gate_folder / gate["outputs"]["weights"]["path"]

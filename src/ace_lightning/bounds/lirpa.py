@@ -4,6 +4,8 @@ This module and ``compat`` are the only places in ace-lightning that touch auto_
 else asks for "output bounds of this net on this ball" or "margin lower bounds". Why a wrapper:
 - the ball is always intersected with [0, 1] (eps lives in pixel space, docs/METHOD.md section 1;
   the question is checked in bounds/problem.py before anything is computed);
+- the methods (IBP, CROWN-IBP, CROWN, alpha-CROWN) are a registry, bounds/methods.py: each runs on
+  the BoundedModule built here (``_compute_bounds``);
 - BoundedModules are expensive to build (a trace + ONNX pass), so they are cached per net, input
   shape, mode and parameter identity;
 - auto_LiRPA copies buffers: BatchNorm running statistics would be updated in the wrapper's copy
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from ace_lightning.bounds import compat
+from ace_lightning.bounds.methods import BOUND_METHODS
 from ace_lightning.bounds.precision import _working, precise
 from ace_lightning.bounds.problem import (check_beta, check_c, check_labels, input_box, margin_spec, normalize_method,
                                           validate_ball, validate_box)
@@ -49,23 +52,7 @@ SUPPORTED_OPS = frozenset({
 _FUSION_OPS = frozenset({"BoundExp", "BoundReduceSum", "BoundGatherElements", "BoundNeg"})
 
 _STRICT_AVGPOOL = True  # 0.3 is unsound on overlapping windows (tests/test_bounds_reference.py)
-ALPHA_CROWN_ITERATIONS = 20  # defaults of conf/stage/certify.yaml alpha_crown_iterations / _lr
-ALPHA_CROWN_LR = 0.5
-_ALPHA_CROWN = {"iteration": ALPHA_CROWN_ITERATIONS, "lr_alpha": ALPHA_CROWN_LR}
 
-
-@contextlib.contextmanager
-def alpha_crown_options(iterations: int = ALPHA_CROWN_ITERATIONS, lr: float = ALPHA_CROWN_LR):
-    """alpha-CROWN's slope optimisation (steps, learning rate) for the bounds computed inside."""
-    if int(iterations) < 1 or not float(lr) > 0:
-        raise ConfigError(f"alpha-CROWN needs iterations >= 1 and lr > 0, got {iterations} and {lr}")
-    saved = dict(_ALPHA_CROWN)
-    _ALPHA_CROWN.update(iteration=int(iterations), lr_alpha=float(lr))
-    try:
-        yield
-    finally:
-        _ALPHA_CROWN.clear()
-        _ALPHA_CROWN.update(saved)
 
 class _MarginCE(nn.Module):
     """Loss-fusion head: sum_j exp(z_j - z_y), whose log is the cross-entropy. Bounding it from
@@ -227,27 +214,6 @@ def _bounded_input(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) ->
     return BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower, x_U=upper))
 
 
-def _alpha_crown(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor],
-                 lower: bool, upper: bool):
-    """alpha-CROWN is an evaluation method: only the ReLU slopes are optimised, the parameters are
-    held fixed (with them requiring grad, train-mode BN statistics carry a graph that every
-    optimisation step back-propagates through, and 0.3 fails on the second step)."""
-    bounded.set_bound_opts({"optimize_bound_args": dict(_ALPHA_CROWN)})
-    params = [p for p in bounded.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad():
-            logits = bounded(bx)
-        with torch.enable_grad():
-            lb, ub = bounded.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized",
-                                            bound_lower=lower, bound_upper=upper)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return logits, (lb.detach() if lb is not None else None), (ub.detach() if ub is not None else None)
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """0.3 allocates some tensors in the default dtype (alpha-CROWN's best-so-far buffers, the
@@ -270,27 +236,10 @@ def _compute(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor
         return _compute_bounds(bounded, bx, C, method, beta, lower, upper)
 
 
-def _compute_bounds(bounded, bx, C, method, beta, lower, upper):
-    if method == "alpha-CROWN":
-        return _alpha_crown(bounded, bx, C, lower, upper)
-    logits = bounded(bx)
-    if method == "IBP":
-        lb, ub = bounded.compute_bounds(C=C, method="IBP")
-    elif method == "CROWN-IBP":
-        if beta is not None and beta < 1e-8:
-            lb, ub = bounded.compute_bounds(C=C, method="IBP")
-        else:
-            # IBP first: it stores the intermediate intervals that the CROWN pass reuses.
-            ilb, iub = bounded.compute_bounds(C=C, method="IBP")
-            clb, cub = bounded.compute_bounds(C=C, method="backward", IBP=False,
-                                              bound_lower=lower, bound_upper=upper)
-            b = 1.0 if beta is None else beta
-            lb = b * clb + (1 - b) * ilb if lower else ilb
-            ub = b * cub + (1 - b) * iub if upper else iub
-    else:  # CROWN
-        lb, ub = bounded.compute_bounds(C=C, method="backward",
-                                        bound_lower=lower, bound_upper=upper)
-    return logits, lb, ub
+def _compute_bounds(bounded: BoundedModule, bx: BoundedTensor, C: Optional[torch.Tensor], method: str,
+                    beta: Optional[float], lower: bool, upper: bool):
+    """The named method's pass (bounds/methods.py) on the BoundedModule."""
+    return BOUND_METHODS.create(method, bounded, bx, C, beta, lower, upper)
 
 
 def _box_pass(net: nn.Module, x: torch.Tensor, box, method: str, beta: Optional[float], C, y,

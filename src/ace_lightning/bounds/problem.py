@@ -1,7 +1,8 @@
 """What a bound is asked for, checked before anything is computed: the method names (cheap to
-tight, with their aliases), the l-inf ball intersected with the pixel box [0, 1] (eps in pixel space,
-docs/METHOD.md section 1) or an explicit box, and the margin specification C. No auto_LiRPA here:
-a question that does not make sense is refused in one line before a bound pass starts.
+tight, with their aliases: the registry of bounds/methods.py), the l-inf ball intersected with the
+pixel box [0, 1] (eps in pixel space, docs/METHOD.md section 1) or an explicit box, and the margin
+specification C. No auto_LiRPA here: a question that does not make sense is refused in one line
+before a bound pass starts.
 """
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ace_lightning.bounds.methods import BOUND_METHODS
 from ace_lightning.errors import ConfigError
 
-METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
-_METHOD_ALIASES = {m.lower(): m for m in METHODS}
-_METHOD_ALIASES.update({"crown-optimized": "alpha-CROWN", "alpha_crown": "alpha-CROWN",
-                        "crown_ibp": "CROWN-IBP"})
+METHODS = BOUND_METHODS.names()  # cheap to tight (bounds/methods.py registers them in that order)
 
 
 def normalize_method(method: str) -> str:
-    """Canonical method name, or a one-line ValueError listing the known ones."""
-    canon = _METHOD_ALIASES.get(str(method).lower())
-    if canon is None:
-        raise ConfigError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return canon
+    """Canonical method name (or the one-line ConfigError naming the closest known one)."""
+    return BOUND_METHODS.canonical(method)
 
 
 def validate_ball(x: torch.Tensor, eps: float) -> float:

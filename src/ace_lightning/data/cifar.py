@@ -13,7 +13,9 @@ import torch
 import torchvision.datasets as tvd
 
 from ace_lightning.data.download import download_into
+from ace_lightning.data import transforms as T
 from ace_lightning.data.errors import DatasetNotFoundError
+from ace_lightning.data.info import register_dataset
 from ace_lightning.data.transforms import to_float_tensor
 
 HOW_TO_GET = (
@@ -22,6 +24,8 @@ HOW_TO_GET = (
 )
 
 
+@register_dataset("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                  train_transform=T.cifar_train, augmentation="random crop 32 (padding 4) + horizontal flip")
 class CIFAR10(tvd.CIFAR10):
     """CIFAR-10 (50000 train / 10000 test, 3x32x32, 10 classes); yields float tensors in [0, 1]."""
 

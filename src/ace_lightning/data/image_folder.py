@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ace_lightning.data.errors import DatasetNotFoundError
+from ace_lightning.data.info import register_dataset
 from ace_lightning.data.transforms import to_float_tensor
 from ace_lightning.errors import ConfigError
 
@@ -58,6 +59,10 @@ def folder_facts(data_dir: str, kwargs: Mapping[str, Any]) -> dict:
             "mean": (0.5,) * shape[0], "std": (0.25,) * shape[0]}
 
 
+# shape and classes come from its knobs and files (folder_facts), mean/std from the data config's
+# mean/std (default 0.5 / 0.25)
+@register_dataset("image_folder", (3, 32, 32), 2, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), facts=folder_facts,
+                  own_val=has_val)
 class ImageFolderDataset(Dataset):
     """One split of an image folder; yields (float tensor (C, H, W) in [0, 1], class index)."""
 

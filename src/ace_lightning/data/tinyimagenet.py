@@ -26,7 +26,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ace_lightning.data.download import download_into
+from ace_lightning.data import transforms as T
 from ace_lightning.data.errors import DatasetNotFoundError
+from ace_lightning.data.info import register_dataset
 from ace_lightning.data.transforms import to_float_tensor
 from ace_lightning.data.wnids import TINYIMAGENET_WNIDS
 
@@ -84,6 +86,9 @@ class _ImageListDataset(Dataset):
         return to_float_tensor(img), label
 
 
+@register_dataset("tinyimagenet", (3, 56, 56), 200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
+                  train_transform=T.tinyimagenet_train, eval_transform=T.tinyimagenet_eval,
+                  augmentation="random crop 56 + horizontal flip (train), centre crop 56 (eval)")
 class TinyImageNet(_ImageListDataset):
     """TinyImageNet-200 (100000 train / 10000 val-as-test, 3x64x64 stored, 56 px crops used)."""
 
@@ -159,6 +164,9 @@ class TinyImageNet(_ImageListDataset):
         return samples
 
 
+@register_dataset("imagenet200", (3, 224, 224), 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                  train_transform=T.imagenet_train, eval_transform=T.imagenet_eval,
+                  augmentation="random resized crop 224 + horizontal flip (train), resize 256 + centre crop 224 (eval)")
 class ImageNet200(_ImageListDataset):
     """ImageNet restricted to the 200 TinyImageNet classes (full resolution, 224 px crops)."""
 

@@ -13,15 +13,19 @@ weights, so bounds through it stay sound and tight, and eps keeps its pixel-spac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ace_lightning.nets.kinds import NET_KINDS, keywords
 from ace_lightning.nets.layers import Normalize, eval_mode
 from ace_lightning.errors import ConfigError
+from ace_lightning.registries import Registry
 
 Shape = tuple[int, int, int]
+# the zoo: name -> body builder (stem, K, **knobs); each architecture registers itself below
+CERT_NETS: Registry = Registry("cert-net")
 
 
 @dataclass
@@ -95,21 +99,25 @@ def _conv_fc_net(
 
 # ``bn=True`` puts BatchNorm after every conv and hidden linear (Shi et al.'s fast IBP training).
 
+@CERT_NETS.register()
 def fc(stem: InputStem, k: int, hidden: int = 100, bn: bool = False) -> nn.Sequential:
     """Tiny fully connected net: handy for fast tests."""
     return _conv_fc_net(stem, k, [], [hidden], bn=bn)
 
 
+@CERT_NETS.register()
 def small(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """Tiny conv net for tests and demos (2 convs, fc 100)."""
     return _conv_fc_net(stem, k, [(16, 4, 2, 1), (32, 4, 2, 1)], [100], bn=bn)
 
 
+@CERT_NETS.register()
 def c2(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C2: conv 32 k4 s2 p1, conv 32 k4 s2 p1, fc 200, fc K."""
     return _conv_fc_net(stem, k, [(32, 4, 2, 1), (32, 4, 2, 1)], [200], bn=bn)
 
 
+@CERT_NETS.register()
 def c3(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C3: conv 32 k3 s1 p1, conv 32 k4 s2 p1, conv 128 k4 s2 p1, fc 250, fc K."""
     return _conv_fc_net(stem, k, [(32, 3, 1, 1), (32, 4, 2, 1), (128, 4, 2, 1)], [250], bn=bn)
@@ -118,11 +126,13 @@ def c3(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
 _C5_CONVS = [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)]
 
 
+@CERT_NETS.register()
 def c5(stem: InputStem, k: int, bn: bool = False) -> nn.Sequential:
     """C5 (IBP "DM-Large"): conv 64,64,128(s2),128,128 k3 p1, fc 512, fc K."""
     return _conv_fc_net(stem, k, _C5_CONVS, [512], bn=bn)
 
 
+@CERT_NETS.register()
 def cnn7(stem: InputStem, k: int) -> nn.Sequential:
     """CNN7 (Shi et al. 2021): C5's convs and fc 512, each followed by BatchNorm."""
     return _conv_fc_net(stem, k, _C5_CONVS, [512], bn=True)
@@ -149,6 +159,7 @@ class WideBlock(nn.Module):
         return out + self.shortcut(x)
 
 
+@CERT_NETS.register()
 def wrn(stem: InputStem, k: int, widen_factor: int = 10, in_planes: int = 16, pool: int = 7) -> nn.Sequential:
     """TinyImageNet wide ResNet (CROWN-IBP's ``wide_resnet_imagenet64``): conv 16, three groups
     of one wide block (16w, 32w, 64w channels; w=10 gives 160/320/640), BN-ReLU, average pool
@@ -168,11 +179,6 @@ def wrn(stem: InputStem, k: int, widen_factor: int = 10, in_planes: int = 16, po
     return nn.Sequential(*layers)
 
 
-CERT_NETS: dict[str, Callable[..., nn.Sequential]] = {
-    "fc": fc, "small": small, "c2": c2, "c3": c3, "c5": c5, "cnn7": cnn7, "wrn": wrn,
-}
-
-
 def create_cert_net(
     name: str,
     input_shape: Sequence[int],
@@ -183,8 +189,21 @@ def create_cert_net(
     **kwargs,
 ) -> nn.Sequential:
     """A cert-net from the zoo: logits [B, num_classes] for inputs [B, *input_shape] in [0, 1]."""
-    if name not in CERT_NETS:
-        raise ConfigError(f"unknown cert-net '{name}'; known: {', '.join(sorted(CERT_NETS))}")
+    name = CERT_NETS.canonical(name)
     if len(input_shape) != 3:
         raise ConfigError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-    return CERT_NETS[name](input_stem(input_shape, mean, std, downsample), int(num_classes), **kwargs)
+    return CERT_NETS.create(name, input_stem(input_shape, mean, std, downsample), int(num_classes), **kwargs)
+
+
+@NET_KINDS.register("cert")
+class CertKind:
+    """``kind: cert``: a zoo cert-net on the data's shape, classes and normalisation."""
+
+    @staticmethod
+    def build(name: str, info: Any, **kw: Any) -> nn.Sequential:
+        return create_cert_net(name, info.input_shape, info.num_classes, info.mean, info.std, **kw)
+
+    @staticmethod
+    def knobs(name: str) -> Optional[list[str]]:
+        """The keys a net config of ``name`` may have (its builder's after (stem, k))."""
+        return ["name", "kind", "downsample", *keywords(CERT_NETS.get(name), 2)]

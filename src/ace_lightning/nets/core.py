@@ -15,7 +15,7 @@ import contextlib
 import logging
 import socket
 from collections import OrderedDict
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import timm
@@ -23,16 +23,21 @@ import torch
 from torch import nn
 
 from ace_lightning.nets.checkpoint import describe_mismatch, load_state_dict_file, strip_prefix
+from ace_lightning.nets.kinds import NET_KINDS, keywords
 from ace_lightning.nets.layers import Normalize
 from ace_lightning.errors import ConfigError
+from ace_lightning.registries import Registry
 
 log = logging.getLogger(__name__)
+# built-in cores (input_shape, num_classes, **knobs) -> model; any other name is a timm model
+CORE_NETS: Registry = Registry("core")
 
 
 class PretrainedUnavailableError(RuntimeError):
     """Hub weights were requested but cannot be fetched; the message names the file to provide."""
 
 
+@CORE_NETS.register()
 def small_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, hidden: int = 256, dropout: float = 0.3) -> nn.Sequential:
     """Fast CPU core for demos: 3 conv-BN-ReLU (2 max-pools), dropout, fc. On Fashion-MNIST a few
     epochs of Adam should reach about 92% (1x28x28: ~1.7 M params)."""
@@ -49,9 +54,6 @@ def small_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, hid
     return nn.Sequential(
         *feats, nn.Dropout(dropout), nn.Linear(flat, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
     )
-
-
-CORE_NETS: dict[str, Callable[..., nn.Module]] = {"small_cnn": small_cnn}
 
 
 def _hub_host() -> str:
@@ -146,13 +148,9 @@ def create_core(
     if name in CORE_NETS:
         if pretrained and not pretrained_path:
             raise ConfigError(f"core '{name}' has no hub weights; pass pretrained_path=<file> or pretrained=false")
-        model = CORE_NETS[name]((c, h, w), num_classes, **kwargs)
+        model = CORE_NETS.create(name, (c, h, w), num_classes, **kwargs)
     else:
-        if not timm.is_model(name):
-            raise ConfigError(
-                f"unknown core '{name}': neither a built-in core ({', '.join(CORE_NETS)}) nor a timm model; "
-                f"list timm names with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
-            )
+        check_timm_name(name)
         tkw = dict(num_classes=num_classes, in_chans=c, **kwargs)
         model = _timm_pretrained(name, **tkw) if (pretrained and not pretrained_path) else timm.create_model(name, **tkw)
         if adapt_small_stem if adapt_small_stem is not None else min(h, w) < 128:
@@ -161,6 +159,32 @@ def create_core(
     if pretrained_path:
         load_core_weights(net, pretrained_path, name)
     return net
+
+
+def check_timm_name(name: str) -> None:
+    """A core that is not built in must be a timm model."""
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"unknown core '{name}': neither a built-in core ({', '.join(CORE_NETS)}) nor a timm model; "
+            f"list timm names with: python -c \"import timm; print(timm.list_models('*resnet*'))\"")
+
+
+@NET_KINDS.register("core")
+class CoreKind:
+    """``kind: core``: a built-in core or a timm model behind the data's normalisation."""
+
+    @staticmethod
+    def build(name: str, info: Any, **kw: Any) -> nn.Sequential:
+        return create_core(name, info.num_classes, info.input_shape, mean=info.mean, std=info.std, **kw)
+
+    @staticmethod
+    def knobs(name: str) -> Optional[list[str]]:
+        """The keys a net config of ``name`` may have; None for a timm model (it takes its own)."""
+        if name not in CORE_NETS:
+            check_timm_name(name)
+            return None
+        own = [k for k in keywords(create_core, 3) if k not in ("mean", "std", "kwargs")]
+        return ["name", "kind", *own, *keywords(CORE_NETS.get(name), 2)]
 
 
 def load_core_weights(net: nn.Sequential, path: str, name: str = "core") -> None:

@@ -6,12 +6,13 @@ buffer but the final Linear is checked by name and shape first, and the first mi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ace_lightning.nets.cert import create_cert_net
+from ace_lightning.nets.cert import CertKind, create_cert_net
+from ace_lightning.nets.kinds import NET_KINDS
 from ace_lightning.nets.checkpoint import load_state_dict_file, strip_prefix
 from ace_lightning.errors import ConfigError
 
@@ -66,3 +67,14 @@ def create_gate(
     if from_cert is not None:
         init_gate_from_cert(gate, from_cert)
     return gate
+
+
+@NET_KINDS.register("gate")
+class GateKind:
+    """``kind: gate``: a zoo cert-net with one logit (its knobs are the cert-net's)."""
+
+    knobs = staticmethod(CertKind.knobs)
+
+    @staticmethod
+    def build(name: str, info: Any, **kw: Any) -> nn.Sequential:
+        return create_gate(name, info.input_shape, info.mean, info.std, **kw)

@@ -32,29 +32,18 @@ from ace_lightning.attacks.pgd import pgd
 from ace_lightning.bounds import bound_pass, input_box
 from ace_lightning.nets import eval_mode
 from ace_lightning.errors import ConfigError
+from ace_lightning.registries import Registry
 
-CERT_METHODS = ("IBP", "CROWN-IBP", "SABR", "MTL-IBP", "CC-IBP", "Exp-IBP")
-_ALIASES = {m.lower(): m for m in CERT_METHODS}
-_ALIASES.update({"crown_ibp": "CROWN-IBP", "mtl_ibp": "MTL-IBP", "cc_ibp": "CC-IBP", "exp_ibp": "Exp-IBP",
-                 "mtlibp": "MTL-IBP", "ccibp": "CC-IBP", "expibp": "Exp-IBP"})
-# The training attack per method (the papers' defaults): PGD steps, step size relative to the attack
-# radius, radius = eps_factor x eps, step x 0.1 at these fractions of the steps (SABR).
-ATTACK_DEFAULTS = {
-    "SABR": {"steps": 8, "step_size": 0.5, "eps_factor": 1.0, "restarts": 1, "decay_at": (0.5, 0.8, 0.9)},
-    "MTL-IBP": {"steps": 1, "step_size": 10.0, "eps_factor": 1.0, "restarts": 1, "decay_at": ()},
-}
-for _m in ("CC-IBP", "Exp-IBP"):
-    ATTACK_DEFAULTS[_m] = ATTACK_DEFAULTS["MTL-IBP"]
+# method name -> factory(sabr_lambda, alpha, attack knobs) -> the method's loss; each method registers
+# itself below its class, with its aliases
+CERT_METHODS: Registry = Registry("certified-training method")
 
 PerInputLoss = Callable[[torch.Tensor], torch.Tensor]  # lower bounds of C f [B, S] -> loss [B]
 
 
 def normalize_training_method(method: str) -> str:
-    """Canonical training-method name, or a one-line ValueError listing the known ones."""
-    canon = _ALIASES.get(str(method).lower())
-    if canon is None:
-        raise ConfigError(f"certified-training method must be one of {', '.join(CERT_METHODS)}, got {method!r}")
-    return canon
+    """Canonical training-method name (or the one-line ConfigError naming the closest known one)."""
+    return CERT_METHODS.canonical(method)
 
 
 @dataclass
@@ -89,6 +78,16 @@ class TrainingAttack:
                        random_start=True, restarts=self.restarts, decay_at=self.decay_at,
                        loss_fn=lambda logits, _y: loss_of_lb(torch.einsum("bsk,bk->bs", C, logits)))
 
+    @classmethod
+    def with_defaults(cls, knobs: Optional[dict], steps: int, step_size: float,
+                      decay_at: Sequence[float] = ()) -> "TrainingAttack":
+        """The method's attack: its paper's defaults (PGD steps, step size relative to the attack
+        radius, step x 0.1 at these fractions of the steps), overridden by the knobs set (not null):
+        steps, step_size, eps_factor (radius = eps_factor x eps), restarts, decay_at."""
+        given = {"steps": steps, "step_size": step_size, "decay_at": decay_at,
+                 **{k: v for k, v in (knobs or {}).items() if v is not None and k in cls.__dataclass_fields__}}
+        return cls(**{**given, "decay_at": tuple(given["decay_at"])})
+
 
 class CertifiedLoss:
     """IBP or CROWN-IBP over the whole ball (beta mixes CROWN-IBP with IBP)."""
@@ -106,6 +105,18 @@ class CertifiedLoss:
         out = self.ball(net, x, C, eps, beta, relu_bounds)
         per = loss_of_lb(out.lb)
         return LossOutput(per.mean(), per, out.lb, out.logits, out.relu_bounds, _halfwidth(*input_box(x, eps)))
+
+
+@CERT_METHODS.register("IBP")
+def ibp_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> CertifiedLoss:
+    """IBP over the whole ball (Gowal et al. 2018)."""
+    return CertifiedLoss("IBP")
+
+
+@CERT_METHODS.register("CROWN-IBP", aliases=("crown_ibp",))
+def crown_ibp_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> CertifiedLoss:
+    """CROWN-IBP over the whole ball (Zhang et al. 2020)."""
+    return CertifiedLoss("CROWN-IBP")
 
 
 class SABRLoss(CertifiedLoss):
@@ -132,6 +143,12 @@ class SABRLoss(CertifiedLoss):
         return LossOutput(per.mean(), per, None, None, out.relu_bounds, _halfwidth(lower, upper))
 
 
+@CERT_METHODS.register("SABR")
+def sabr_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> SABRLoss:
+    """SABR with the paper's attack: 8 steps, step 0.5, x 0.1 at 50, 80 and 90% of them."""
+    return SABRLoss(sabr_lambda, TrainingAttack.with_defaults(attack, 8, 0.5, (0.5, 0.8, 0.9)))
+
+
 class ExpressiveLoss(CertifiedLoss):
     """MTL-IBP, CC-IBP and Exp-IBP: IBP over the ball combined with the adversarial point's values."""
 
@@ -154,6 +171,23 @@ class ExpressiveLoss(CertifiedLoss):
         return LossOutput(per.mean(), per, out.lb, out.logits, out.relu_bounds, _halfwidth(*input_box(x, eps)))
 
 
+# the expressive losses with the papers' attack: one PGD step of 10 x the radius
+
+@CERT_METHODS.register("MTL-IBP", aliases=("mtl_ibp", "mtlibp"))
+def mtl_ibp_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> ExpressiveLoss:
+    return ExpressiveLoss("MTL-IBP", alpha, TrainingAttack.with_defaults(attack, 1, 10.0))
+
+
+@CERT_METHODS.register("CC-IBP", aliases=("cc_ibp", "ccibp"))
+def cc_ibp_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> ExpressiveLoss:
+    return ExpressiveLoss("CC-IBP", alpha, TrainingAttack.with_defaults(attack, 1, 10.0))
+
+
+@CERT_METHODS.register("Exp-IBP", aliases=("exp_ibp", "expibp"))
+def exp_ibp_loss(sabr_lambda: float, alpha: float, attack: Optional[dict]) -> ExpressiveLoss:
+    return ExpressiveLoss("Exp-IBP", alpha, TrainingAttack.with_defaults(attack, 1, 10.0))
+
+
 def _halfwidth(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     return (upper - lower) / 2
 
@@ -162,16 +196,7 @@ def build_loss(method: str, *, sabr_lambda: float = 0.4, alpha: float = 0.5,
                attack: Optional[dict] = None) -> CertifiedLoss:
     """The loss object of a training method with its knobs (attack: steps, step_size, eps_factor,
     restarts; null entries take the method's paper default)."""
-    method = normalize_training_method(method)
-    if method in ("IBP", "CROWN-IBP"):
-        return CertifiedLoss(method)
-    knobs = dict(ATTACK_DEFAULTS[method])
-    knobs.update({k: v for k, v in (attack or {}).items() if v is not None and k in knobs})
-    knobs["decay_at"] = tuple(knobs["decay_at"])
-    atk = TrainingAttack(**knobs)
-    if method == "SABR":
-        return SABRLoss(sabr_lambda, atk)
-    return ExpressiveLoss(method, alpha, atk)
+    return CERT_METHODS.create(method, sabr_lambda, alpha, attack)
 
 
 def check_method_knobs(method: str, sabr_lambda: float, alpha: float, attack: Optional[dict]) -> str:
