@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ace_lightning.bounds import robust_ce_loss
 from ace_lightning.nets import create_cert_net
-from ace_lightning.stages.cert import CertStage
+from ace_lightning.stages.cert import CertConfig, CertStage
 from ace_lightning.stages.common import l1_penalty
 from timing import clock, peak_memory, reset_peak
 
@@ -79,8 +79,10 @@ def measure(name: str = "small", shape=(1, 28, 28), classes: int = 10, batch: in
 
     # the same inside Lightning: eps at eps_train from step 0 (no warm-up, no ramp)
     net = create_cert_net(name, shape, classes, [0.5] * c, [0.25] * c)
-    module = CertStage(net, opt_cfg, {}, eps=eps, method=method, warmup_epochs=0, ramp_epochs=0,
-                       kappa_end=0.5, l1=1e-5, steps_per_epoch=steps + 1, val_pgd_steps=0)
+    config = CertConfig.from_dict({"optimizer": opt_cfg, "lr_schedule": {}, "method": method, "warmup_epochs": 0,
+                                   "ramp_epochs": 0, "kappa_end": 0.5, "l1": 1e-5, "steps_per_epoch": steps + 1,
+                                   "val_pgd_steps": 0}, eps)
+    module = CertStage(net, config, eps)
     stamp_cb = _Stamps(device)
     on_gpu = device.type == "cuda"
     trainer = L.Trainer(max_steps=steps + 1, accelerator="gpu" if on_gpu else "cpu",

@@ -59,8 +59,10 @@ def _bare_step(stage: str, cfg, steps: int, warmup: int) -> tuple[float, float]:
     eps = float(cfg.eps) * 1.05
     gate, label = None, (torch.arange(x.shape[0]) % 4 != 0).long()  # the demo's label balance, about 3:1
     if stage == "gate":
-        from ace_lightning.stages.gate import GateStage
-        gate = GateStage(net, {"name": "adam", "lr": 1e-3}, {}, eps=float(cfg.eps), worst_case_negatives=False)
+        from ace_lightning.stages.gate import GateConfig, GateStage
+        config = GateConfig.from_dict({"optimizer": {"name": "adam", "lr": 1e-3}, "lr_schedule": {},
+                                       "worst_case_negatives": False}, float(cfg.eps))
+        gate = GateStage(net, config, float(cfg.eps))
     stamps = []
     for _ in range(steps + 1):
         stamps.append(time.perf_counter())

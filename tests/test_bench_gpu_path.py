@@ -34,7 +34,7 @@ def test_gpu_section_forced_on_cpu(bench, tmp_path, monkeypatch):
     gpu = res["gpu"]
     assert gpu["device"] == "cpu" and gpu["is_gpu_run"] is False and "not a GPU run" in gpu["note"]
     s = gpu["sections"]
-    assert set(s) == set(bench.SECTIONS) - {"stage_cost"}  # the demo's stages are a CPU measurement
+    assert set(s) == set(bench.SECTIONS) - {"stage_cost", "demo_work"}  # the demo's stages: CPU measurements
 
     steps = s["bound_step_cost"]
     assert set(steps) == set(bench.BOUND_CASES)  # no C5 with --no-large
@@ -70,3 +70,18 @@ def test_gpu_section_skipped_without_cuda(bench, tmp_path, capsys):
     bench.main(["--gpu-only", "--out", str(out)])
     assert json.loads(out.read_text())["gpu"] == {"skipped": "CUDA not available"}
     assert "CUDA not available: GPU section skipped" in capsys.readouterr().out
+
+
+def test_demo_work_counts_the_steps_of_both_demos(bench):  # bench: benchmarks/ on sys.path
+    """benchmarks/demo_work.py: training steps from the configs (epochs x batches of the real
+    Fashion-MNIST training split); the demo is at most half the work of the one before it."""
+    import demo_work
+
+    out = demo_work.measure(run_dir=Path("/nonexistent"), before_dir=None)
+    now, before = out["demo"], out["demo_before"]
+    assert now["train_batches"] == before["train_batches"] == 430  # 55,000 training inputs, batch 128
+    assert set(now["stages"]) == {"core", "cert", "certify"} and "gate" in before["stages"]
+    assert now["train_steps"] == sum(now["stages"][s]["train_steps"] for s in ("core", "cert"))
+    assert before["stages"]["cert"]["train_steps"] == 24 * 430
+    assert out["ratio_train_steps"] == now["train_steps"] / before["train_steps"] <= 0.5
+    assert "wall_s" not in now  # no run folder: no times
