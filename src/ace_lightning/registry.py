@@ -1,7 +1,7 @@
 """Stage name -> Stage (each stage module declares its own), the pipeline job that runs stages in
 order, and the bookkeeping of one launcher job (job.json).
 
-Adding a stage = its module (with its Stage) + conf/stage/<name>.yaml + one line in STAGES below.
+Adding a stage = its module under stages/ (with its ``STAGE``, found here) + conf/stage/<name>.yaml.
 This module sits above the stages and the certify stage (it imports them; nothing below imports it).
 
 Per-stage settings have one dialect, ``stage_overrides.<stage>.<knob>``, whatever runs the stage:
@@ -21,7 +21,6 @@ from ace_lightning.config import CONF_DIR, check_knobs, job_eps, to_dict
 from ace_lightning.console import log
 from ace_lightning.errors import USER_ERRORS, ConfigError, did_you_mean
 from ace_lightning.registries import Registry
-from ace_lightning.stages import cert, core, entropy, gate_run
 
 
 class JobStage(Protocol):
@@ -35,9 +34,24 @@ class JobStage(Protocol):
     def run(self, cfg: Mapping[str, Any], callbacks: tuple = ()) -> dict: ...
 
 
-STAGES: Registry[JobStage] = Registry("stage")
-for _stage in (core.STAGE, cert.STAGE, certify.STAGE, gate_run.STAGE, entropy.STAGE):
-    STAGES.add(_stage.name, _stage)
+def _discover_stages() -> Registry[JobStage]:
+    """Every module of the stages package that declares a ``STAGE`` (its name order), then the
+    certify stage: a new stage needs no line here."""
+    import importlib
+    import pkgutil
+
+    from ace_lightning import stages as package
+
+    found: Registry[JobStage] = Registry("stage")
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        stage = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), "STAGE", None)
+        if stage is not None:
+            found.add(stage.name, stage)
+    found.add(certify.STAGE.name, certify.STAGE)
+    return found
+
+
+STAGES: Registry[JobStage] = _discover_stages()
 
 
 def pipeline_stages(cfg: Any) -> list[str]:
