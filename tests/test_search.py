@@ -123,3 +123,19 @@ def test_two_trials_through_the_optuna_sweeper_then_their_front_in_compare(tmp_p
     (study / "trial_1" / "trial.json").write_text(json.dumps({**trials[1], "status": "running"}))
     with pytest.raises(Exception, match="is not complete"):
         compare_runs([str(study / "trial_1")], str(tmp_path / "cmp2"))
+
+
+def test_a_failed_trial_says_so_in_its_trial_json(tmp_path):
+    """A trial whose job fails (e.g. a knob combination refused before training) is recorded as
+    failed with its one-line error, not left 'running', and the error reaches the sweeper."""
+    from ace_lightning.search import TRIAL_FILE, run_trial
+
+    cfg = {"search": {"objective": "nat_cert", "share_core": False}, "run_dir": str(tmp_path / "trial_0")}
+
+    def refused():
+        raise ConfigError("select_weight > 0 needs certified margins over the whole ball")
+
+    with pytest.raises(ConfigError):
+        run_trial(cfg, refused)
+    record = json.loads((tmp_path / "trial_0" / TRIAL_FILE).read_text())
+    assert record["status"] == "failed" and record["error"].startswith("select_weight > 0")

@@ -150,7 +150,16 @@ def run_trial(cfg: Any, run: Callable[[], Any]) -> Union[float, tuple[float, ...
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         if settings["share_core"]:
             share_core(cfg)
-    run()
+    try:
+        run()
+    except BaseException as err:  # the trial failed: say so in trial.json (the sweeper records it)
+        if global_rank() == 0:
+            from ace_lightning.errors import error_line
+
+            failed = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            record.update(status=failed, error=None if failed == "interrupted" else error_line(err))
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        raise
     if global_rank() != 0:
         return None
     stage_dir = certify_dir(cfg)
