@@ -165,9 +165,13 @@ class ACEModel(nn.Module):
             raise ConfigError(f"need {self.num_branches} threshold(s), got {len(thresholds)}")
         self.thresholds.copy_(torch.as_tensor(list(thresholds), dtype=torch.float64))
 
+    def selector(self, i: int) -> Any:
+        """Pair i's selection (selections.SELECTIONS): whether it has a network, per-class thresholds."""
+        return SELECTIONS.get(self.selection[i])
+
     def set_class_thresholds(self, i: int, kappa: Sequence[float]) -> None:
         """Margin selection's per-class thresholds of pair i (fires at gap >= kappa_c + T_i)."""
-        if not SELECTIONS.get(self.selection[i]).per_class:
+        if not self.selector(i).per_class:
             raise ConfigError(f"pair {i + 1} uses {self.selection[i]} selection: class thresholds are for margin")
         if len(kappa) != self.class_thresholds.shape[1]:
             raise ConfigError(f"need {self.class_thresholds.shape[1]} class thresholds, got {len(kappa)}")
@@ -177,7 +181,7 @@ class ACEModel(nn.Module):
         """g_i(x), [B], in float64 (the thresholds' dtype: a float32 threshold would round the
         swept T; the entropy is computed in float64 anyway). Margin selection: the gap minus the
         predicted class's kappa, so that every selector fires at g >= T_i."""
-        selection = SELECTIONS.get(self.selection[i])
+        selection = self.selector(i)
         if not selection.network and cert_logits is None:
             cert_logits = self.certs[i](x)
         return selection.value(self, i, x, cert_logits)
@@ -193,7 +197,7 @@ class ACEModel(nn.Module):
             if remaining.numel() == 0:
                 break
             xi = x[remaining]
-            cert_logits = None if SELECTIONS.get(self.selection[i]).network else self.certs[i](xi)
+            cert_logits = None if self.selector(i).network else self.certs[i](xi)
             fire = selects(self.gate_value(i, xi, cert_logits), self.thresholds[i])
             if fire.any():
                 answered = cert_logits[fire] if cert_logits is not None else self.certs[i](xi[fire])
@@ -225,7 +229,7 @@ class ACEModel(nn.Module):
     def selector_bounds(self, i: int, x: torch.Tensor, eps: float, method: str = "IBP", dtype=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(g, lb_g, ub_g) of selector i over the ball (full precision, float32 or ``dtype``)."""
-        return SELECTIONS.get(self.selection[i]).bounds(self, i, x, eps, method, dtype)
+        return self.selector(i).bounds(self, i, x, eps, method, dtype)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, eps: Optional[float] = None,
@@ -387,7 +391,7 @@ def _certify_batch(model: ACEModel, x: torch.Tensor, y: torch.Tensor, eps: float
             cert = margin_ladder(net, x, y, eps, settings.methods, dtype=dtype, refute=refute,
                                  time_budget_s=settings.time_budget_s, recheck_tol=settings.recheck_tol)
         bound = lambda xs, method, dt, i=i: model.selector_bounds(i, xs, eps, method, dtype=dt)  # noqa: E731
-        margin_sel = model.selection[i] == "margin"
+        margin_sel = model.selector(i).per_class
         with torch.no_grad():  # what the deployed model computes at x: it routes by this g
             deployed = net(x_native)
             g_x = gap(deployed) if margin_sel else model.gate_value(i, x_native, deployed)

@@ -103,7 +103,7 @@ def attack_check(model: ACEModel, x: torch.Tensor, y: torch.Tensor, claims: Clai
             entry["seconds"] = time.perf_counter() - t1
             out["cert_net"].append(entry)
             gate_fn = (lambda z, k=k: recorded_selector(model, k, z))
-            gate64 = wide(model.gates[str(k)]) if model.selection[k] == "gate" else None
+            gate64 = wide(model.gates[str(k)]) if model.selector(k).network else None
             for claim, mask, sign in (("fires", claims.fires(k), 1.0), ("silent", claims.silent(k), -1.0)):
                 sel = np.flatnonzero(mask)
                 entry = {"pair": k + 1, "claim": claim, "attacked": int(sel.size), "violations": 0}

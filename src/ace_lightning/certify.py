@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ace_lightning.ace import SELECTIONS, ACEModel, CertifySettings
+from ace_lightning.ace import ACEModel, CertifySettings
 from ace_lightning.attacks.pgd import check_loss
 from ace_lightning.atomic import atomic_write_text
 from ace_lightning.certify_attack import ATTACK_DEFAULTS, attack_and_check
@@ -143,7 +143,7 @@ def export_composed(job: CertifyJob, points: Sequence[dict], operating_point: Op
     summary = json.loads((stage_dir / "operating_points.json").read_text())
     if operating_point is None:  # margin selection: its per-class point when there is one
         keys = {p["key"] for p in summary["operating_points"]}
-        operating_point = "per_class" if job.model.selection[0] == "margin" and "per_class" in keys \
+        operating_point = "per_class" if job.model.selector(0).per_class and "per_class" in keys \
             else "nat_within_1pt"
     chosen = next((p for p in summary["operating_points"] if p["key"] == operating_point), None)
     if chosen is None and summary["operating_points"]:

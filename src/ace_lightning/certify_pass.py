@@ -130,7 +130,7 @@ def refine_records(model: ACEModel, loaders: Mapping[str, DataLoader], cols: dic
     for i, s in enumerate(sfx):
         lb, ub = torch.as_tensor(cols[f"lb_g{s}"]), torch.as_tensor(cols[f"ub_g{s}"])
         ts = sorted({float(t[i]) for t in thresholds})
-        margin = model.selection[i] == "margin"
+        margin = model.selector(i).per_class
         if settings.refine_methods:
             undecided = undecided_at(lb, ub, ts)
             want |= (undecided & (lb > 0) if margin else undecided).numpy()  # margin: only a certified class can gain
@@ -228,7 +228,7 @@ def refine_at_operating_points(model: ACEModel, loaders: Mapping[str, DataLoader
     while True:
         wanted = set(fixed) | {as_vector(t) for t in val_operating_thresholds(cols, grid, tolerance)}
         new = sorted(t for t in wanted if t not in done and any(math.isfinite(v) for v in t))
-        kappa = val_class_thresholds(cols, tolerance) if n == 1 and model.selection[0] == "margin" else None
+        kappa = val_class_thresholds(cols, tolerance) if n == 1 and model.selector(0).per_class else None
         new_kappa = [kappa] if kappa is not None and kappa not in done_kappa else []
         if not new and not new_kappa:
             break
