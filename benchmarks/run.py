@@ -32,7 +32,7 @@ import demo_work  # noqa: E402
 import lightning_overhead  # noqa: E402
 import nets_cost  # noqa: E402
 import stage_cost  # noqa: E402
-from timing import device_name  # noqa: E402
+from timing import cpu_capability, cpu_model, device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

@@ -19,8 +19,29 @@ def _is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use (DEFAULT, AVX2, AVX512): machines of one
+    kind differ here, and with it the float sums, hence the trained weights, of one seed."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # older torch
+        return "unknown"
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
-    return torch.cuda.get_device_name(device) if _is_cuda(device) else platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if _is_cuda(device) else cpu_model()
 
 
 def reset_peak_rss() -> None:

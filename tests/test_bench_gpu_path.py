@@ -31,6 +31,9 @@ def test_gpu_section_forced_on_cpu(bench, tmp_path, monkeypatch):
                 "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["sections"] == {}
+    # the machine: which CPU kernels ran (one seed's weights differ between AVX2 and AVX512 machines)
+    assert res["machine"]["cpu_model"] and res["machine"]["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR",
+                                                                                  "VSX", "SVE256", "unknown")
     gpu = res["gpu"]
     assert gpu["device"] == "cpu" and gpu["is_gpu_run"] is False and "not a GPU run" in gpu["note"]
     s = gpu["sections"]
@@ -84,4 +87,7 @@ def test_demo_work_counts_the_steps_of_both_demos(bench):  # bench: benchmarks/ 
     assert now["train_steps"] == sum(now["stages"][s]["train_steps"] for s in ("core", "cert"))
     assert before["stages"]["cert"]["train_steps"] == 24 * 430
     assert out["ratio_train_steps"] == now["train_steps"] / before["train_steps"] <= 0.5
+    assert now["stages"]["cert"]["val_attack_steps_max"] == now["stages"]["cert"]["val_batches"] * 5
+    assert now["val_attack_steps_max"] == sum(r.get("val_attack_steps_max", 0) for r in now["stages"].values())
+    assert out["ratio_train_and_val_attack_steps"] <= 0.55
     assert "wall_s" not in now  # no run folder: no times
