@@ -52,9 +52,9 @@ def stage_work(experiment: str, overrides: Sequence[str] = (), run_dir: Optional
             epochs = int(st["epochs"])
             pgd = int(st.get("val_pgd_steps", st.get("eval_pgd_steps", 0)) or 0)
             rec = {"epochs": epochs, "train_steps": epochs * sizes["train_batches"],
-                   "val_batches": epochs * sizes["val_batches"], "val_pgd_steps_per_batch": pgd,
-                   # at most: the validation attack runs only on inputs not already certified
-                   "val_attack_steps_max": epochs * sizes["val_batches"] * pgd}
+                   "val_batches": epochs * sizes["val_batches"], "val_pgd_steps_per_batch": pgd}
+            # at most: the validation attack runs only on inputs not already certified
+            rec["val_attack_steps_max"] = rec["val_batches"] * pgd
             total += rec["train_steps"]
             val_attack += rec["val_attack_steps_max"]
         elif name == "certify":

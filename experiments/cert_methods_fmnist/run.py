@@ -30,9 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# one evaluation at a time: the trainings run as subprocesses, the evaluations in this process's
-# threads, and two at once (bound computations through auto_LiRPA) lost results once (2026-12-07)
-EVALUATE = threading.Lock()
 ROOT = HERE.parents[1]
 RECIPES = {"IBP": ("demo_fmnist_full", []),
            # CROWN-IBP with loss fusion: the same bound of the CE, 7.5x a plain step instead of 25x (make bench)
@@ -45,6 +42,9 @@ SCHEDULES = {24: ["stage_overrides.cert.epochs=24", "stage_overrides.cert.warmup
              12: ["stage_overrides.cert.epochs=12", "stage_overrides.cert.warmup_epochs=1",
                   "stage_overrides.cert.ramp_epochs=5", "stage_overrides.cert.lr_schedule.step_epochs=3"]}
 CROWN_SUBSET = 1000
+# one evaluation at a time: the trainings run as subprocesses, the evaluations in this process's
+# threads, and two at once (bound computations through auto_LiRPA) lost results once (2026-12-07)
+EVALUATE = threading.Lock()
 # the method's knob per eps (chosen by 12-epoch pilots at eps 0.03: MTL-IBP alpha 0.1 86.86 / 80.86,
 # alpha 0.3 85.79 / 80.64; the expressive losses' papers use a larger alpha for CC- and Exp-IBP)
 KNOBS = {("SABR", 0.03): ["stage_overrides.cert.sabr_lambda=0.2"], ("SABR", 0.1): ["stage_overrides.cert.sabr_lambda=0.4"],
