@@ -5,10 +5,21 @@ For an experiment config: per training stage, the epochs, the training steps (ep
 the training split), the validation batches and their PGD steps; for the certify stage, the inputs it
 bounds and the attack's budget. Where a run folder of that config exists, each stage's wall time from
 its manifest and the seconds per training step it implies (the figure to compare machines by).
+
+    python benchmarks/demo_work.py                 # the steps (and wall times of runs/ folders if there)
+    python benchmarks/demo_work.py --run [--threads N]  # also runs both demos, one after the other, in a
+                                                   # temporary runs root: wall times and their ratio (a
+                                                   # quiet machine: 18 minutes on a 2-core CPU)
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -61,7 +72,9 @@ def stage_work(experiment: str, overrides: Sequence[str] = (), run_dir: Optional
             attack = st.get("attack") or {}
             rec = {"methods": list(st.get("methods") or []), "splits": list(st.get("splits") or []),
                    "attack_steps_x_restarts": int(attack.get("steps", 0)) * int(attack.get("restarts", 0))
-                   if attack.get("enabled", True) else 0}
+                   if attack.get("enabled", True) else 0,
+                   # the composed model's attacked operating points (all: every point chosen on val)
+                   "attack_points": list(attack["points"]) if attack.get("points") is not None else "all"}
         folder = "certify_margin" if name == "certify" and st.get("selection") == "margin" else name
         manifest = run_dir / folder / "manifest.json" if run_dir is not None else None
         if manifest is not None and manifest.is_file():
@@ -78,17 +91,57 @@ def stage_work(experiment: str, overrides: Sequence[str] = (), run_dir: Optional
     return out
 
 
+def run_demo(experiment: str, overrides: Sequence[str], runs_root: Path, threads: Optional[int] = None) -> float:
+    """Run one demo pipeline into ``runs_root`` (a subprocess, progress bars off); its wall seconds."""
+    env = dict(os.environ, WANDB_MODE="disabled")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "ace_lightning.train", "stage=pipeline", f"experiment={experiment}",
+           f"runs_root={runs_root}", "trainer.enable_progress_bar=false", *overrides]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def measure(run_dir: Path = ROOT / "runs" / "demo_fmnist" / "eps_0.1",
-            before_dir: Optional[Path] = None) -> dict:
-    """The demo now against the demo of issue 25 (``BEFORE``): steps, and their ratio."""
-    now = stage_work("demo_fmnist", run_dir=run_dir)
-    before = stage_work(BEFORE[0], BEFORE[1], run_dir=before_dir)
+            before_dir: Optional[Path] = None, run: bool = False, threads: Optional[int] = None) -> dict:
+    """The demo now against the demo of issue 25 (``BEFORE``): steps, and their ratio; with ``run``
+    both demos are run here, one after the other, and their wall times compared too."""
+    walls: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="demo_work_") as tmp:
+        if run:
+            walls["demo"] = run_demo("demo_fmnist", (), Path(tmp), threads)
+            walls["demo_before"] = run_demo(BEFORE[0], BEFORE[1], Path(tmp), threads)
+            run_dir = Path(tmp) / "demo_fmnist" / "eps_0.1"
+            before_dir = Path(tmp) / "demo_fmnist_full" / "eps_0.1"
+        now = stage_work("demo_fmnist", run_dir=run_dir)
+        before = stage_work(BEFORE[0], BEFORE[1], run_dir=before_dir)
     both = lambda w: w["train_steps"] + w["val_attack_steps_max"]  # noqa: E731
-    return {"demo": now, "demo_before": before,
-            "ratio_train_steps": now["train_steps"] / max(1, before["train_steps"]),
-            # the certify stage's attack has the same budget in both (conf/stage/certify.yaml attack)
-            "ratio_train_and_val_attack_steps": both(now) / max(1, both(before))}
+    out = {"demo": now, "demo_before": before,
+           "ratio_train_steps": now["train_steps"] / max(1, before["train_steps"]),
+           "ratio_train_and_val_attack_steps": both(now) / max(1, both(before))}
+    if walls:
+        out.update({"wall_s": walls, "threads": threads or "default",
+                    "ratio_wall": walls["demo"] / walls["demo_before"]})
+    return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run both demos here and time them")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    result = measure(run=args.run, threads=args.threads)
+    if args.run:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from timing import cpu_capability, cpu_model
+
+        result["machine"] = {"cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
+                             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    text = json.dumps(result, indent=2)
+    if args.out is not None:
+        from ace_lightning.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)

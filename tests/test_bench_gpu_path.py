@@ -90,4 +90,7 @@ def test_demo_work_counts_the_steps_of_both_demos(bench):  # bench: benchmarks/ 
     assert now["stages"]["cert"]["val_attack_steps_max"] == now["stages"]["cert"]["val_batches"] * 5
     assert now["val_attack_steps_max"] == sum(r.get("val_attack_steps_max", 0) for r in now["stages"].values())
     assert out["ratio_train_and_val_attack_steps"] <= 0.55
-    assert "wall_s" not in now  # no run folder: no times
+    # the composed attack at one point in both: the exported per-class point; the gate's natural-within-1-pt
+    assert now["stages"]["certify"]["attack_points"] == ["per_class"]
+    assert before["stages"]["certify"]["attack_points"] == ["nat_within_1pt", "per_class"]
+    assert "wall_s" not in now and "ratio_wall" not in out  # no run folder, nothing run: no times

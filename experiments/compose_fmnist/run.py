@@ -127,12 +127,18 @@ def main() -> None:
     p.add_argument("--runs-root", type=Path, default=ROOT / "runs")
     p.add_argument("--seed", type=int, default=0, help="the seed of the stages trained here and of the names")
     p.add_argument("overrides", nargs="*", help="further overrides, e.g. stage_overrides.gate.method=IBP")
+    p.add_argument("--collect-only", action="store_true",
+                   help="only collect the row of runs/compose/<name>/eps_<eps>[_seed<n>] (a pipeline run there)")
+    p.add_argument("--eps", type=float, default=0.1, help="--collect-only: the run folder's eps")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
     results = HERE / "results"
     if not args.table_only:
-        run_dir = compose(args.name, args.cert_run.resolve(), args.core_run.resolve(), args.experiment,
-                          args.selection, args.overrides, args.runs_root.resolve(), args.seed)
+        if args.collect_only:
+            run_dir = args.runs_root.resolve() / "compose" / args.name / f"eps_{args.eps}{suffix(args.seed)}"
+        else:
+            run_dir = compose(args.name, args.cert_run.resolve(), args.core_run.resolve(), args.experiment,
+                              args.selection, args.overrides, args.runs_root.resolve(), args.seed)
         row = collect(args.name, run_dir, args.selection)
         row["overrides"], row["seed"] = args.overrides, args.seed
         results.mkdir(exist_ok=True)
