@@ -100,6 +100,26 @@ def test_chained_stage_sweep_is_refused_under_a_parallel_launcher(tmp_path):
     assert not (tmp_path / "synthetic").exists()  # refused before any job started
 
 
+def test_a_sweep_judges_only_its_own_jobs_beside_other_runs_in_the_runs_root(tmp_path):
+    """Other work in the same runs root while a sweep runs (a single run, another sweep's job, both
+    still running and started after this sweep began) is not this sweep's: it ends with exit code 0
+    and "1 of 1 jobs complete" (before, both counted as failed jobs of this sweep: exit code 1)."""
+    import time
+
+    later = time.time() + 600  # started "after" this sweep began: only the sweep id tells them apart
+    for name, extra in (("single/eps_0.1", {"multirun": False, "sweep": None}),
+                        ("other_sweep/eps_0.1", {"multirun": True, "sweep": "another0sweep"})):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "job.json").write_text(json.dumps({"job": "pipeline", "status": "running",
+                                                              "started": later, **extra}))
+    res = _train(["-m", "stage=core", f"runs_root={tmp_path}", *PIPELINE_TINY], timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "sweep: 1 of 1 jobs complete" in res.stdout, res.stdout[-2000:]
+    job = json.loads((tmp_path / "synthetic" / "eps_0.1" / "job.json").read_text())
+    assert job["status"] == "complete" and job["multirun"] is True and len(job["sweep"]) == 12
+    assert job["sweep"] != "another0sweep"
+
+
 def _summary(root: Path) -> dict[str, list[dict]]:
     with open(root / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

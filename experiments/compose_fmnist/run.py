@@ -50,6 +50,8 @@ def compose(name: str, cert_run: Path, core_run: Path, experiment: str, selectio
            "trainer.enable_progress_bar=false", *overrides]
     if selection == "entropy":
         cmd += ["stage_overrides.certify.selection=entropy", "+stage_overrides.certify.entropy_stage=cert"]
+    else:  # the experiments' certify stage may default to margin selection (demo_fmnist_full does)
+        cmd += ["++stage_overrides.certify.selection=gate"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
     log = run_dir / "compose.log"
     with open(log, "w") as fh:

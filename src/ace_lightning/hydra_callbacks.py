@@ -11,15 +11,18 @@ relies on the basic launcher running jobs one after another; a parallel launcher
 submitit) would start the gate before the cert-net exists. Such a sweep is refused in one line
 before any job starts; ``stage=pipeline`` is the form that runs anywhere. After a multirun the
 runs summary is written once, with every run folder of the runs root (jobs finishing at the
-same moment cannot miss each other); the sweep's jobs (their ``job.json``) are listed with their
-status, the summary table goes to wandb once when ``logger=wandb``, and a sweep with a failed job
-exits with code 1. A search (``search`` set, the optuna sweeper) is refused up front when its
+same moment cannot miss each other); the sweep's own jobs (their ``job.json`` holds the sweep's id,
+summary.SWEEP_ENV: other sweeps and single runs in the same runs root are not its jobs) are listed
+with their status, the summary table goes to wandb once when ``logger=wandb``, and a sweep with a
+failed job exits with code 1. A search (``search`` set, the optuna sweeper) is refused up front when its
 objective does not match the sweeper's directions.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +62,14 @@ class ConfigCheck(Callback):
 
 class SweepGuard(Callback):
     started: float = 0.0  # time.time() when this multirun started: its jobs are those started later
+    sweep_id: str = ""    # this multirun's id, in the environment its jobs inherit (summary.SWEEP_ENV)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ace_lightning.summary import SWEEP_ENV
+
         self.started = time.time()
+        self.sweep_id = uuid.uuid4().hex[:12]
+        os.environ[SWEEP_ENV] = self.sweep_id
         if config.get("search"):  # a search: its objective against the sweeper's directions
             from ace_lightning.errors import ConfigError, fail_on
             from ace_lightning.search import check_sweeper
@@ -80,13 +88,16 @@ class SweepGuard(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ace_lightning.summary import job_states, write_summary
+        from ace_lightning.summary import SWEEP_ENV, job_states, write_summary
+
+        if os.environ.get(SWEEP_ENV) == self.sweep_id:  # later runs of this process are not this sweep's
+            del os.environ[SWEEP_ENV]
 
         root = Path(str(config.get("runs_root", "runs"))).resolve()
         if not root.is_dir():
             return
         rows = write_summary(root)
-        jobs = job_states(root, since=self.started - 1.0)
+        jobs = job_states(root, since=self.started - 1.0, sweep=self.sweep_id or None)
         failed = {run: job for run, job in jobs.items() if job.get("status") != "complete"}
         log.info(f"sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs complete" +
                  "".join(f"\n  {job.get('status', '?')}: {run}: {job.get('error') or ''}" for run, job in failed.items()))

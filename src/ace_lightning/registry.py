@@ -234,7 +234,7 @@ def run_job(cfg: Any, callbacks: tuple = (), work: Optional[Callable[[], Any]] =
     stage that failed (interrupted for Ctrl-C). The runs summary lists every job from these
     records; the exception is raised again for the caller to report."""
     from ace_lightning.console import global_rank
-    from ace_lightning.summary import read_job_state, write_job_state
+    from ace_lightning.summary import SWEEP_ENV, read_job_state, write_job_state
 
     if global_rank() != 0:  # DDP: every rank runs the job; rank zero keeps its record
         return work() if work is not None else run_stage(cfg, callbacks)
@@ -245,7 +245,8 @@ def run_job(cfg: Any, callbacks: tuple = (), work: Optional[Callable[[], Any]] =
     data = to_dict(cfg["data"]) or {}
     state = {"job": name, "status": "running", "started": time.time(), "pid": os.getpid(),
              "data": data.get("name"), "eps": cfg.get("eps"), "seed": cfg.get("seed"),
-             "overrides": _task_overrides()}
+             "overrides": _task_overrides(), "multirun": _in_multirun() or SWEEP_ENV in os.environ,
+             "sweep": os.environ.get(SWEEP_ENV)}  # the multirun it belongs to (None: a single run)
     write_job_state(run_dir, state)
     try:
         out = work() if work is not None else run_stage(cfg, callbacks)

@@ -25,6 +25,10 @@ COLUMNS = ("run", "data", "eps", "seed", "selection", "point", "threshold", "nat
 METRICS = ("threshold", "nat_acc", "cert_acc", "adv_acc", "cert_route_rate")
 JOB_STATE = "job.json"  # <run_dir>/job.json: the last launcher job that ran in the run folder
 JOB_STATUSES = ("running", "complete", "failed", "interrupted")
+# The multirun a job belongs to: set by the multirun (hydra_callbacks.SweepGuard) in its environment,
+# which the launchers' job processes inherit, and recorded in each job's job.json. Several sweeps, and
+# single runs, can share a runs root at the same time: a sweep judges only its own jobs.
+SWEEP_ENV = "ACE_SWEEP_ID"
 
 
 # -- job records -------------------------------------------------------------------------------------
@@ -44,9 +48,12 @@ def read_job_state(run_dir: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def job_states(runs_root: Path, since: Optional[float] = None) -> dict[str, dict[str, Any]]:
+def job_states(runs_root: Path, since: Optional[float] = None,
+               sweep: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Run name (relative to ``runs_root``) -> job record of every run folder below it; ``since``
-    (a time.time()): only jobs started then or later (the jobs of one multirun)."""
+    (a time.time()): only jobs started then or later; ``sweep`` (a multirun's SWEEP_ENV id): only
+    that multirun's jobs (and multirun jobs that recorded no id, started since ``since``: a launcher
+    that did not pass the environment on), not single runs or other sweeps running beside it."""
     runs_root = Path(runs_root)
     out = {}
     for path in sorted(runs_root.glob(f"**/{JOB_STATE}")):
@@ -54,6 +61,9 @@ def job_states(runs_root: Path, since: Optional[float] = None) -> dict[str, dict
             continue
         state = read_job_state(path.parent)
         if state is None or (since is not None and float(state.get("started", 0)) < since):
+            continue
+        if sweep is not None and state.get("sweep") != sweep and not (
+                state.get("sweep") is None and state.get("multirun")):
             continue
         out[str(path.parent.relative_to(runs_root))] = state
     return out
