@@ -14,8 +14,8 @@ runs summary is written once, with every run folder of the runs root (jobs finis
 same moment cannot miss each other); the sweep's own jobs (their ``job.json`` holds the sweep's id,
 summary.SWEEP_ENV: other sweeps and single runs in the same runs root are not its jobs) are listed
 with their status, the summary table goes to wandb once when ``logger=wandb``, and a sweep with a
-failed job exits with code 1. A search (``search`` set, the optuna sweeper) is refused up front when its
-objective does not match the sweeper's directions.
+failed job exits with code 1. A search (``search`` set, the optuna sweeper) is refused up front when
+its objective does not match the sweeper's directions.
 """
 from __future__ import annotations
 
