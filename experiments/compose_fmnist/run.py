@@ -25,14 +25,10 @@ import sys
 from pathlib import Path
 
 from ace_lightning.atomic import atomic_write_text
+from ace_lightning.resolvers import seed_suffix as suffix  # the run folders' own seed suffix
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def suffix(seed: int) -> str:
-    """Run-folder and result-name suffix of a seed (seed 0: none, the names of the first runs)."""
-    return f"_seed{seed}" if seed else ""
 
 
 def compose(name: str, cert_run: Path, core_run: Path, experiment: str, selection: str, overrides: list[str],

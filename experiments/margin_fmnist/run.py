@@ -30,14 +30,10 @@ import time
 from pathlib import Path
 
 from ace_lightning.atomic import atomic_write_text
+from ace_lightning.resolvers import seed_suffix as suffix  # the run folders' own seed suffix
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def suffix(seed: int) -> str:
-    """Run-folder and result-name suffix of a seed (seed 0: none, the names of the first runs)."""
-    return f"_seed{seed}" if seed else ""
 
 
 def demo_dir(runs_root: Path, seed: int) -> Path:
